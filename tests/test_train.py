@@ -1,0 +1,93 @@
+"""Training end to end on a toy dataset: learning, determinism, exact resumption, results on disk."""
+import json
+
+import pytest
+import torch
+
+from conftest import micro_overrides
+from tbps_clip.checkpoint import read_checkpoint_file
+from tbps_clip.config import load_config, make_config
+from tbps_clip.core import TBPSError
+from tbps_clip.run import evaluate_checkpoint, train
+from tbps_clip.train import Callback
+
+
+def run(toy, out, **extra):
+    return train(make_config("clip", micro_overrides(toy, out, **extra)), progress=False)
+
+
+def weights(out):
+    return read_checkpoint_file(out / "checkpoint.pt")["model"]
+
+
+def test_training_learns(toy, tmp_path):
+    rec = run(toy, tmp_path / "a", **{"train.epochs": 12})
+    hist = json.loads((tmp_path / "a" / "history.json").read_text())["train"]
+    first = sum(h["itc"] for h in hist[:6]) / 6
+    last = sum(h["itc"] for h in hist[-6:]) / 6
+    assert last < 0.7 * first, (first, last)
+    assert rec["steps"] == 12 * (48 // 8) and rec["metrics"]["queries"] == 24 and rec["metrics"]["gallery"] == 12
+    assert rec["synthetic"] is False and rec["dataset"] == "toy"
+
+
+def test_same_seed_same_result(toy, tmp_path):
+    a, b = run(toy, tmp_path / "a"), run(toy, tmp_path / "b")
+    assert a["metrics"]["R@1"] == b["metrics"]["R@1"] and a["metrics"]["mAP"] == b["metrics"]["mAP"]
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = run(toy, tmp_path / "c", **{"train.seed": 1})
+    wc = weights(tmp_path / "c")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+class Crash(Callback):
+    "Simulates a crash after a given step."
+    def __init__(self, at): self.at = at
+    def after_batch(self, t):
+        if t.step == self.at: raise KeyboardInterrupt(f"crash at step {t.step}")
+
+
+@pytest.mark.parametrize("crash_at", [5, 6, 8])  # mid-epoch, at an epoch end, just after a checkpoint
+def test_resume_is_exact(toy, tmp_path, crash_at):
+    extra = {"train.ckpt_every": 4, "trick.text_dropout": 0.1}  # dropout: the RNG state must be restored too
+    full = run(toy, tmp_path / "full", **extra)
+    cfg = make_config("clip", micro_overrides(toy, tmp_path / "cut", **extra))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, callbacks=[Crash(crash_at)])
+    resumed = train(cfg, progress=False, resume=True)
+    wf, wr = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert resumed["metrics"] == {**full["metrics"], "encode_s": resumed["metrics"]["encode_s"],
+                                  "rank_s": resumed["metrics"]["rank_s"]}
+    hf = json.loads((tmp_path / "full" / "history.json").read_text())
+    hr = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["step"] for h in hf["train"]] == [h["step"] for h in hr["train"]]  # no duplicated log lines
+
+
+def test_run_folder_contents(toy, tmp_path):
+    rec = run(toy, tmp_path / "a", **{"train.max_steps": 3})
+    out = tmp_path / "a"
+    assert rec["steps"] == 3
+    assert load_config(out / "config.yaml") == make_config("clip", micro_overrides(toy, out, **{"train.max_steps": 3}))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metrics"]["R@1"] == rec["metrics"]["R@1"] and saved["environment"]["torch"] == torch.__version__
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_eval_checkpoint_reproduces_training_metrics(toy, tmp_path):
+    rec = run(toy, tmp_path / "a")
+    ev = evaluate_checkpoint(str(tmp_path / "a" / "checkpoint.pt"), out=str(tmp_path / "eval.json"))
+    for k in ("R@1", "R@5", "R@10", "mAP", "mINP"):
+        assert ev["metrics"][k] == pytest.approx(rec["metrics"][k])
+    assert json.loads((tmp_path / "eval.json").read_text())["kind"] == "eval"
+
+
+def test_checkpoint_of_another_architecture_is_refused(toy, tmp_path):
+    run(toy, tmp_path / "a", **{"train.max_steps": 1})
+    with pytest.raises(TBPSError, match="arch: checkpoint has 'tbps-micro', model needs 'tbps-tiny'"):
+        evaluate_checkpoint(str(tmp_path / "a" / "checkpoint.pt"), ["model.arch=tbps-tiny", "data.image_size=[128,64]"])
+
+
+def test_batch_larger_than_dataset_is_explained(toy, tmp_path):
+    with pytest.raises(TBPSError, match="fewer than one batch"):
+        run(toy, tmp_path / "a", **{"data.batch_size": 500})
