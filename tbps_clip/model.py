@@ -17,8 +17,8 @@ from torch import nn
 from .core import TBPSError
 
 # %% auto #0
-__all__ = ['ARCHS', 'register_archs', 'arch_config', 'TBPSModel', 'create_model', 'text_blocks', 'image_blocks',
-           'set_text_attention_dropout', 'lock_patch_embedding']
+__all__ = ['ARCHS', 'register_archs', 'arch_config', 'encode_text_trimmed', 'TBPSModel', 'create_model', 'text_blocks',
+           'image_blocks', 'set_text_attention_dropout', 'lock_patch_embedding']
 
 # %% ../nbs/06_model.ipynb #e6e9d2bb
 ARCHS = {
@@ -47,6 +47,26 @@ def arch_config(arch: str) -> dict:
 
 register_archs()
 
+# %% ../nbs/06_model.ipynb #0bf17aa4
+def _trimmable(clip: nn.Module) -> bool:
+    "Whether `clip` has the standard causal, argmax-pooled open_clip text tower."
+    return (getattr(clip, "text_pool_type", None) == "argmax" and getattr(clip, "attn_mask", None) is not None
+            and hasattr(clip, "token_embedding") and hasattr(clip, "positional_embedding"))
+
+def encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    "open_clip's `encode_text`, run only up to the batch's last end-of-text token."
+    if not _trimmable(clip):
+        return clip.encode_text(tokens)
+    eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
+    n = int(eot.max()) + 1
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens[:, :n]).to(cast) + clip.positional_embedding[:n].to(cast)
+    x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
+    x = clip.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
+    proj = clip.text_projection
+    if proj is None: return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
 # %% ../nbs/06_model.ipynb #6fabb774
 class TBPSModel(nn.Module):
     "A CLIP dual encoder for person search: L2-normalised image and text features and a logit scale."
@@ -60,7 +80,7 @@ class TBPSModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         "Normalised sentence features (B, D), read at the end-of-text token."
-        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+        return F.normalize(encode_text_trimmed(self.clip, tokens), dim=-1)
 
     @property
     def logit_scale(self) -> torch.Tensor:

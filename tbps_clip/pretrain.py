@@ -48,7 +48,8 @@ def pretrain_config(arch: str, steps: int, batch_size: int, lr: float, seed: int
 
 def pretrain_synthclip(arch: str = "tbps-tiny", steps: int | None = None, batch_size: int | None = None,
                        corpus_size: int | None = None, lr: float | None = None, seed: int | None = None,
-                       out: str | Path | None = None, progress: bool = True, device: str = "auto") -> Path:
+                       out: str | Path | None = None, progress: bool = True, device: str = "auto",
+                       num_workers: int = 0) -> Path:
     "Pretrain `arch` on the synthetic corpus and save it (by default where `model.pretrained=synthclip` looks)."
     d = PRETRAIN_DEFAULTS
     steps, batch_size = steps or d["steps"], batch_size or d["batch_size"]
@@ -57,7 +58,7 @@ def pretrain_synthclip(arch: str = "tbps-tiny", steps: int | None = None, batch_
     out = Path(out) if out else synthclip_path(arch)
     run_dir = cache_dir() / "synthclip" / f"run-{out.stem}"
     cfg = pretrain_config(arch, steps, batch_size, lr, seed, run_dir)
-    cfg.train.device = device
+    cfg.train.device, cfg.data.num_workers = device, num_workers
     seed_everything(seed)
     model = create_model(arch)
     ds = CorpusPairs(corpus_size, model.image_size, model.context_length, seed=seed)
