@@ -345,7 +345,7 @@ def read_dataset(dataset: str, root, drop=()) -> Annotations:
     warn = [i for i in sc.issues if i.severity == "warning" and i.kind not in parse_drop(drop)]
     if warn:
         warnings.warn(f"{src}: kept {_summary(warn, 1)}; `tbps-clip prep {dataset} {root}` lists them", stacklevel=2)
-    name = f"official:{Path(src).name}" if dataset == "official" else dataset  # e.g. official:CUHK-PEDES
+    name = f"official:{Path(sc.files[0]).parent.name}" if dataset == "official" else dataset  # e.g. official:CUHK-PEDES
     ann = Annotations(records=records, image_root=sc.image_root.resolve(), dataset=name,
                       meta=dict(reader=dataset, files=sc.files, dropped=len(dropped)), source=src)
     check_annotations(ann)
