@@ -17,9 +17,9 @@ from .core import TBPSError, atomic_torch_save, cache_dir
 from .model import TBPSModel, create_model
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'CKPT_VERSION', 'SYNTHCLIP_VERSION', 'WEIGHT_LOADERS', 'save_checkpoint', 'read_checkpoint_file',
-           'is_project_checkpoint', 'check_identity', 'load_state_strict', 'synthclip_path', 'load_weights',
-           'build_model']
+__all__ = ['CKPT_FORMAT', 'CKPT_VERSION', 'CHECKPOINT_READERS', 'SYNTHCLIP_VERSION', 'WEIGHT_LOADERS', 'save_checkpoint',
+           'read_checkpoint_file', 'is_project_checkpoint', 'check_identity', 'load_state_strict', 'synthclip_path',
+           'load_weights', 'build_model']
 
 # %% ../nbs/09_checkpoint.ipynb #99ed9fcd
 CKPT_FORMAT, CKPT_VERSION = "tbps-clip-checkpoint", 1
@@ -33,11 +33,19 @@ def save_checkpoint(path, model: TBPSModel, cfg: Config | None = None, optimizer
     return atomic_torch_save(obj, path)
 
 # %% ../nbs/09_checkpoint.ipynb #73bb2389
+# A checkpoint reader: (path, trust) -> the loaded object, or None when the file is not in its format. Readers
+# for formats `torch.load` cannot read safely (TorchScript archives, safetensors, ...) register here.
+CHECKPOINT_READERS: list[Callable] = []
+
 def read_checkpoint_file(path, trust: bool = False):
     "Load `path` with `weights_only=True`, or fully when `trust`; clear errors for missing, corrupt or unsafe files."
     path = Path(path)
     if not path.is_file():
         raise TBPSError(f"{path}: checkpoint not found")
+    for reader in CHECKPOINT_READERS:
+        obj = reader(path, trust)
+        if obj is not None:
+            return obj
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:

@@ -61,6 +61,10 @@ def _cmd_demo(a):
     print(rec["table"])
     print(f"figure: {rec['figure']}\nresults: {Path(a.out) / 'results.json'}\ntotal {rec['demo_seconds']} s")
 
+def _cmd_prep(a):
+    from tbps_clip.datasets import run_prep
+    run_prep(a)
+
 def _cmd_config(a):
     import yaml
     from tbps_clip.config import make_config, config_to_dict
@@ -99,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the result record (JSON) here")
     s.add_argument("--trust", action="store_true", help="allow unpickling arbitrary objects (trusted files only)"); ov(s)
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("prep", help="check a raw dataset download and write its annotation file, with a validation report")
+    from tbps_clip.datasets import add_prep_commands
+    add_prep_commands(s); s.set_defaults(func=_cmd_prep)
 
     s = sub.add_parser("demo", help="the main job on the embedded default: zero-shot vs fine-tuned on SynthPEDES")
     preset(s); s.add_argument("--out", default="runs/demo"); ov(s)

@@ -19,6 +19,7 @@ from .model import TBPSModel, lock_patch_embedding, set_text_attention_dropout
 from .pretrain import ensure_synthclip
 from .records import Annotations, load_annotations
 from .train import Trainer
+from . import datasets, weights  # noqa: F401 (registers the real-data readers, checkpoint readers and weight loaders)
 
 # %% auto #0
 __all__ = ['METRICS', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record', 'train', 'eval_config',
@@ -98,7 +99,7 @@ def evaluate_checkpoint(checkpoint: str | None, overrides=None, split: str = "te
     t0 = time.perf_counter()
     m = evaluate(model, ann, split, cfg.data, cfg.eval.chunk_size, precision=cfg.train.precision)
     rec = run_record(cfg, ann, kind="eval", split=split, checkpoint=str(checkpoint) if checkpoint else cfg.model.pretrained,
-                     metrics=m, eval_seconds=round(time.perf_counter() - t0, 2))
+                     metrics=m, eval_seconds=round(time.perf_counter() - t0, 2), weights=getattr(model, "weights_report", None))
     if out: atomic_write_json(out, rec)
     return rec
 
