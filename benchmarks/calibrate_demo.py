@@ -14,6 +14,7 @@ ap.add_argument("--workers", type=int, default=8)
 ap.add_argument("--pretrain", default="5e-4:450,1e-3:450,1e-3:900,2e-3:900", help="lr:steps,...")
 ap.add_argument("--finetune-lr", default="1e-4,3e-4")
 ap.add_argument("--epochs", type=int, default=5)
+ap.add_argument("--max-steps", type=int, default=0, help="cap fine-tuning steps (smoke test of this script)")
 a = ap.parse_args()
 out = Path(a.out)
 os.environ.setdefault("TBPS_CLIP_CACHE", str(out / "cache"))
@@ -39,7 +40,8 @@ for spec in ["none"] + a.pretrain.split(","):
     for lr_f in [float(x) for x in a.finetune_lr.split(",")]:
         t0 = time.perf_counter()
         cfg = make_config("clip", {"model.pretrained": str(ckpt), "optim.lr": lr_f, "train.epochs": a.epochs,
-                                   "train.device": a.device, "train.precision": "fp32", "data.num_workers": a.workers,
+                                   "train.device": a.device, "train.precision": "fp32",
+                                   "train.max_steps": a.max_steps, "data.num_workers": a.workers,
                                    "out_dir": str(out / f"ft-{spec.replace(':', '_')}-{lr_f:g}")})
         rec = train(cfg, progress=False, zero_shot=ckpt != "none")
         row = dict(pretrain=spec, finetune_lr=lr_f, steps=rec["steps"], seconds=round(time.perf_counter() - t0, 1),

@@ -82,7 +82,7 @@ def load_state_strict(model: TBPSModel, sd: dict, source: str) -> None:
     model.load_state_dict(sd)
 
 # %% ../nbs/09_checkpoint.ipynb #647a3874
-SYNTHCLIP_VERSION = 1
+SYNTHCLIP_VERSION = 2
 
 def synthclip_path(arch: str = "tbps-tiny") -> Path:
     "Where the embedded small pretrained CLIP for `arch` is cached."

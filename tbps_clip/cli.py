@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="generate SynthPEDES (synthetic text-person data)")
     s.add_argument("--out", help="output folder (default: the cache's default SynthPEDES)")
-    s.add_argument("--train-ids", type=int, default=500); s.add_argument("--val-ids", type=int, default=100)
+    s.add_argument("--train-ids", type=int, default=1000); s.add_argument("--val-ids", type=int, default=100)
     s.add_argument("--test-ids", type=int, default=300); s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     s.add_argument("--show", metavar="PNG", help="also write a grid of samples with captions")
@@ -129,3 +129,7 @@ def main(argv=None) -> int:
         print("tbps-clip: interrupted (runs resume with --resume)", file=sys.stderr)
         return 130
     return 0
+
+# %% ../nbs/14_cli.ipynb #eb7a5960
+if __name__ == "__main__" and "ipykernel" not in sys.modules:
+    sys.exit(main())

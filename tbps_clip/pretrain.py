@@ -35,7 +35,7 @@ class CorpusPairs(Dataset):
         return dict(image=self.tf(img), text=tokenize(clean_caption(cap), self.ctx)[0], pid=i, index=i)
 
 # %% ../nbs/12_pretrain.ipynb #ad7ca48e
-PRETRAIN_DEFAULTS = dict(steps=450, batch_size=64, corpus_size=28_800, lr=5e-4, seed=0)
+PRETRAIN_DEFAULTS = dict(steps=600, batch_size=64, corpus_size=38_400, lr=5e-4, seed=0)
 
 def pretrain_config(arch: str, steps: int, batch_size: int, lr: float, seed: int, out_dir, threads: int = 0):
     "The training config of a pretraining run."

@@ -27,7 +27,7 @@ __all__ = ['GENERATOR_VERSION', 'COLORS', 'HAIR_COLORS', 'SKIN_TONES', 'VIEWS', 
            'pretrain_item', 'PretrainCorpus', 'sample_grid', 'difficulty_report']
 
 # %% ../nbs/03_synthpedes.ipynb #89a3b265
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 COLORS = {"black": (28, 28, 30), "white": (234, 234, 230), "grey": (128, 128, 128), "red": (192, 30, 36),
           "blue": (36, 72, 176), "green": (40, 134, 60), "yellow": (232, 202, 40), "pink": (238, 136, 176),
@@ -143,7 +143,7 @@ def mutate_identity(proto: dict, rng, max_changes: int = 2, tries: int = 30) -> 
             return b
     return None
 
-def make_identities(n: int, seed: int = 0, split: str = "train", p_confusable: float = 0.5) -> list:
+def make_identities(n: int, seed: int = 0, split: str = "train", p_confusable: float = 0.4) -> list:
     "`n` distinct identities of `split`; many are 1-2 attribute mutations of an earlier one."
     out, seen = [], set()
     for i in range(n):
@@ -170,9 +170,9 @@ def visible_attributes(a: dict, view: str) -> dict:
 # %% ../nbs/03_synthpedes.ipynb #9086a545
 STYLES = {
     "default": dict(scale=(0.78, 0.95), dx=0.08, dy=0.03, clutter=(2, 6), sat=0.7, light=0.18, cast=0.08,
-                    p_occlude=0.25, p_distractor=0.12, p_blur=0.5, blur=(0.3, 0.9), noise=(0.0, 5.0)),
-    "web": dict(scale=(0.45, 1.05), dx=0.2, dy=0.12, clutter=(4, 12), sat=1.0, light=0.3, cast=0.14,
-                p_occlude=0.3, p_distractor=0.25, p_blur=0.5, blur=(0.3, 1.3), noise=(0.0, 8.0)),
+                    p_occlude=0.15, p_distractor=0.1, p_blur=0.4, blur=(0.3, 0.9), noise=(0.0, 5.0)),
+    "web": dict(scale=(0.6, 1.0), dx=0.14, dy=0.07, clutter=(3, 9), sat=1.0, light=0.25, cast=0.12,
+                p_occlude=0.2, p_distractor=0.15, p_blur=0.4, blur=(0.3, 1.1), noise=(0.0, 7.0)),
 }
 _STRAP = (52, 52, 56)  # backpack straps are dark whatever the bag's colour: its colour is hidden from the front
 
@@ -831,8 +831,8 @@ def caption(attrs: dict, view: str, rng, family: str | None = None) -> str:
 JPEG_QUALITY = 90
 _MARKER = ".synthpedes-incomplete"
 
-def synthpedes_settings(n_train_ids=500, n_val_ids=100, n_test_ids=300, images_per_id=(3, 5), captions_per_image=2,
-                        image_size=(128, 64), seed=0, p_confusable=0.5) -> dict:
+def synthpedes_settings(n_train_ids=1000, n_val_ids=100, n_test_ids=300, images_per_id=(3, 5), captions_per_image=2,
+                        image_size=(128, 64), seed=0, p_confusable=0.4) -> dict:
     "The settings that determine a SynthPEDES dataset, validated, as stored in its annotations' `meta`."
     lo, hi = (images_per_id, images_per_id) if isinstance(images_per_id, int) else tuple(images_per_id)
     if min(n_train_ids, n_val_ids, n_test_ids) < 0 or n_train_ids + n_val_ids + n_test_ids == 0:
@@ -888,8 +888,8 @@ def _state(out: Path, settings: dict) -> tuple:
     missing = [r["image"] for r in d.get("records", []) if not (root / r["image"]).is_file()]
     return ("incomplete", f"{len(missing)} image(s) missing, e.g. {missing[0]}") if missing else ("complete", "")
 
-def make_synthpedes(out_dir, n_train_ids: int = 500, n_val_ids: int = 100, n_test_ids: int = 300, images_per_id=(3, 5),
-                    captions_per_image: int = 2, image_size=(128, 64), seed: int = 0, p_confusable: float = 0.5,
+def make_synthpedes(out_dir, n_train_ids: int = 1000, n_val_ids: int = 100, n_test_ids: int = 300, images_per_id=(3, 5),
+                    captions_per_image: int = 2, image_size=(128, 64), seed: int = 0, p_confusable: float = 0.4,
                     overwrite: bool = False, progress: bool = True) -> Path:
     "Generate SynthPEDES in `out_dir` (or return it if it already holds the same complete dataset)."
     out = Path(out_dir)
@@ -928,8 +928,8 @@ def _generate(out: Path, s: dict, progress: bool) -> None:
     (out / _MARKER).unlink()
 
 # %% ../nbs/03_synthpedes.ipynb #f8c1b6fb
-_DEFAULTS = dict(n_train_ids=500, n_val_ids=100, n_test_ids=300, images_per_id=(3, 5), captions_per_image=2,
-                 image_size=(128, 64), seed=0, p_confusable=0.5)
+_DEFAULTS = dict(n_train_ids=1000, n_val_ids=100, n_test_ids=300, images_per_id=(3, 5), captions_per_image=2,
+                 image_size=(128, 64), seed=0, p_confusable=0.4)
 
 def default_synthpedes_root() -> Path:
     "Where the embedded default SynthPEDES lives: `cache_dir()/synthpedes/v{GENERATOR_VERSION}-default`."
@@ -967,7 +967,7 @@ IMAGES_PER_PRETRAIN_ID = 4
 
 def _web_items(a: dict, vis: dict, w: _Words) -> list:
     "Short generic phrases for the visible things ('red top', 'jeans', 'black backpack', 'long hair')."
-    c = lambda k: w.color(a[k]) + " " if k in vis and w.p(0.8) else ""
+    c = lambda k: w.color(a[k]) + " " if k in vis and w.p(0.9) else ""
     upper = a["upper_type"] if w.p(0.5) or a["upper_type"] == "dress" else w.pick(["top", "shirt"])
     pat = {"striped": "striped ", "checked": "plaid ", "logo": "graphic "}.get(vis.get("upper_pattern"), "") if w.p(0.3) else ""
     out = [f"{c('upper_color')}{pat}{upper}", f"{c('shoes_color')}{w.pick(['shoes', 'sneakers'])}", f"{w.pick([a['hair_length'], a['hair_color']])} hair"]
@@ -978,10 +978,10 @@ def _web_items(a: dict, vis: dict, w: _Words) -> list:
     return out
 
 def web_caption(attrs: dict, view: str, rng) -> str:
-    "A short web-like caption naming one to three visible things of `attrs`."
+    "A short web-like caption naming two to four visible things of `attrs`."
     w = _Words(rng)
     items = _web_items(attrs, visible_attributes(attrs, view), w)
-    items = [items[i] for i in rng.permutation(len(items))[: int(rng.choice([1, 2, 2, 3, 3]))]]
+    items = [items[i] for i in rng.permutation(len(items))[: int(rng.choice([2, 3, 3, 4]))]]
     subj, ctx = w.pick(["man", "guy"] if attrs["gender"] == "man" else ["woman", "girl"]) if w.p(0.7) else "person", w.pick(_WEB_CTX)
     worn = [x for x in items if not x.endswith(" hair")]
     hair = "".join(f" with {x}" for x in items if x.endswith(" hair"))  # hair is had, not worn

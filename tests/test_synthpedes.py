@@ -155,7 +155,7 @@ def test_images_of_one_identity_vary_at_pixel_level(ann):
 
 def test_confusable_identities_are_common():
     def near_twins(ids): return np.mean([min(S.attr_distance(a, b) for b in ids if b is not a) <= 2 for a in ids])
-    assert near_twins(S.make_identities(80, seed=0)) > 0.4
+    assert near_twins(S.make_identities(80, seed=0)) > 0.3  # p_confusable 0.4 by default
     assert near_twins(S.make_identities(80, seed=0, p_confusable=0.0)) < 0.15  # the mutation is what makes them
     ids = S.make_identities(80, seed=0)
     assert len({tuple(a[k] for k in S.ATTRIBUTES) for a in ids}) == 80  # but never identical
