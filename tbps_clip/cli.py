@@ -131,5 +131,5 @@ def main(argv=None) -> int:
     return 0
 
 # %% ../nbs/14_cli.ipynb #eb7a5960
-if __name__ == "__main__" and "ipykernel" not in sys.modules:
+if __name__ == "__main__" and "__file__" in globals():
     sys.exit(main())
