@@ -91,7 +91,7 @@ class SearchApp:
             except TBPSError as e: raise RequestError(400, str(e)) from None
             ms = (time.perf_counter() - t0) * 1000
         return dict(query=q, index=name, page=page, per_page=per, pages=pages, total=len(idx), latency_ms=round(ms, 2),
-                    results=[dict(rank=h.rank, id=h.index, score=round(h.score, 4), path=h.path,
+                    results=[dict(rank=h.rank, id=h.index, score=h.score, path=h.path,
                                   image=f"/image/{name}/{h.index}") for h in hits])
 
     def image(self, name: str, number: str) -> tuple:
