@@ -116,7 +116,8 @@ def _cmd_search(a):
     queries = _query_list(a)
     results = idx.search(_search_encoder(a, idx), queries, k=a.k, offset=a.offset)
     def where(h):
-        f = idx.file(h.index)
+        try: f = idx.file(h.index)
+        except TBPSError as e: return f"{h.path} (unavailable: {e})"
         return str(f) if f is not None else h.path
     for q, hits in zip(queries, results):
         if a.json:

@@ -275,14 +275,10 @@ class GalleryIndex:
         check_same_model(self.model, encoder.fingerprint, str(self.folder / "index.json") if self.folder else "index")
 
     def stored_path(self, p) -> str:
-        "How path `p` is stored: relative to the root when under it, else absolute."
-        p = Path(p).absolute()
-        if self.root is not None:
-            try: return p.relative_to(self.root).as_posix()
-            except ValueError:
-                try: return p.resolve().relative_to(self.root).as_posix()
-                except ValueError: pass
-        return str(p)
+        "How path `p` is stored: relative to the root when its real location is under it, else its real absolute path."
+        r = Path(p).resolve()  # a link is stored as what it points to: a relative entry can never lead out of the root
+        if self.root is not None and (r == self.root or self.root in r.parents): return r.relative_to(self.root).as_posix()
+        return str(r)
 
     def prepare(self, items, names=None) -> tuple[list, list, list]:
         "(items to embed, their stored paths, Skipped) for a folder, a list of paths or a list of PIL images."

@@ -251,3 +251,19 @@ def test_torchrun_two_cpu_ranks_merge_into_the_single_process_index(toy_gallery,
     assert two.paths == one.paths and len(two.parts) == 2 and [p.shape[0] for p in two.parts] == [9, 9]
     assert np.allclose(np.concatenate(two.parts), np.concatenate(one.parts), atol=1e-5)
     assert not list((tmp_path / "idx").glob(".shard-*"))
+
+
+def test_index_folder_inside_the_gallery_and_links(toy_gallery, tmp_path):
+    import shutil
+    g = tmp_path / "g"
+    shutil.copytree(toy_gallery["images"], g)
+    outside = tmp_path / "elsewhere.png"
+    Image.new("RGB", (16, 32), "white").save(outside)
+    (g / "link.png").symlink_to(outside)
+    rc, out, err = run_cli("index", g, "--out", g / "my.idx", "--checkpoint", toy_gallery["ckpt"], "--quiet")
+    assert rc == 0, err
+    assert "skipped 0 file(s)" in out  # the index's own files are not part of the gallery
+    idx = GalleryIndex.load(g / "my.idx")
+    assert len(idx) == 19 and str(outside) in idx.paths  # a link leading out of the root is stored as its real path
+    assert run_cli("index", g, "--out", g / "my.idx", "--add", "--checkpoint", toy_gallery["ckpt"], "--quiet")[0] == 0
+    assert len(GalleryIndex.load(g / "my.idx")) == 19
