@@ -13,6 +13,7 @@ import json
 import os
 import textwrap
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,13 +156,15 @@ class Encoder:
 # %% ../nbs/20_search.ipynb #e66ace27
 def _block_topk(sims: torch.Tensor, k: int) -> tuple:
     "Top-`k` scores and column indices of each row of `sims`, higher score first, ties to the lower column."
-    k = min(k, sims.shape[1])
-    vals, idx = sims.topk(k, dim=1)
-    t = vals[:, -1:]
-    unsure = ((sims == t).sum(1) != (vals == t).sum(1)).nonzero().squeeze(1)  # tied scores left out at the boundary
-    if len(unsure):
-        v, i = sims[unsure].sort(dim=1, descending=True, stable=True)
-        vals[unsure], idx[unsure] = v[:, :k], i[:, :k]
+    n = sims.shape[1]
+    k = min(k, n)
+    vals, idx = sims.topk(min(k + 1, n), dim=1)
+    if n > k:
+        unsure = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)  # a tie across the boundary: the choice is arbitrary
+        vals, idx = vals[:, :k].clone(), idx[:, :k].clone()
+        if len(unsure):
+            v, i = sims[unsure].sort(dim=1, descending=True, stable=True)
+            vals[unsure], idx[unsure] = v[:, :k], i[:, :k]
     o = idx.argsort(dim=1)
     vals, idx = vals.gather(1, o), idx.gather(1, o)
     o = vals.argsort(dim=1, descending=True, stable=True)
@@ -173,15 +176,22 @@ def _merge_topk(a: tuple, b: tuple, k: int) -> tuple:
     o = v.argsort(dim=1, descending=True, stable=True)[:, :k]
     return v.gather(1, o), i.gather(1, o)
 
-def topk_search(parts: list, queries: torch.Tensor, k: int, block_rows: int = 65536, max_scores: int = 2**25) -> tuple:
+def _float32_rows(block: np.ndarray) -> torch.Tensor:
+    "`block` as a float32 tensor: no copy when it is float32 already (a memory-mapped slice is read in place)."
+    if block.dtype == np.float32:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch notes that the mapping is read-only: it is only read
+            return torch.from_numpy(np.asarray(block))
+    return torch.from_numpy(block.astype(np.float32))
+
+def topk_search(parts: list, queries: torch.Tensor, k: int, block_rows: int = 262144, max_scores: int = 2**25) -> tuple:
     "Scores and gallery indices (Q, min(k, N)) of the top-`k` rows of the concatenated `parts` for each query."
     q = queries.float()
     rows = max(256, min(block_rows, max_scores // max(1, q.shape[0])))  # bound the (Q, rows) score block
     best, base = None, 0
     for part in parts:
         for s in range(0, part.shape[0], rows):
-            blk = torch.from_numpy(np.array(part[s:s + rows], dtype=np.float32))
-            v, i = _block_topk(q @ blk.t(), k)
+            v, i = _block_topk(q @ _float32_rows(part[s:s + rows]).t(), k)
             cur = (v, i + base + s)
             best = cur if best is None else _merge_topk(best, cur, k)
         base += part.shape[0]
@@ -397,7 +407,7 @@ def _load(cls, folder, root=None, verify: bool = False, mmap: bool = True) -> "G
 GalleryIndex.load = classmethod(_load)
 
 # %% ../nbs/20_search.ipynb #6bdd29ca
-def _search_embeddings(self, queries: torch.Tensor, k: int = 10, offset: int = 0, block_rows: int = 65536) -> list:
+def _search_embeddings(self, queries: torch.Tensor, k: int = 10, offset: int = 0, block_rows: int = 262144) -> list:
     "For each query feature (Q, D): its ranked hits `offset+1 .. offset+k`."
     if k < 1 or offset < 0: raise TBPSError(f"search: k must be >= 1 and offset >= 0 (got k={k}, offset={offset})")
     if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -406,7 +416,7 @@ def _search_embeddings(self, queries: torch.Tensor, k: int = 10, offset: int = 0
     return [[Hit(offset + j + 1, int(i), self.paths[int(i)], float(v)) for j, (v, i) in enumerate(zip(vr[offset:], ir[offset:]))]
             for vr, ir in zip(vals, idx)]
 
-def _search(self, encoder: Encoder, queries, k: int = 10, offset: int = 0, block_rows: int = 65536):
+def _search(self, encoder: Encoder, queries, k: int = 10, offset: int = 0, block_rows: int = 262144):
     "Hits for one description (a list of `Hit`) or for a list of descriptions (a list of lists)."
     self.check_model(encoder)
     one = isinstance(queries, str)
