@@ -152,7 +152,7 @@ def _add_search_commands(sub) -> None:
     s.add_argument("gallery", help="gallery folder (searched recursively) or a .txt file listing image paths")
     s.add_argument("--out", required=True, help="index folder to write")
     s.add_argument("--add", action="store_true", help="add the images not yet in an existing index at --out")
-    s.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored embedding precision")
+    s.add_argument("--dtype", choices=["float32", "float16"], help="stored embedding precision (new index: default float32)")
     s.add_argument("--batch-size", type=int, help="images per encoding batch (default data.eval_batch_size)")
     s.add_argument("--workers", type=int, help="image-loading worker processes (default data.num_workers)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -434,11 +434,11 @@ def shard_range(n: int, rank: int, world: int) -> range:
     "The contiguous slice of `n` items that `rank` of `world` encodes."
     return range(n * rank // world, n * (rank + 1) // world)
 
-def write_shard(folder, rank: int, feats: np.ndarray, stored: list, skipped: list, seconds: float) -> None:
-    "Rank `rank`'s shard: `.shard-R.npy` and `.shard-R.json` in the index folder."
-    folder = Path(folder)
-    atomic_write_bytes(folder / f".shard-{rank}.npy", _npy_bytes(np.ascontiguousarray(feats)))
-    atomic_write_json(folder / f".shard-{rank}.json", dict(paths=stored, seconds=seconds,
+def write_shard(folder, rank: int, feats: np.ndarray, stored: list, skipped: list) -> None:
+    "Rank `rank`'s shard: `.shard-R.npy` and `.shard-R.json` (paths, skipped files, digest) in the index folder."
+    folder, data = Path(folder), _npy_bytes(np.ascontiguousarray(feats))
+    atomic_write_bytes(folder / f".shard-{rank}.npy", data)
+    atomic_write_json(folder / f".shard-{rank}.json", dict(paths=stored, blake2b=hashlib.blake2b(data, digest_size=16).hexdigest(),
                                                             skipped=[[s.path, s.reason] for s in skipped]))
 
 def _free_part_name(folder: Path) -> str:
@@ -454,7 +454,7 @@ def merge_shards(index: GalleryIndex, folder, world: int) -> IndexReport:
         if not npy.is_file() or not js.is_file(): raise TBPSError(f"{folder}: the shard of rank {r} is missing ({npy.name})")
         info = json.loads(js.read_text(encoding="utf-8"))
         rep.skipped += [Skipped(p, why) for p, why in info["skipped"]]
-        rep.seconds, rep.indexed = max(rep.seconds, info["seconds"]), rep.indexed + len(info["paths"])
+        rep.indexed += len(info["paths"])
         if info["paths"]:
             name = _free_part_name(folder)
             os.replace(npy, folder / name)
@@ -463,7 +463,7 @@ def merge_shards(index: GalleryIndex, folder, world: int) -> IndexReport:
                 raise TBPSError(f"{folder / name}: shard of rank {r} has shape {a.shape} {a.dtype}, expected "
                                 f"({len(info['paths'])}, {index.dim}) {index.dtype}")
             index.parts.append(a); index.paths += info["paths"]
-            index._saved.append(dict(file=name, rows=a.shape[0], blake2b=_digest_file(folder / name)))
+            index._saved.append(dict(file=name, rows=a.shape[0], blake2b=info["blake2b"]))
         else: npy.unlink()
         js.unlink()
     index.save(folder)
@@ -476,15 +476,17 @@ def _barrier() -> None:
     if not dist.is_initialized(): dist.init_process_group("gloo")
     dist.barrier()
 
-def index_gallery(encoder: Encoder, items, out, dtype: str = "float32", add: bool = False, progress: bool = True,
+def index_gallery(encoder: Encoder, items, out, dtype: str | None = None, add: bool = False, progress: bool = True,
                   rank: int | None = None, world: int | None = None, barrier=_barrier) -> tuple:
     "Build (or with `add`, extend) the index in folder `out` from `items`: (index on rank 0, report on rank 0)."
     r0, w0, _ = dist_env()
     rank, world = r0 if rank is None else rank, w0 if world is None else world
     out = Path(out)
-    if add and (out / "index.json").exists(): idx = GalleryIndex.load(out)
-    elif (out / "index.json").exists(): raise TBPSError(f"{out}: an index already exists here; pass --add to add images to it, or choose another folder")
-    else: idx = GalleryIndex.empty(encoder, dtype, default_root(items)); idx.folder = out
+    if (out / "index.json").exists():
+        if not add: raise TBPSError(f"{out}: an index already exists here; pass --add to add images to it, or choose another folder")
+        idx = GalleryIndex.load(out)
+        if dtype and dtype != idx.dtype: raise TBPSError(f"{out}: the index stores {idx.dtype}; cannot add {dtype} embeddings to it")
+    else: idx = GalleryIndex.empty(encoder, dtype or "float32", default_root(items)); idx.folder = out
     idx.check_model(encoder)
     if world == 1:
         rep = idx.add(encoder, items, progress=progress); idx.save(out)
@@ -495,7 +497,7 @@ def index_gallery(encoder: Encoder, items, out, dtype: str = "float32", add: boo
     feats, ok, bad = encoder.embed_images([todo[i] for i in sl], [stored[i] for i in sl], progress=progress and rank == 0,
                                           desc=f"index (rank {rank}/{world})")
     out.mkdir(parents=True, exist_ok=True)
-    write_shard(out, rank, feats.astype(dtype), [stored[sl[i]] for i in ok], bad, time.perf_counter() - t0)
+    write_shard(out, rank, feats.astype(idx.dtype), [stored[sl[i]] for i in ok], bad)
     barrier()
     rep = None
     if rank == 0:

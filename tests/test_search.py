@@ -120,6 +120,8 @@ def test_add_encodes_only_new_images_and_keeps_old_parts(toy_gallery, tmp_path, 
     # adding without --add refuses to overwrite
     rc, _, err = run_cli("index", g, "--out", tmp_path / "idx", "--checkpoint", toy_gallery["ckpt"], "--quiet")
     assert rc == 2 and "an index already exists" in err
+    rc, _, err = run_cli("index", g, "--out", tmp_path / "idx", "--add", "--dtype", "float16", "--checkpoint", toy_gallery["ckpt"])
+    assert rc == 2 and "the index stores float32; cannot add float16" in err
 
 
 def test_in_memory_images_float16_and_paging(toy_gallery):
