@@ -27,7 +27,7 @@ def test_library_imports_without_dev_tools():
             "        raise ImportError('dev-only module imported: ' + name)\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "import tbps_clip.cli, tbps_clip.run, tbps_clip.synthpedes\n"
+            "import tbps_clip.cli, tbps_clip.run, tbps_clip.synthpedes, tbps_clip.search, tbps_clip.serve\n"
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

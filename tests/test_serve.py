@@ -1,0 +1,165 @@
+"""The local search page (tbps_clip.serve): validated requests, images only by number, bounded load, and a real browser."""
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import make_toy_dataset
+from test_search import micro_checkpoint, run_cli
+from tbps_clip.core import TBPSError
+from tbps_clip.search import Encoder, GalleryIndex
+from tbps_clip.serve import MAX_QUERY_CHARS, SearchApp, start_in_thread
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    "A running server on 127.0.0.1 over an index of the toy test images."
+    root = tmp_path_factory.mktemp("serve")
+    make_toy_dataset(root / "toy", n_ids=(1, 1, 8))
+    ckpt = micro_checkpoint(root / "a.pt")
+    assert run_cli("index", root / "toy/images/test", "--out", root / "gallery", "--checkpoint", ckpt, "--quiet")[0] == 0
+    app = SearchApp.open([root / "gallery"])
+    srv, url = start_in_thread(app)
+    yield dict(url=url, app=app, root=root, ckpt=ckpt)
+    srv.shutdown(); srv.server_close()
+
+
+def get(site, path):
+    "(status, parsed JSON or raw bytes) of GET `path`."
+    try:
+        with urllib.request.urlopen(site["url"] + path, timeout=60) as r:
+            body, ctype = r.read(), r.headers["Content-Type"]
+            return r.status, json.loads(body) if ctype.startswith("application/json") else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_search_api_pages_match_the_python_search(site):
+    idx, enc = site["app"].indexes["gallery"], site["app"].encoders["gallery"]
+    q = "a person in a red top and blue trousers"
+    full = idx.search(enc, q, k=len(idx))
+    got = []
+    for page in (1, 2, 3):
+        s, d = get(site, f"/api/search?q={urllib.request.quote(q)}&page={page}&per_page=10")
+        assert s == 200 and d["page"] == page and d["pages"] == 3 and d["total"] == 24 and d["latency_ms"] > 0
+        got += d["results"]
+    assert [(r["rank"], r["id"], r["path"]) for r in got] == [(h.rank, h.index, h.path) for h in full]
+    assert [r["score"] for r in got] == [h.score for h in full]
+
+
+@pytest.mark.parametrize("query, status, message", [
+    ("", 400, "Type a description of the person"),
+    ("q=%20%20%20", 400, "Type a description of the person"),
+    ("q=" + "a" * (MAX_QUERY_CHARS + 1), 400, f"is {MAX_QUERY_CHARS + 1} characters long; the limit is {MAX_QUERY_CHARS}"),
+    ("q=%21%21%21", 400, "is empty: describe the person in words"),
+    ("q=red&index=nope", 404, "unknown index 'nope'; available: gallery"),
+    ("q=red&page=0", 400, "'page' must be at least 1"),
+    ("q=red&page=x", 400, "'page' must be a whole number"),
+    ("q=red&page=4&per_page=10", 400, "page 4 is past the last page (3) of 24 images"),
+    ("q=red&per_page=101", 400, "'per_page' must be between 1 and 100"),
+    ("q=red&per_page=-5", 400, "'per_page' must be a whole number"),
+    ("q=red&q=blue", 400, "parameter 'q' is given more than once"),
+])
+def test_bad_requests_get_clear_messages(site, query, status, message):
+    s, d = get(site, "/api/search?" + query)
+    assert s == status and message in d["error"], d
+
+
+def test_longest_allowed_query_is_answered(site):
+    s, d = get(site, "/api/search?q=" + "red+" * (MAX_QUERY_CHARS // 4))
+    assert s == 200 and len(d["query"]) == MAX_QUERY_CHARS and len(d["results"]) == 20
+
+
+@pytest.mark.parametrize("path", ["/image/gallery/24", "/image/gallery/-1", "/image/gallery/0x1", "/image/gallery/..%2F..%2Fa.pt",
+                                  "/image/gallery/../../a.pt", "/image/other/0", "/image/gallery/%2Fetc%2Fpasswd",
+                                  "/a.pt", "/gallery/index.json", "/image/gallery/1/../../../a.pt"])
+def test_only_indexed_images_are_served(site, path):
+    s, d = get(site, path)
+    assert s == 404 and d["error"]
+
+
+def test_images_are_served_by_number(site):
+    idx = site["app"].indexes["gallery"]
+    s, body = get(site, "/image/gallery/5")
+    assert s == 200 and body == idx.file(5).read_bytes()
+
+
+def test_bounded_concurrent_load(site):
+    queries = [f"a person in a {c} top" for c in ("red", "green", "blue", "black")] * 10
+    with ThreadPoolExecutor(8) as ex:
+        answers = list(ex.map(lambda q: get(site, "/api/search?per_page=5&q=" + urllib.request.quote(q)), queries))
+    assert all(s == 200 for s, _ in answers)
+    first = {q: d["results"] for q, (_, d) in zip(queries[:4], answers[:4])}
+    assert all(d["results"] == first[q] for q, (_, d) in zip(queries, answers))
+
+
+def test_unknown_index_or_wrong_model_is_refused_at_start(site, tmp_path):
+    with pytest.raises(TBPSError, match="index not found"):
+        SearchApp.open([tmp_path / "nowhere"])
+    other = micro_checkpoint(tmp_path / "b.pt", seed=3)
+    with pytest.raises(TBPSError, match="built by a different model"):
+        SearchApp.open([site["root"] / "gallery"], checkpoint=other)
+
+
+# ---- a real browser ------------------------------------------------------------------------------------------
+
+def _chromium():
+    "(browser, driver) paths, or None when Debian's chromium is not installed."
+    b = shutil.which("chromium") or shutil.which("chromium-browser")
+    d = shutil.which("chromedriver")
+    return (b, d) if b and d else None
+
+
+def test_page_in_headless_chromium(site, tmp_path):
+    found = _chromium()
+    if not found:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = found[0]
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(found[1]), options=opts)
+    try:
+        wait = WebDriverWait(drv, 60)
+        drv.get(site["url"] + "/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#index option"))
+        box = drv.find_element(By.ID, "q")
+        q = "a person in a red top and blue trousers"
+        box.send_keys(q, Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.hit")) == 20)
+        idx, enc = site["app"].indexes["gallery"], site["app"].encoders["gallery"]
+        expect = idx.search(enc, q, k=20)
+        hits = drv.find_elements(By.CSS_SELECTOR, "figure.hit")
+        assert [h.get_attribute("data-path") for h in hits] == [e.path for e in expect]
+        assert [h.find_element(By.CSS_SELECTOR, ".score").text for h in hits] == [f"{e.score:.3f}" for e in expect]
+        assert hits[0].find_element(By.CSS_SELECTOR, ".rank").text == "#1"
+        wait.until(lambda d: d.execute_script("return [...document.querySelectorAll('figure.hit img')].every(i => i.complete && i.naturalWidth > 0)"))
+        status = drv.find_element(By.ID, "status").text
+        assert "Results 1\u201320 of 24" in status and "ms in the server" in status
+        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT") or str(tmp_path / "page.png"))
+        # paging
+        drv.find_element(By.ID, "next").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 2 of 2"))
+        ranks = [h.find_element(By.CSS_SELECTOR, ".rank").text for h in drv.find_elements(By.CSS_SELECTOR, "figure.hit")]
+        assert ranks == [f"#{r}" for r in range(21, 25)]
+        assert drv.find_element(By.ID, "next").get_attribute("disabled") is not None
+        # a refused query shows the server's message, not results
+        box.clear(); box.send_keys("!!!", Keys.ENTER)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "error"), "is empty"))
+        assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit")
+        assert int(box.get_attribute("maxlength")) == MAX_QUERY_CHARS
+    finally:
+        drv.quit()
