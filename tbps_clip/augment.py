@@ -14,6 +14,7 @@ from PIL import ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from .config import loss_on
 from .core import TBPSError
 from .data import TRAIN_TRANSFORMS, TrainPairs, normalize_transform, test_transform
 from .text import EOT_TOKEN, SOT_TOKEN, clean_caption
@@ -22,7 +23,7 @@ from .text import EOT_TOKEN, SOT_TOKEN, clean_caption
 __all__ = ['IMAGE_OPS', 'KEPT_OPS', 'PIL_POLICIES', 'POLICIES', 'LEXICON_GROUPS', 'LEXICON', 'STOPWORDS', 'MASK_TOKEN',
            'image_op', 'Pool', 'image_transform', 'PILGaussianBlur', 'simclr_transform', 'synonym_source', 'synonyms',
            'n_changes', 'random_deletion', 'synonym_replacement', 'random_insertion', 'random_swap', 'eda',
-           'CaptionAugmenter', 'caption_augmenter', 'mlm_mask', 'needs', 'configure_pairs']
+           'CaptionAugmenter', 'caption_augmenter', 'mlm_mask', 'configure_pairs']
 
 # %% ../nbs/05a_augment.ipynb #1ba704fc
 IMAGE_OPS = ("rrc", "erase", "gray", "blur", "jitter", "hue", "hflip", "vflip", "rotate")
@@ -280,29 +281,25 @@ def mlm_mask(tokens: torch.Tensor, prob: float, rng: random.Random, vocab: int =
     return tokens, labels
 
 # %% ../nbs/05a_augment.ipynb #ca38dd6b
-def needs(loss_cfg, *terms) -> bool:
-    "Whether any of the loss `terms` has a non-zero weight."
-    return any(getattr(loss_cfg, t, 0) for t in terms)
-
 def configure_pairs(ds: TrainPairs, cfg) -> TrainPairs:
     "Set `ds`'s caption augmentation and the extra image/text views the losses of `cfg` need."
     lc = cfg.loss
     ds.caption_aug = caption_augmenter(cfg.aug)
-    if needs(lc, "mvs_i", "mvs_it"):
+    if loss_on(lc, "mvs_i", "mvs_it"):
         if cfg.aug.image == "none":
             raise TBPSError("loss.mvs_i / loss.mvs_it compare a second augmented image view, but aug.image=none "
                             "makes it identical to the first; set aug.image (e.g. pool)")
         ds.extra_views["image_aug"] = image_transform(cfg)
-    if needs(lc, "ss_i", "ss_it"):
+    if loss_on(lc, "ss_i", "ss_it"):
         ds.extra_views["ss_image_a"] = ds.extra_views["ss_image_b"] = simclr_transform(cfg)
-    if needs(lc, "mvs_t", "mvs_it", "ss_t", "ss_it") and ds.caption_aug is None:
+    if loss_on(lc, "mvs_t", "mvs_it", "ss_t", "ss_it") and ds.caption_aug is None:
         raise TBPSError("loss.mvs_t / mvs_it / ss_t / ss_it need augmented captions, but no text augmentation is on; "
                         "set aug.bt, aug.rd, aug.sr, aug.ri, aug.rs or aug.eda")
-    if needs(lc, "mvs_t", "mvs_it"):
+    if loss_on(lc, "mvs_t", "mvs_it"):
         ds.extra_texts["text_aug"] = ds.caption_aug
-    if needs(lc, "ss_t", "ss_it"):
+    if loss_on(lc, "ss_t", "ss_it"):
         ds.extra_texts["ss_text_a"] = ds.extra_texts["ss_text_b"] = ds.caption_aug
-    if needs(lc, "mlm"):
+    if loss_on(lc, "mlm"):
         p = lc.mlm_prob
         ds.text_fields["mlm"] = lambda tok, rng: dict(zip(("mlm_text", "mlm_labels"), mlm_mask(tok, p, rng)))
     return ds

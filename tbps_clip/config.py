@@ -16,7 +16,7 @@ import yaml
 from .core import TBPSError, atomic_write_text
 
 # %% auto #0
-__all__ = ['SETTING', 'PRESETS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'OptimConfig',
+__all__ = ['SETTING', 'PRESETS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on', 'OptimConfig',
            'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'set_key', 'parse_overrides', 'make_config',
            'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
 
@@ -108,6 +108,10 @@ class LossConfig:
     sdm_tau: float = field(default=0.02, metadata=SETTING)  # SDM: fixed temperature (IRRA)
     mlm_prob: float = field(default=0.15, metadata=SETTING)  # MLM: fraction of tokens masked (80% mask, 10% random, 10% kept)
     mlm_depth: int = field(default=4, metadata=SETTING)  # MLM: layers of the cross-modal transformer
+
+def loss_on(loss_cfg: LossConfig, *terms) -> bool:
+    "Whether any of the loss `terms` has a non-zero weight in `loss_cfg`."
+    return any(getattr(loss_cfg, t, 0) for t in terms)
 
 @dataclass
 class OptimConfig:

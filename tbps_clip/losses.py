@@ -135,14 +135,17 @@ def id_loss(image_logits, text_logits, pids) -> torch.Tensor:
     "Pid classification cross-entropy, averaged over the two modalities."
     return (F.cross_entropy(image_logits.float(), pids) + F.cross_entropy(text_logits.float(), pids)) / 2
 
-def mlm_token_nll(logits, labels) -> tuple:
-    "Per-sample sum of the masked tokens' negative log-likelihood, and their count (labels -100 are ignored)."
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    return nll.view(labels.shape).sum(1), (labels != -100).sum(1)
+def mlm_token_nll(masked_logits, labels) -> tuple:
+    "Per-sample sum of the masked tokens' NLL and their count; `masked_logits` (M, V) are the rows where labels != -100."
+    mask = labels != -100
+    nll = F.cross_entropy(masked_logits.float(), labels[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    per_sample = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return per_sample, mask.sum(1)
 
 def mlm_loss(logits, labels) -> torch.Tensor:
-    "Mean cross-entropy over the masked tokens."
-    nll, count = mlm_token_nll(logits, labels)
+    "Mean cross-entropy over the masked tokens of (B, L, V) logits (labels -100 are ignored)."
+    nll, count = mlm_token_nll(logits[labels != -100], labels)
     return nll.sum() / count.sum().clamp(min=1)
 
 # %% ../nbs/07_losses.ipynb #a275bffc
