@@ -122,3 +122,8 @@ def main(argv=None) -> int:
         print("tbps-clip: interrupted (runs resume with --resume)", file=sys.stderr)
         return 130
     return 0
+
+# %% ../nbs/14_cli.ipynb #25962a23
+#| eval: false
+if __name__ == "__main__":
+    sys.exit(main())
