@@ -213,3 +213,17 @@ def test_every_preset_trains(toy, tmp_path, preset):
     assert rec["steps"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     from tbps_clip.losses import loss_weights
     assert set(hist[-1]) >= set(loss_weights(make_config(preset).loss))
+
+
+@pytest.mark.parametrize("cmd, preset", [("demo", "tbps"), ("train", "simplified")])
+def test_tbps_and_simplified_on_synthpedes_through_the_cli(tmp_path, cmd, preset, capsys):
+    from tbps_clip.cli import main
+    from tbps_clip.synthpedes import make_synthpedes
+    root = make_synthpedes(tmp_path / "sp", n_train_ids=6, n_val_ids=2, n_test_ids=3, progress=False)
+    out = tmp_path / "run"
+    assert main([cmd, "--preset", preset, "--out", str(out), f"data.root={root}", "model.arch=tbps-micro",
+                 "model.pretrained=none", "data.image_size=[32,16]", "data.batch_size=8", "train.max_steps=2"]) == 0
+    rec = json.loads((out / "results.json").read_text())
+    assert rec["synthetic"] is True and rec["preset"] == preset and rec["steps"] == 2
+    assert "(synthetic)" in capsys.readouterr().out
+    assert "image aug pool; text aug on" in (out / "log.txt").read_text()
