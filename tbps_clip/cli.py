@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tbps-clip", description="TBPS-CLIP: text-based person search with CLIP.")
     sub = p.add_subparsers(dest="cmd", required=True)
     def ov(sp): sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
-    def preset(sp, default="clip"): sp.add_argument("--preset", default=default, help="configuration preset")
+    from tbps_clip.config import PRESETS
+    def preset(sp, default="clip"):
+        sp.add_argument("--preset", default=default, help=f"configuration preset: {', '.join(PRESETS)} (default {default})")
 
     s = sub.add_parser("synth", help="generate SynthPEDES (synthetic text-person data)")
     s.add_argument("--out", help="output folder (default: the cache's default SynthPEDES)")
