@@ -19,7 +19,7 @@ from .model import TBPSModel, create_model
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'CKPT_VERSION', 'CHECKPOINT_READERS', 'SYNTHCLIP_VERSION', 'WEIGHT_LOADERS', 'save_checkpoint',
            'read_checkpoint_file', 'is_project_checkpoint', 'check_identity', 'load_state_strict', 'synthclip_path',
-           'load_weights', 'build_model']
+           'tower_state', 'load_weights', 'build_model']
 
 # %% ../nbs/09_checkpoint.ipynb #99ed9fcd
 CKPT_FORMAT, CKPT_VERSION = "tbps-clip-checkpoint", 1
@@ -88,6 +88,10 @@ def synthclip_path(arch: str = "tbps-tiny") -> Path:
     "Where the embedded small pretrained CLIP for `arch` is cached."
     return cache_dir() / "synthclip" / f"{arch}-v{SYNTHCLIP_VERSION}.pt"
 
+def tower_state(sd: dict) -> dict:
+    "The two towers' weights of a state dict: training-only heads (`heads.*`) are left out, as each run makes its own."
+    return {k: v for k, v in sd.items() if not k.startswith("heads.")}
+
 # A weight loader: (model, loaded object, source path) -> True if it recognised and loaded the object.
 WEIGHT_LOADERS: list[Callable] = []
 
@@ -96,7 +100,7 @@ def load_weights(model: TBPSModel, path, trust: bool = False) -> None:
     obj = read_checkpoint_file(path, trust=trust)
     if is_project_checkpoint(obj):
         check_identity(model.identity(), obj.get("identity") or {}, str(path))
-        load_state_strict(model, obj["model"], str(path))
+        load_state_strict(model, tower_state(obj["model"]), str(path))
         return
     for loader in WEIGHT_LOADERS:
         if loader(model, obj, str(path)):

@@ -41,6 +41,7 @@ def _cmd_train(a):
     from tbps_clip.run import train, results_table
     overrides = list(a.overrides) + ([f"out_dir={a.out}"] if a.out else [])
     rec = train(make_config(a.preset, overrides), resume=a.resume)
+    if rec.get("rank", 0) != 0: return  # torchrun: rank 0 reports
     tag = " (synthetic)" if rec["synthetic"] else ""
     print(f"{rec['dataset']}{tag} {rec['split']}, preset {rec['preset']}, {rec['steps']} steps:")
     print(results_table({rec["preset"]: rec["metrics"]}))
@@ -189,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tbps-clip", description="TBPS-CLIP: text-based person search with CLIP.")
     sub = p.add_subparsers(dest="cmd", required=True)
     def ov(sp): sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
-    def preset(sp, default="clip"): sp.add_argument("--preset", default=default, help="configuration preset")
+    from tbps_clip.config import PRESETS
+    def preset(sp, default="clip"):
+        sp.add_argument("--preset", default=default, help=f"configuration preset: {', '.join(PRESETS)} (default {default})")
 
     s = sub.add_parser("synth", help="generate SynthPEDES (synthetic text-person data)")
     s.add_argument("--out", help="output folder (default: the cache's default SynthPEDES)")
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto"); s.add_argument("--force", action="store_true")
     s.set_defaults(func=_cmd_pretrain)
 
-    s = sub.add_parser("train", help="train and evaluate a configured run")
+    s = sub.add_parser("train", help="train and evaluate a configured run (several processes: torchrun --nproc_per_node N -m tbps_clip.cli train ...)")
     preset(s); s.add_argument("--out", help="run folder (sets out_dir)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in the run folder"); ov(s)
     s.set_defaults(func=_cmd_train)

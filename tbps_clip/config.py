@@ -16,9 +16,9 @@ import yaml
 from .core import TBPSError, atomic_write_text
 
 # %% auto #0
-__all__ = ['PRESETS', 'DataConfig', 'ModelConfig', 'TrickConfig', 'LossConfig', 'OptimConfig', 'TrainConfig', 'EvalConfig',
-           'Config', 'register_preset', 'set_key', 'parse_overrides', 'make_config', 'config_to_dict',
-           'config_from_dict', 'save_config', 'load_config']
+__all__ = ['SETTING', 'PRESETS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on', 'OptimConfig',
+           'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'set_key', 'parse_overrides', 'make_config',
+           'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
 
 # %% ../nbs/01_config.ipynb #94c57872
 @dataclass
@@ -43,15 +43,75 @@ class ModelConfig:
     quick_gelu: bool = False  # QuickGELU activations, as OpenAI's CLIP weights need
 
 @dataclass
+class AugConfig:
+    "Image and text augmentation (Tables 2 and 3) with the appendix's settings."
+    image: str = "none"  # image policy: none, pool, stack, autoaugment, randaugment, trivialaugment, or one op (rrc, erase, gray, blur, jitter, hue, hflip, vflip, rotate)
+    pool_ops: tuple = ("rrc", "erase", "gray", "jitter", "hflip", "rotate")  # the ops 'pool' draws from and 'stack' chains (the six kept ops)
+    pool_k: int = 2  # ops the pool applies to each image
+    pool_replace: bool = False  # draw the pool's ops with replacement (the official code) instead of k distinct ops (the paper)
+    rrc_scale: tuple = (0.9, 1.0)  # RandomResizedCrop area range
+    rrc_ratio: tuple = (0.75, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    erase_p: float = 0.5  # RandomErasing probability
+    erase_scale: tuple = (0.10, 0.20)  # RandomErasing area range
+    erase_ratio: tuple = (0.3, 3.3)  # RandomErasing aspect-ratio range
+    erase_value: float = 0.0  # erased pixels' value before normalisation (0 = black, as the official code)
+    gray_p: float = 0.1  # RandomGrayscale probability
+    blur_kernel: int = 3  # GaussianBlur kernel size
+    blur_sigma: tuple = (0.1, 2.0)  # GaussianBlur sigma range
+    jitter: float = 0.1  # ColorJitter brightness, contrast and saturation
+    hue: float = 0.1  # ColorJitter hue (the 'hue' op)
+    hflip_p: float = 0.5  # RandomHorizontalFlip probability
+    vflip_p: float = 0.5  # RandomVerticalFlip probability
+    rotate: float = 15.0  # RandomRotation range in degrees
+    randaug_n: int = 2  # RandAugment: ops per image
+    randaug_m: int = 9  # RandAugment: magnitude
+    bt: float = 0.0  # back translation: probability of using the caption's second phrasing (0.1 in TBPS-CLIP)
+    rd: float = 0.0  # random deletion: per-word deletion probability (0.05 in TBPS-CLIP)
+    sr: float = 0.0  # synonym replacement: alpha (alpha * words replacements, at least 1)
+    ri: float = 0.0  # random insertion of synonyms: alpha
+    rs: float = 0.0  # random swap: alpha
+    eda: float = 0.0  # EDA: one of SR, RI, RS, RD chosen per caption, with this alpha
+
+@dataclass
 class TrickConfig:
     "The training tricks of Table 1."
+    global_grad: bool = False  # data parallel: the all-gather returns gradients to the rank that produced each feature
     text_dropout: float = 0.0  # dropout on the text encoder's attention weights (0.05 in CLIP*)
     lock_patch_embed: bool = False  # freeze the image patch-embedding conv (LockBL)
+    soft_label: float = 0.0  # final alpha of the soft labels (0.5 in CLIP*); 0 = hard targets only
+    soft_label_warmup: float = 1.0  # epochs over which alpha ramps linearly from 0 to `soft_label`
+    soft_label_source: str = "nograd"  # 'nograd': an extra no-grad pass of the model in train mode (official); 'detached': the gradient pass's features
+
+SETTING = {"setting": True}  # marks a LossConfig field that is a setting, not a loss weight
 
 @dataclass
 class LossConfig:
-    "Weights of the loss terms; a term with weight 0 is not computed."
+    "Weights of the loss terms (a term with weight 0 is not computed) and the terms' settings."
     itc: float = 1.0  # CLIP's image-text contrastive loss, one positive per row
+    nitc: float = 0.0  # N-ITC: targets spread over every column of the same pid
+    ritc: float = 0.0  # R-ITC: KL(p || q + eps) in both directions
+    citc: float = 0.0  # C-ITC (CyCLIP): in-modal and cross-modal similarity consistency (0.1 in TBPS-CLIP)
+    ss_i: float = 0.0  # SS-I: SimCLR NT-Xent on two strong views of the image (0.4 in TBPS-CLIP)
+    ss_t: float = 0.0  # SS-T: SimCLR NT-Xent on two augmented captions
+    ss_it: float = 0.0  # SS-IT: SS-I + SS-T with one weight
+    mvs_i: float = 0.0  # MVS-I: N-ITC of (another augmented image view, caption)
+    mvs_t: float = 0.0  # MVS-T: N-ITC of (image, another augmented caption)
+    mvs_it: float = 0.0  # MVS-IT: N-ITC of (other image view, other caption)
+    id: float = 0.0  # ID: cross-entropy of a linear pid classifier on both modalities
+    mlm: float = 0.0  # MLM / IRR: masked tokens predicted from cross-attention to the image
+    sdm: float = 0.0  # SDM (IRRA): KL(p || q) with a fixed temperature, both directions summed
+    ritc_eps: float = field(default=0.01, metadata=SETTING)  # R-ITC: added to the identity targets inside the log
+    citc_inmodal: float = field(default=0.25, metadata=SETTING)  # C-ITC: weight of the in-modal term
+    citc_crossmodal: float = field(default=0.25, metadata=SETTING)  # C-ITC: weight of the cross-modal term
+    ss_tau: float = field(default=0.1, metadata=SETTING)  # SS: NT-Xent temperature
+    ss_hidden: int = field(default=0, metadata=SETTING)  # SS projection MLP hidden width (0 = embed_dim // 4, as 512-128-512)
+    sdm_tau: float = field(default=0.02, metadata=SETTING)  # SDM: fixed temperature (IRRA)
+    mlm_prob: float = field(default=0.15, metadata=SETTING)  # MLM: fraction of tokens masked (80% mask, 10% random, 10% kept)
+    mlm_depth: int = field(default=4, metadata=SETTING)  # MLM: layers of the cross-modal transformer
+
+def loss_on(loss_cfg: LossConfig, *terms) -> bool:
+    "Whether any of the loss `terms` has a non-zero weight in `loss_cfg`."
+    return any(getattr(loss_cfg, t, 0) for t in terms)
 
 @dataclass
 class OptimConfig:
@@ -64,6 +124,7 @@ class OptimConfig:
     betas: tuple = (0.9, 0.98)  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
+    head_lr_mult: float = 5.0  # learning-rate multiple of new heads (ID classifier, MLM), as the official code's 5
 
 @dataclass
 class TrainConfig:
@@ -77,6 +138,8 @@ class TrainConfig:
     ckpt_every: int = 200  # also checkpoint every this many steps (0 = only at epoch ends)
     log_every: int = 10  # update the progress bar's running losses every this many steps
     threads: int = 0  # CPU threads for PyTorch (0 = leave PyTorch's choice)
+    grad_cache_chunk: int = 0  # >0: gradient caching, encode this many samples at a time (same gradients, bounded memory)
+    dist_backend: str = "auto"  # torchrun runs: 'auto' (NCCL on CUDA, gloo on the CPU), 'nccl' or 'gloo'
 
 @dataclass
 class EvalConfig:
@@ -92,6 +155,7 @@ class Config:
     out_dir: str = "runs/default"  # where checkpoints, the resolved config and results go
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     trick: TrickConfig = field(default_factory=TrickConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -106,6 +170,19 @@ PRESETS: dict[str, dict] = {
 def register_preset(name: str, overrides: dict, base: str | None = None) -> None:
     "Add a preset: `overrides` applied on top of preset `base` (or of the base config)."
     PRESETS[name] = {**(PRESETS[base] if base else {}), **overrides}
+
+# CLIP*: CLIP + the four tricks of Table 1
+register_preset("clip_star", {"trick.global_grad": True, "trick.text_dropout": 0.05, "trick.lock_patch_embed": True,
+                              "trick.soft_label": 0.5}, base="clip")
+# Simplified TBPS-CLIP: CLIP* + augmentation pool + BT + RD, N-ITC + R-ITC
+register_preset("simplified", {"aug.image": "pool", "aug.bt": 0.1, "aug.rd": 0.05,
+                               "loss.itc": 0.0, "loss.nitc": 1.0, "loss.ritc": 1.0}, base="clip_star")
+# TBPS-CLIP: simplified + SS-I + MVS-I + C-ITC; the official code averages N-ITC over the two image views
+# ((N-ITC(I, T) + N-ITC(I~, T)) / 2), hence N-ITC and MVS-I at 0.5 each
+register_preset("tbps", {"loss.nitc": 0.5, "loss.mvs_i": 0.5, "loss.ss_i": 0.4, "loss.citc": 0.1}, base="simplified")
+# IRRA's objective (SDM + MLM/IRR + ID) for the generalisation probe: no tricks, no augmentation
+register_preset("irra", {"loss.itc": 0.0, "loss.sdm": 1.0, "loss.mlm": 1.0, "loss.id": 1.0, "loss.sdm_tau": 0.02,
+                         "optim.head_lr_mult": 5.0}, base="clip")
 
 # %% ../nbs/01_config.ipynb #4c5351ab
 def _field_types(cls) -> dict:

@@ -94,19 +94,21 @@ class TrainPairs(Dataset):
         self.caption_aug, self.context_length, self.max_words, self.seed = caption_aug, context_length, max_words, seed
         self.epoch = 0
         self.extra_views: dict[str, Callable] = {}  # name -> transform on the PIL image (e.g. second augmented view)
+        self.extra_texts: dict[str, CaptionAug] = {}  # name -> caption transform giving another tokenised caption view
+        self.text_fields: dict[str, Callable] = {}  # name -> fn(tokens, random.Random) -> dict of fields (e.g. MLM masking)
 
     def __len__(self): return len(self.pairs)
     def set_epoch(self, epoch: int): self.epoch = epoch
     @property
     def num_classes(self): return len(self.pid_index)
 
-    def caption(self, i: int, rng: random.Random) -> str:
-        "The (possibly augmented) cleaned caption of pair `i`."
+    def caption(self, i: int, rng: random.Random, aug: CaptionAug | None = None) -> str:
+        "The cleaned caption of pair `i`, transformed by `aug` (default: `caption_aug`)."
         ri, ci = self.pairs[i]
         r = self.records[ri]
-        cap = r.captions[ci]
-        if self.caption_aug is not None:
-            cap = self.caption_aug(cap, r.captions_bt[ci] if r.captions_bt else None, rng)
+        cap, aug = r.captions[ci], aug or self.caption_aug
+        if aug is not None:
+            cap = aug(cap, r.captions_bt[ci] if r.captions_bt else None, rng)
         return clean_caption(cap, self.max_words)
 
     def __getitem__(self, i: int) -> dict:
@@ -121,6 +123,11 @@ class TrainPairs(Dataset):
                        pid=self.pid_index[r.pid], index=i)
             for name, tf in self.extra_views.items():
                 out[name] = tf(img)
+            # each extra caption view draws from its own generator: adding one leaves the others unchanged
+            for name, aug in self.extra_texts.items():
+                out[name] = tokenize(self.caption(i, random.Random(derive_seed(s, name)), aug), self.context_length)[0]
+            for name, fn in self.text_fields.items():
+                out.update(fn(out["text"], random.Random(derive_seed(s, name))))
         return out
 
 # %% ../nbs/05_data.ipynb #253e2df4

@@ -5,16 +5,20 @@
 # %% ../nbs/07_losses.ipynb #dfcb63c0
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .config import LossConfig
 from .core import TBPSError
 
 # %% auto #0
-__all__ = ['LOCAL', 'LossTerm', 'LOSSES', 'Gather', 'itc', 'LossContext', 'loss_weights', 'compute_losses']
+__all__ = ['LOCAL', 'LossTerm', 'LOSSES', 'Gather', 'itc', 'identity_targets', 'one_hot_targets', 'soft_ce', 'Soft', 'mix_soft',
+           'itc_soft', 'nitc', 'kl_to_targets', 'ritc', 'sdm', 'citc', 'nt_xent', 'id_loss', 'mlm_token_nll',
+           'mlm_loss', 'LossContext', 'soft_for', 'loss_weights', 'compute_losses']
 
 # %% ../nbs/07_losses.ipynb #04edd9ec
 @dataclass
@@ -38,21 +42,158 @@ def itc(image_feats, text_feats, logit_scale, gather: Gather = LOCAL) -> torch.T
     return (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
 
 # %% ../nbs/07_losses.ipynb #d4bf5735
+def identity_targets(pids: torch.Tensor, all_pids: torch.Tensor) -> torch.Tensor:
+    "Row-normalised same-identity matrix (B, N): row i spreads 1 uniformly over the columns of pid_i."
+    q = (pids.view(-1, 1) == all_pids.view(1, -1)).float()
+    return q / q.sum(1, keepdim=True)
+
+def one_hot_targets(b: int, n: int, offset: int, device=None) -> torch.Tensor:
+    "The (B, N) targets of one positive per row: row i's positive is column offset + i."
+    return F.one_hot(torch.arange(b, device=device) + offset, n).float()
+
+def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    "Mean over rows of the cross-entropy between a target distribution and softmax(logits)."
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+@dataclass
+class Soft:
+    "Soft-label inputs for one image-text pair: alpha and the no-grad pass's local features."
+    alpha: float
+    image: torch.Tensor  # (B, D) normalised, no grad
+    text: torch.Tensor  # (B, D) normalised, no grad
+
+@torch.no_grad()
+def mix_soft(hard_i2t, hard_t2i, soft: Soft | None, logit_scale, gather) -> tuple:
+    "The i2t and t2i targets: hard, or alpha * softmax(no-grad similarities) + (1 - alpha) * hard."
+    if soft is None: return hard_i2t, hard_t2i
+    dt = torch.promote_types(soft.image.dtype, torch.float32)  # at least fp32 for the softmax
+    img, txt = soft.image.to(dt), soft.text.to(dt)
+    s = float(logit_scale)
+    p_i2t = F.softmax(s * img @ gather(txt).t(), dim=1)
+    p_t2i = F.softmax(s * txt @ gather(img).t(), dim=1)
+    return (soft.alpha * p_i2t + (1 - soft.alpha) * hard_i2t.to(dt), soft.alpha * p_t2i + (1 - soft.alpha) * hard_t2i.to(dt))
+
+# %% ../nbs/07_losses.ipynb #7bb9013d
+def _scaled(image_feats, text_feats, logit_scale, gather) -> tuple:
+    "i2t and t2i logits: local rows x gathered columns."
+    return logit_scale * image_feats @ gather(text_feats).t(), logit_scale * text_feats @ gather(image_feats).t()
+
+def itc_soft(image_feats, text_feats, logit_scale, gather: Gather = LOCAL, soft: Soft | None = None) -> torch.Tensor:
+    "ITC against one-positive targets mixed with soft labels (alpha 0 or `soft=None`: ITC)."
+    i2t, t2i = _scaled(image_feats, text_feats, logit_scale, gather)
+    hard = one_hot_targets(i2t.shape[0], i2t.shape[1], gather.offset(i2t.shape[0]), i2t.device)
+    ti, tt = mix_soft(hard, hard, soft, logit_scale, gather)
+    return (soft_ce(i2t, ti) + soft_ce(t2i, tt)) / 2
+
+def nitc(image_feats, text_feats, logit_scale, pids, gather: Gather = LOCAL, soft: Soft | None = None) -> torch.Tensor:
+    "N-ITC: symmetric cross-entropy against the same-identity targets (optionally mixed with soft labels)."
+    i2t, t2i = _scaled(image_feats, text_feats, logit_scale, gather)
+    hard = identity_targets(pids, gather(pids)).to(i2t.dtype)
+    ti, tt = mix_soft(hard, hard, soft, logit_scale, gather)
+    return (soft_ce(i2t, ti) + soft_ce(t2i, tt)) / 2
+
+# %% ../nbs/07_losses.ipynb #ac8e0636
+def kl_to_targets(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> torch.Tensor:
+    "Mean over rows of KL(softmax(logits) || targets + eps)."
+    logp = F.log_softmax(logits, dim=1)
+    return (logp.exp() * (logp - torch.log(targets + eps))).sum(1).mean()
+
+def ritc(image_feats, text_feats, logit_scale, pids, gather: Gather = LOCAL, eps: float = 0.01) -> torch.Tensor:
+    "R-ITC: 0.5 * [KL(p_i2t || q + eps) + KL(p_t2i || q + eps)] with hard identity targets q."
+    i2t, t2i = _scaled(image_feats, text_feats, logit_scale, gather)
+    q = identity_targets(pids, gather(pids)).to(i2t.dtype)
+    return 0.5 * (kl_to_targets(i2t, q, eps) + kl_to_targets(t2i, q, eps))
+
+def sdm(image_feats, text_feats, pids, tau: float = 0.02, gather: Gather = LOCAL, eps: float = 1e-8) -> torch.Tensor:
+    "IRRA's SDM: KL(p_i2t || q) + KL(p_t2i || q) with a fixed temperature `tau`."
+    i2t, t2i = _scaled(image_feats, text_feats, 1.0 / tau, gather)
+    q = identity_targets(pids, gather(pids)).to(i2t.dtype)
+    return kl_to_targets(i2t, q, eps) + kl_to_targets(t2i, q, eps)
+
+def citc(image_feats, text_feats, gather: Gather = LOCAL, inmodal: float = 0.25, crossmodal: float = 0.25) -> torch.Tensor:
+    "C-ITC: inmodal * mean((S_II - S_TT)^2) + crossmodal * mean((S_IT - S_TI)^2), cosine similarities."
+    all_img, all_txt = gather(image_feats), gather(text_feats)
+    in_modal = (image_feats @ all_img.t() - text_feats @ all_txt.t()).square().mean()
+    cross = (image_feats @ all_txt.t() - text_feats @ all_img.t()).square().mean()
+    return inmodal * in_modal + crossmodal * cross
+
+# %% ../nbs/07_losses.ipynb #8e5af18e
+def nt_xent(z_a, z_b, tau: float = 0.1, gather: Gather = LOCAL) -> torch.Tensor:
+    "SimCLR NT-Xent between two views (rows matched), local rows x gathered columns."
+    q_a, q_b = F.normalize(z_a, dim=-1), F.normalize(z_b, dim=-1)
+    k_a, k_b = gather(q_a), gather(q_b)
+    b = q_a.shape[0]
+    labels = torch.arange(b, device=q_a.device) + gather.offset(b)
+    self_mask = F.one_hot(labels, k_a.shape[0]).bool()
+    aa = (q_a @ k_a.t() / tau).masked_fill(self_mask, float("-inf"))
+    bb = (q_b @ k_b.t() / tau).masked_fill(self_mask, float("-inf"))
+    loss_a = F.cross_entropy(torch.cat([q_a @ k_b.t() / tau, aa], 1), labels)
+    loss_b = F.cross_entropy(torch.cat([q_b @ k_a.t() / tau, bb], 1), labels)
+    return (loss_a + loss_b) / 2
+
+def id_loss(image_logits, text_logits, pids) -> torch.Tensor:
+    "Pid classification cross-entropy, averaged over the two modalities."
+    return (F.cross_entropy(image_logits.float(), pids) + F.cross_entropy(text_logits.float(), pids)) / 2
+
+def mlm_token_nll(masked_logits, labels) -> tuple:
+    "Per-sample sum of the masked tokens' NLL and their count; `masked_logits` (M, V) are the rows where labels != -100."
+    mask = labels != -100
+    nll = F.cross_entropy(masked_logits.float(), labels[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    per_sample = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return per_sample, mask.sum(1)
+
+def mlm_loss(logits, labels) -> torch.Tensor:
+    "Mean cross-entropy over the masked tokens of (B, L, V) logits (labels -100 are ignored)."
+    nll, count = mlm_token_nll(logits[labels != -100], labels)
+    return nll.sum() / count.sum().clamp(min=1)
+
+# %% ../nbs/07_losses.ipynb #a275bffc
 @dataclass
 class LossContext:
     "What loss terms may need beyond the outputs and the batch."
     gather: Gather = field(default_factory=Gather)
-    extras: dict = field(default_factory=dict)  # e.g. soft-label targets, the model, the step
+    extras: dict = field(default_factory=dict)  # e.g. soft-label inputs under 'soft' (see `soft_for`)
+    cfg: LossConfig = field(default_factory=LossConfig)  # the terms' settings (eps, temperatures, ...)
 
 LossTerm = Callable[[dict, dict, LossContext], torch.Tensor]
 
+def soft_for(ctx: LossContext, image_key: str, text_key: str) -> Soft | None:
+    "The soft-label inputs of the pair (`image_key`, `text_key`), if the soft-label pass provided them."
+    s = ctx.extras.get("soft")
+    if not s or s["alpha"] <= 0: return None
+    return Soft(s["alpha"], s[image_key], s[text_key])
+
+def _pair_nitc(img: str, txt: str) -> LossTerm:
+    "N-ITC of one image view and one caption view of the outputs."
+    return lambda o, b, c: nitc(o[img], o[txt], o["logit_scale"], b["pid"], c.gather, soft_for(c, img, txt))
+
+def _ss(o, c, a: str, b: str):
+    return nt_xent(o[a], o[b], c.cfg.ss_tau, c.gather)
+
 LOSSES: dict[str, LossTerm] = {
-    "itc": lambda out, batch, ctx: itc(out["image_feats"], out["text_feats"], out["logit_scale"], ctx.gather),
+    "itc": lambda o, b, c: (itc(o["image_feats"], o["text_feats"], o["logit_scale"], c.gather)
+                            if soft_for(c, "image_feats", "text_feats") is None else
+                            itc_soft(o["image_feats"], o["text_feats"], o["logit_scale"], c.gather,
+                                     soft_for(c, "image_feats", "text_feats"))),
+    "nitc": _pair_nitc("image_feats", "text_feats"),
+    "mvs_i": _pair_nitc("image_aug_feats", "text_feats"),
+    "mvs_t": _pair_nitc("image_feats", "text_aug_feats"),
+    "mvs_it": _pair_nitc("image_aug_feats", "text_aug_feats"),
+    "ritc": lambda o, b, c: ritc(o["image_feats"], o["text_feats"], o["logit_scale"], b["pid"], c.gather, c.cfg.ritc_eps),
+    "citc": lambda o, b, c: citc(o["image_feats"], o["text_feats"], c.gather, c.cfg.citc_inmodal, c.cfg.citc_crossmodal),
+    "ss_i": lambda o, b, c: _ss(o, c, "ss_image_a", "ss_image_b"),
+    "ss_t": lambda o, b, c: _ss(o, c, "ss_text_a", "ss_text_b"),
+    "ss_it": lambda o, b, c: _ss(o, c, "ss_image_a", "ss_image_b") + _ss(o, c, "ss_text_a", "ss_text_b"),
+    "id": lambda o, b, c: id_loss(o["image_logits"], o["text_logits"], b["pid"]),
+    "mlm": lambda o, b, c: o["mlm_nll"].sum() / o["mlm_count"].sum().clamp(min=1),
+    "sdm": lambda o, b, c: sdm(o["image_feats"], o["text_feats"], b["pid"], c.cfg.sdm_tau, c.gather),
 }
 
 def loss_weights(loss_cfg) -> dict:
-    "The non-zero loss weights of a LossConfig, checked against the known terms."
-    w = {k: float(v) for k, v in vars(loss_cfg).items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v}
+    "The non-zero loss weights of a LossConfig (its settings excluded), checked against the known terms."
+    w = {f.name: float(getattr(loss_cfg, f.name)) for f in dataclasses.fields(loss_cfg)
+         if not f.metadata.get("setting") and getattr(loss_cfg, f.name)}
     unknown = set(w) - set(LOSSES)
     if unknown:
         raise TBPSError(f"loss term(s) {', '.join(sorted(unknown))} have a weight but no implementation")
@@ -63,6 +204,11 @@ def loss_weights(loss_cfg) -> dict:
 def compute_losses(out: dict, batch: dict, weights: dict, ctx: LossContext | None = None) -> dict:
     "Each weighted term and their sum under 'loss'."
     ctx = ctx or LossContext()
-    terms = {k: w * LOSSES[k](out, batch, ctx) for k, w in weights.items()}
+    terms = {}
+    for k, w in weights.items():
+        try: terms[k] = w * LOSSES[k](out, batch, ctx)
+        except KeyError as e:
+            raise TBPSError(f"loss term {k!r} needs {e.args[0]!r}, which the forward pass did not produce "
+                            f"(it produced {', '.join(sorted(out))})") from None
     terms["loss"] = sum(terms.values())
     return terms

@@ -73,6 +73,7 @@ class TBPSModel(nn.Module):
     def __init__(self, clip: nn.Module, arch: str, image_size, context_length: int):
         super().__init__()
         self.clip, self.arch, self.image_size, self.context_length = clip, arch, tuple(image_size), context_length
+        self.heads = nn.ModuleDict()  # training-only heads (SS projections, ID classifier, MLM); unused at inference
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         "Normalised image features (B, D)."

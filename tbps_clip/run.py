@@ -12,18 +12,22 @@ import torch
 
 from .checkpoint import build_model, read_checkpoint_file, is_project_checkpoint
 from .config import Config, config_from_dict, config_to_dict, make_config, parse_overrides, set_key
-from .core import TBPSError, atomic_write_json, environment_info, git_commit, resolve_device, seed_everything
+from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
+                            seed_everything)
+from .augment import configure_pairs, synonym_source  # also registers the training image transform
 from .data import TrainPairs, train_transform
+from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
 from .evaluate import evaluate
+from .heads import attach_heads
 from .model import TBPSModel, lock_patch_embedding, set_text_attention_dropout
 from .pretrain import ensure_synthclip
 from .records import Annotations, load_annotations
-from .train import Trainer
+from .train import SoftLabels, Trainer
 from . import datasets, weights  # noqa: F401 (registers the real-data readers, checkpoint readers and weight loaders)
 
 # %% auto #0
-__all__ = ['METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record', 'train',
-           'eval_config', 'evaluate_checkpoint', 'results_table', 'plot_results', 'demo']
+__all__ = ['METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record', 'run_log',
+           'train_dataset', 'train', 'eval_config', 'evaluate_checkpoint', 'results_table', 'plot_results', 'demo']
 
 # %% ../nbs/13_run.ipynb #6750e830
 def load_data(cfg: Config) -> Annotations:
@@ -55,24 +59,62 @@ def run_record(cfg: Config, ann: Annotations, **fields) -> dict:
                 environment=environment_info(), git_commit=git_commit(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 # %% ../nbs/13_run.ipynb #3ef02b10
+def run_log(cfg: Config, rank: int = 0):
+    "A function that appends a time-stamped line to `out_dir/log.txt` (rank 0 only)."
+    path = Path(cfg.out_dir) / "log.txt"
+    def log(msg: str) -> None:
+        if rank != 0: return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f: f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+    return log
+
+def train_dataset(cfg: Config, ann: Annotations, context_length: int) -> TrainPairs:
+    "The training pairs of `cfg`, with its image and text augmentation and the extra views its losses need."
+    ds = TrainPairs(ann, "train", train_transform(cfg), context_length=context_length,
+                    max_words=cfg.data.max_words, seed=cfg.train.seed)
+    return configure_pairs(ds, cfg)
+
 def train(cfg: Config, resume: bool = False, progress: bool = True, callbacks=(), zero_shot: bool = False) -> dict:
-    "Train `cfg` end to end and return (and save) its result record."
+    "Train `cfg` end to end and return (and save) its result record; under torchrun, one process of several."
+    dist_info = init_distributed(cfg.train.device, cfg.train.dist_backend)
+    try: return _train(cfg, dist_info, resume, progress, callbacks, zero_shot)
+    finally: cleanup_distributed()
+
+def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, zero_shot: bool) -> dict:
     set_threads(cfg)
+    log = run_log(cfg, di.rank)
+    main = di.rank == 0
+    if not main: barrier()  # rank 0 first builds whatever the cache lacks (SynthPEDES, the small CLIP)
     ann = load_data(cfg)
     seed_everything(cfg.train.seed)
     model = prepare_model(cfg)
-    ds = TrainPairs(ann, "train", train_transform(cfg), context_length=model.context_length,
-                    max_words=cfg.data.max_words, seed=cfg.train.seed)
+    if main: barrier()
+    ds = train_dataset(cfg, ann, model.context_length)
+    attach_heads(model, cfg, ds.num_classes)
+    if di.world_size > 1:  # same weights everywhere (broadcast by the trainer), own dropout draws per process
+        torch.manual_seed(derive_seed(cfg.train.seed, "rank", di.rank))
+    synonyms = synonym_source() if ds.caption_aug and (cfg.aug.sr or cfg.aug.ri or cfg.aug.eda) else None
+    log(f"preset {cfg.preset}; {di.world_size} process(es) on {di.device}; dataset {ann.dataset} "
+        f"({len(ds)} pairs, {ds.num_classes} ids); image aug {cfg.aug.image}; text aug "
+        f"{'on' if ds.caption_aug else 'off'}" + (f" (synonyms from {synonyms})" if synonyms else "")
+        + f"; heads {', '.join(model.heads) or 'none'}; extra views {', '.join([*ds.extra_views, *ds.extra_texts, *ds.text_fields]) or 'none'}"
+        + (f"; gradient caching, chunk {cfg.train.grad_cache_chunk}" if cfg.train.grad_cache_chunk else ""))
     ev = lambda split: (lambda m: evaluate(m, ann, split, cfg.data, cfg.eval.chunk_size, precision=cfg.train.precision))
-    zs = ev(cfg.eval.split)(model.to(resolve_device(cfg.train.device))) if zero_shot else None
+    zs = ev(cfg.eval.split)(model.to(resolve_device(cfg.train.device))) if zero_shot and main else None
     val = cfg.eval.val_split if cfg.eval.val_split and ann.split(cfg.eval.val_split) else None
-    trainer = Trainer(cfg, model, ds, evaluator=ev(val) if val else None, callbacks=callbacks, progress=progress)
+    cbs = [SoftLabels(cfg.trick.soft_label, cfg.trick.soft_label_warmup, cfg.trick.soft_label_source)] if cfg.trick.soft_label else []
+    trainer = Trainer(cfg, model, ds, evaluator=ev(val) if val else None, callbacks=[*cbs, *callbacks],
+                      progress=progress, gather=make_gather(cfg.trick.global_grad), rank=di.rank, world_size=di.world_size)
     trainer.fit(resume=resume)
+    if not main:  # only rank 0 evaluates and writes results; the others wait for it in cleanup
+        return dict(rank=di.rank, steps=trainer.step)
     test = ev(cfg.eval.split)(model)
+    log(f"finished {trainer.step} steps; {cfg.eval.split} R@1 {test['R@1']:.2f} mAP {test['mAP']:.2f}")
     rec = run_record(cfg, ann, kind="train", split=cfg.eval.split, metrics=test, zero_shot=zs,
                      val_history=trainer.history["eval"], steps=trainer.step,
                      train_seconds=round(getattr(trainer, "train_seconds", 0.0), 2),
-                     train_pairs=len(ds), train_ids=ds.num_classes)
+                     train_pairs=len(ds), train_ids=ds.num_classes, world_size=di.world_size,
+                     text_synonyms=synonyms)
     atomic_write_json(Path(cfg.out_dir) / "results.json", rec)
     return rec
 

@@ -18,26 +18,31 @@ from .checkpoint import read_checkpoint_file, save_checkpoint, load_state_strict
 from .config import Config, save_config
 from .core import TBPSError, atomic_write_json, autocast, resolve_device
 from .data import EpochSampler, collate, worker_init
+from .distributed import all_reduce_grads, broadcast_state, gather_objects
+from .heads import HEAD_LR, forward_views, soft_label_views
 from .losses import LossContext, compute_losses, loss_weights
 from .model import TBPSModel
 
 # %% auto #0
-__all__ = ['param_groups', 'make_optimizer', 'lr_at', 'Callback', 'Trainer']
+__all__ = ['SOFT_KEYS', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'Trainer', 'soft_label_alpha', 'SoftLabels']
 
 # %% ../nbs/11_train.ipynb #906cca4b
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    "Two AdamW groups: decayed matrices, and undecayed biases, norms and other 1-D tensors."
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list:
+    "AdamW groups: decayed matrices and undecayed biases, norms and 1-D tensors; new heads at `head_lr_mult` x the lr."
+    groups: dict = {}
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
-        (no_decay if p.ndim < 2 or n.endswith(".bias") else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        decay = not (p.ndim < 2 or n.endswith(".bias"))
+        mult = head_lr_mult if any(n.startswith(f"heads.{h}.") for h in HEAD_LR) else 1.0
+        groups.setdefault((mult, decay), []).append(p)
+    return [dict(params=ps, weight_decay=weight_decay if decay else 0.0, lr_mult=mult)
+            for (mult, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 def make_optimizer(model: torch.nn.Module, oc) -> torch.optim.AdamW:
-    "AdamW over the trainable parameters, with the config's betas, eps and decay."
+    "AdamW over the trainable parameters, with the config's betas, eps, decay and head learning-rate multiple."
     fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(param_groups(model, oc.weight_decay, oc.head_lr_mult), lr=oc.lr, betas=tuple(oc.betas),
+                             eps=oc.eps, fused=fused or None)
 
 def lr_at(step: int, total: int, warmup: int, oc) -> float:
     "Learning rate at iteration `step` of `total` with `warmup` warm-up iterations."
@@ -55,14 +60,17 @@ class Callback:
 class Trainer:
     "Trains a TBPSModel on a dataset of pairs; evaluates through an optional `evaluator(model) -> metrics`."
     def __init__(self, cfg: Config, model: TBPSModel, train_ds, evaluator=None, callbacks=(), out_dir=None,
-                 gather=None, rank: int = 0, world_size: int = 1, progress: bool = True):
+                 gather=None, rank: int = 0, world_size: int = 1, progress: bool = True, forward_fn=None):
         self.cfg, self.model, self.ds, self.evaluator = cfg, model, train_ds, evaluator
+        # forward_fn(model, batch) -> outputs; the default encodes every view the configured losses use
+        self.forward_fn = forward_fn or (lambda m, b: forward_views(m, b, cfg.loss))
         self.cbs = sorted(callbacks, key=lambda c: getattr(c, "order", 0))
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.rank, self.world_size, self.progress = rank, world_size, progress and rank == 0
         self.device = resolve_device(cfg.train.device)
         self.model.to(self.device)
-        self.loss_ctx = LossContext(**({"gather": gather} if gather is not None else {}))
+        self.loss_ctx = LossContext(**({"gather": gather} if gather is not None else {}), cfg=cfg.loss)
+        if world_size > 1: broadcast_state(self.model)  # every process starts from rank 0's weights
         self.weights = loss_weights(cfg.loss)
         self.bs = cfg.data.batch_size
         n_batches = len(train_ds) // (self.bs * world_size)
@@ -91,17 +99,24 @@ class Trainer:
     @property
     def ckpt_path(self) -> Path: return self.out_dir / "checkpoint.pt"
 
+    @staticmethod
+    def rng_state() -> dict:
+        "This process's RNG states."
+        return dict(torch_rng=torch.get_rng_state(), python_rng=random.getstate(),
+                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
     def state(self) -> dict:
         "Everything besides model and optimizer needed to continue the run exactly."
-        return dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, history=self.history,
-                    torch_rng=torch.get_rng_state(), python_rng=random.getstate(),
-                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    scaler=self.scaler.state_dict())
+        st = dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, history=self.history,
+                  **self.rng_state(), scaler=self.scaler.state_dict())
+        if self.world_size > 1: st["rank_rng"] = gather_objects(self.rng_state())  # every process's own
+        return st
 
     def save(self) -> None:
-        "Write the checkpoint and history atomically (rank 0 only)."
+        "Write the checkpoint and history atomically (rank 0 writes; every process contributes its RNG state)."
+        st = self.state()
         if self.rank != 0: return
-        save_checkpoint(self.ckpt_path, self.model, self.cfg, self.opt, self.state())
+        save_checkpoint(self.ckpt_path, self.model, self.cfg, self.opt, st)
         atomic_write_json(self.out_dir / "history.json", self.history)
 
     def load(self) -> None:
@@ -112,6 +127,10 @@ class Trainer:
         self.opt.load_state_dict(obj["optimizer"])
         st = obj["state"]
         self.step, self.epoch, self.batch_in_epoch, self.history = st["step"], st["epoch"], st["batch_in_epoch"], st["history"]
+        if self.world_size > 1:
+            if len(st.get("rank_rng") or []) != self.world_size:
+                raise TBPSError(f"{self.ckpt_path}: saved by a run with another number of processes; resume with the same number")
+            st = {**st, **st["rank_rng"][self.rank]}
         torch.set_rng_state(st["torch_rng"])
         random.setstate(st["python_rng"])
         if st.get("cuda_rng") and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda_rng"])
@@ -119,28 +138,81 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
-        "Model outputs for a batch; callbacks may add more (extra views) in `after_forward`."
-        return self.model(batch["image"], batch["text"])
+        "Model outputs for a batch: every view the losses use."
+        return self.forward_fn(self.model, batch)
 
-    def train_step(self, batch: dict) -> dict:
-        "One optimisation step; returns the detached loss terms."
-        self.batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.optim)
-        for g in self.opt.param_groups: g["lr"] = lr
-        self._cb("before_batch")
+    def backward(self) -> None:
+        "Forward, callbacks, losses and backward of `self.batch` in one pass."
         with autocast(self.device, self.cfg.train.precision):
             self.out = self.forward(self.batch)
             self._cb("after_forward")
             self.losses = compute_losses(self.out, self.batch, self.weights, self.loss_ctx)
         self._cb("after_loss")
-        self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(self.losses["loss"]).backward()
+
+    def _fwd_rng(self) -> tuple:
+        "The RNG states a forward pass draws from (dropout)."
+        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    def _set_fwd_rng(self, st: tuple) -> None:
+        torch.set_rng_state(st[0])
+        if st[1] is not None: torch.cuda.set_rng_state(st[1], self.device)
+
+    def backward_cached(self, chunk: int) -> None:
+        "Gradient caching: the same gradients as `backward`, with activations of `chunk` samples at a time."
+        b = len(next(iter(self.batch.values())))
+        spans = [slice(i, min(i + chunk, b)) for i in range(0, b, chunk)]
+        part = lambda s: {k: v[s] for k, v in self.batch.items()}
+        prec = self.cfg.train.precision
+        # 1. encode every chunk without building a graph, remembering the RNG state each one started from
+        states, outs = [], []
+        with torch.no_grad(), autocast(self.device, prec):
+            for s in spans:
+                states.append(self._fwd_rng())
+                outs.append(self.forward(part(s)))
+        keys = [k for k, v in outs[0].items() if v.ndim > 0]
+        odd = [k for k, v in outs[0].items() if v.ndim == 0 and k != "logit_scale"]
+        odd += [k for o, s in zip(outs, spans) for k in keys if o[k].shape[0] != s.stop - s.start]
+        if odd:
+            raise TBPSError(f"gradient caching needs per-sample outputs; {', '.join(sorted(set(odd)))} are not")
+        reps = {k: torch.cat([o[k] for o in outs]) for k in keys}
+        for v in reps.values():
+            if v.is_floating_point(): v.requires_grad_(True)
+        # 2. losses of the whole batch on those features; backward stops at them (and at the logit scale)
+        with autocast(self.device, prec):
+            self.out = dict(reps, logit_scale=self.model.logit_scale)
+            self._cb("after_forward")
+            self.losses = compute_losses(self.out, self.batch, self.weights, self.loss_ctx)
+        self._cb("after_loss")
+        self.scaler.scale(self.losses["loss"]).backward()
+        # 3. re-encode each chunk with a graph (same RNG state: same dropout) and push the cached gradient through
+        after = self._fwd_rng()
+        for s, st in zip(spans, states):
+            self._set_fwd_rng(st)
+            with autocast(self.device, prec):
+                o = self.forward(part(s))
+                terms = [(o[k] * reps[k].grad[s]).sum() for k in keys if reps[k].grad is not None]
+            if terms: torch.stack(terms).sum().backward()
+        self._set_fwd_rng(after)
+
+    def train_step(self, batch: dict) -> dict:
+        "One optimisation step; returns the detached loss terms (averaged over processes)."
+        self.batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.optim)
+        for g in self.opt.param_groups: g["lr"] = lr * g.get("lr_mult", 1.0)
+        self._cb("before_batch")
+        self.opt.zero_grad(set_to_none=True)
+        if self.cfg.train.grad_cache_chunk > 0: self.backward_cached(self.cfg.train.grad_cache_chunk)
+        else: self.backward()
+        if self.world_size > 1: all_reduce_grads(self.model.parameters())
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         out = {k: float(v.detach()) for k, v in self.losses.items()}
+        if self.world_size > 1:  # log the global loss: the mean of the processes' local losses
+            out = dict(zip(out, (sum(v) / self.world_size for v in zip(*[o.values() for o in gather_objects(out)]))))
         if not math.isfinite(out["loss"]):
             raise TBPSError(f"loss became {out['loss']} at step {self.step} (lr {lr:.2e}); lower optim.lr or check the data")
         out["lr"] = lr
@@ -208,3 +280,33 @@ class Trainer:
         self._cb("after_fit")
         self.train_seconds = time.perf_counter() - t0
         return self.history
+
+# %% ../nbs/11_train.ipynb #01b89aa8
+SOFT_KEYS = ("image_feats", "text_feats", "image_aug_feats", "text_aug_feats")
+
+def soft_label_alpha(step: int, steps_per_epoch: int, alpha: float, warmup_epochs: float = 1.0) -> float:
+    "alpha * min(1, step / (warmup_epochs * steps_per_epoch)): the official linear warm-up."
+    w = warmup_epochs * steps_per_epoch
+    return alpha * (min(1.0, step / w) if w > 0 else 1.0)
+
+class SoftLabels(Callback):
+    "Put soft-label inputs (alpha and no-grad features) into the loss context before the losses."
+    def __init__(self, alpha: float, warmup_epochs: float = 1.0, source: str = "nograd"):
+        if source not in ("nograd", "detached"):
+            raise TBPSError(f"trick.soft_label_source={source!r}: choose nograd or detached")
+        if not 0 <= alpha <= 1: raise TBPSError(f"trick.soft_label={alpha}: must lie in [0, 1]")
+        self.alpha, self.warmup, self.source = alpha, warmup_epochs, source
+
+    def nograd_views(self, t) -> dict:
+        "The no-grad pass over the trainer's batch (chunked like gradient caching)."
+        b = len(t.batch["image"])
+        c = t.cfg.train.grad_cache_chunk or b
+        parts = [soft_label_views(t.model, {k: v[i:i + c] for k, v in t.batch.items()}) for i in range(0, b, c)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def after_forward(self, t):
+        a = soft_label_alpha(t.step, t.steps_per_epoch, self.alpha, self.warmup)
+        t.loss_ctx.extras.pop("soft", None)
+        if a <= 0: return
+        feats = self.nograd_views(t) if self.source == "nograd" else {k: t.out[k].detach() for k in SOFT_KEYS if k in t.out}
+        t.loss_ctx.extras["soft"] = dict(alpha=a, **feats)
