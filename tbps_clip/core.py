@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -21,8 +22,8 @@ import torch
 
 # %% auto #0
 __all__ = ['TBPSError', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit',
-           'environment_info']
+           'atomic_torch_save', 'read_json', 'check_relative_path', 'safe_join', 'resolve_device', 'autocast',
+           'cache_dir', 'git_commit', 'environment_info']
 
 # %% ../nbs/00_core.ipynb #6c150783
 class TBPSError(Exception):
@@ -46,21 +47,38 @@ def _umask() -> int:
     m = os.umask(0o22); os.umask(m)
     return m
 
+def _fsync_dir(folder: Path) -> None:
+    "Make a rename in `folder` durable (a no-op where folders cannot be opened)."
+    try: fd = os.open(folder, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
 def atomic_write_bytes(path, data: bytes) -> Path:
-    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
+    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename); OSErrors become TBPSErrors."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp = None
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):  # full disk, read-only folder, no permission: say so, name the file
+            why = e.strerror or str(e)
+            code = f", errno {errno.errorcode.get(e.errno, e.errno)}" if e.errno else ""
+            prev = "the previous file is unchanged" if path.exists() else "nothing was written"
+            raise TBPSError(f"{path}: cannot write ({why}{code}); {prev}") from e
         raise
     return path
 
@@ -78,21 +96,52 @@ def atomic_torch_save(obj, path) -> Path:
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
-# %% ../nbs/00_core.ipynb #e04c974c
-def safe_join(root, rel: str, what: str = "path") -> Path:
-    "Join `rel` under `root`, refusing anything that would leave `root` (absolute, `..`, links)."
+# %% ../nbs/00_core.ipynb #29dc7e94
+def _no_duplicate_keys(pairs: list) -> dict:
+    d = {}
+    for k, v in pairs:
+        if k in d: raise ValueError(f"the key {k!r} appears twice in one object (values {d[k]!r:.40} and {v!r:.40})")
+        d[k] = v
+    return d
+
+def read_json(path, what: str = "file"):
+    "Parse the JSON file `path`; any failure is a TBPSError naming the file (`what` says what it should be)."
+    path = Path(path)
+    if not path.is_file():
+        raise TBPSError(f"{path}: {what} not found")
+    try: text = path.read_bytes().decode("utf-8")
+    except OSError as e: raise TBPSError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e: raise TBPSError(f"{path}: not UTF-8 text ({e})") from None
+    try: return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e: raise TBPSError(f"{path}: not valid JSON: {e}") from None
+    except ValueError as e: raise TBPSError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError: raise TBPSError(f"{path}: not valid JSON: nested too deeply") from None
+
+# %% ../nbs/00_core.ipynb #b5c70103
+def check_relative_path(rel, what: str = "path", root="") -> str:
+    "Refuse, from the text alone, a path that is not a plain relative path (empty, NUL, absolute, `..`, undecodable)."
+    where = f"the image root {root}" if root else "the image root"
     if not isinstance(rel, str) or not rel.strip():
         raise TBPSError(f"{what}: expected a non-empty relative path, got {rel!r}")
     if "\x00" in rel:
         raise TBPSError(f"{what}: path {rel!r} contains a NUL character")
-    p = Path(rel)
-    if p.is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
-        raise TBPSError(f"{what}: absolute path {rel!r} is not allowed; paths are relative to the image root {root}")
-    if ".." in p.parts or ".." in rel.replace("\\", "/").split("/"):
-        raise TBPSError(f"{what}: path {rel!r} leaves the image root {root} ('..' is not allowed)")
+    try: os.fsencode(rel)
+    except UnicodeEncodeError:  # lone surrogates from JSON escapes name no file on any file system
+        raise TBPSError(f"{what}: path {ascii(rel)} contains characters that cannot be a file name") from None
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise TBPSError(f"{what}: absolute path {rel!r} is not allowed; paths are relative to {where}")
+    if ".." in rel.replace("\\", "/").split("/"):
+        raise TBPSError(f"{what}: path {rel!r} leaves {where} ('..' is not allowed)")
+    return rel
+
+def safe_join(root, rel: str, what: str = "path") -> Path:
+    "Join `rel` under `root`, refusing anything that would leave `root` (absolute, `..`, links)."
+    check_relative_path(rel, what, root)
     root_r = Path(root).resolve()
-    full = (root_r / p)
-    resolved = full.resolve()
+    full = root_r / rel
+    try: resolved = full.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic-link loop
+        raise TBPSError(f"{what}: path {rel!r} cannot be resolved under {root_r} ({e})") from None
     if resolved != root_r and root_r not in resolved.parents:
         raise TBPSError(f"{what}: path {rel!r} resolves to {resolved}, outside the image root {root_r} (a symbolic link?)")
     return full

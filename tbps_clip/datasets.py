@@ -14,10 +14,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import TBPSError, atomic_write_json, safe_join
+from .core import TBPSError, atomic_write_json, read_json, safe_join
 from .data import load_image
+from .text import clean_caption
 from .records import (SPLITS, Annotations, Record, check_annotations, read_annotations, register_reader,
-                               write_annotations)
+                               valid_pid, write_annotations)
 
 # %% auto #0
 __all__ = ['FORMATS', 'IMAGE_DIR', 'OFFICIAL_FILES', 'OFFICIAL_STATS', 'ISSUE_KINDS', 'DROPPABLE', 'FIXTURE_DEFECTS', 'RawFormat',
@@ -67,7 +68,7 @@ ISSUE_KINDS = {  # kind: (severity, what dropping removes, description)
     "bad_type": ("error", "entry", "a field has the wrong type"),
     "bad_split": ("error", "entry", "the split is not one this dataset has"),
     "path_escape": ("error", "entry", "the image path leaves the image folder"),
-    "empty_caption": ("error", "caption", "a caption (or its back-translation) is empty or whitespace"),
+    "empty_caption": ("error", "caption", "a caption (or its back-translation) is empty, whitespace or only punctuation"),
     "duplicate_image": ("error", "entry", "the image is listed by an earlier entry too"),
     "shared_id": ("error", "entry", "the identity also appears in another split (entries outside its first split)"),
     "missing_image": ("error", "entry", "the image file does not exist"),
@@ -137,6 +138,7 @@ def _check_captions(caps, what: str, mk) -> list:
     out = []
     for j, c in enumerate(caps):
         if not c.strip(): out.append(mk("empty_caption", f"{what} {j} is empty: {c!r}", j))
+        elif not clean_caption(c, 1): out.append(mk("empty_caption", f"{what} {j} has no words once cleaned: {c[:80]!r}", j))
         elif _junk(c): out.append(mk("non_ascii", f"{what} {j} has {ascii(''.join(_junk(c)))}: {c[:80]!r}", j))
     return out
 
@@ -153,8 +155,8 @@ def parse_entry(e, i: int, file: str, image_root, path_field: str = "file_path",
     if missing:
         return None, [mk("missing_field", f"missing field(s) {', '.join(missing)} (has {', '.join(sorted(e)) or 'none'})")]
     pid, caps, s = e["id"], e["captions"], split or e["split"]
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        return None, [mk("bad_type", f"'id' must be an integer, got {pid!r}")]
+    if not valid_pid(pid):
+        return None, [mk("bad_type", f"'id' must be an integer, got {pid!r:.40}" + (" (ids must fit 64 bits)" if isinstance(pid, int) else ""))]
     if not isinstance(s, str):
         return None, [mk("bad_type", f"'split' must be a string, got {s!r}")]
     if s not in splits:
@@ -284,9 +286,7 @@ def _image_root(folder: Path) -> Path:
     return p
 
 def _read_list(path: Path) -> list:
-    try: d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TBPSError(f"{path}: not valid JSON: {e}") from None
+    d = read_json(path, "annotation file")
     if not isinstance(d, list):
         raise TBPSError(f"{path}: expected a JSON list of entries, got {type(d).__name__}")
     return d

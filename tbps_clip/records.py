@@ -5,17 +5,20 @@
 # %% ../nbs/02_records.ipynb #7a14bc60
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable
 
-from .core import TBPSError, atomic_write_json, safe_join
+import posixpath
+
+from .core import TBPSError, atomic_write_json, check_relative_path, read_json, safe_join
+from .text import clean_caption
 
 # %% auto #0
-__all__ = ['SPLITS', 'FORMAT', 'FORMAT_VERSION', 'READERS', 'Record', 'check_record', 'Annotations', 'write_annotations',
-           'read_annotations', 'check_annotations', 'register_reader', 'read_normalised', 'load_annotations']
+__all__ = ['SPLITS', 'PID_RANGE', 'FORMAT', 'FORMAT_VERSION', 'READERS', 'Record', 'valid_pid', 'check_record', 'Annotations',
+           'write_annotations', 'read_annotations', 'check_annotations', 'register_reader', 'read_normalised',
+           'load_annotations']
 
 # %% ../nbs/02_records.ipynb #49d5cb26
 SPLITS = ("train", "val", "test")
@@ -36,8 +39,15 @@ class Record:
         return d
 
 # %% ../nbs/02_records.ipynb #f5e25c7f
+PID_RANGE = (-2**63, 2**63 - 1)  # identity ids become int64 tensors
+
+def valid_pid(pid) -> bool:
+    "Whether `pid` is an integer (not a bool) that fits an int64."
+    return isinstance(pid, int) and not isinstance(pid, bool) and PID_RANGE[0] <= pid <= PID_RANGE[1]
+
 def _where(source, i, image=None) -> str:
-    return f"{source}, entry {i}" + (f" ({image})" if image else "")
+    img = str(image) if image else ""
+    return f"{source}, entry {i}" + (f" ({img[:120]}{'...' if len(img) > 120 else ''})" if img else "")
 
 def check_record(d: dict, source: str, i: int) -> Record:
     "Validate the normalised entry `d` (number `i` of `source`) and return it as a `Record`."
@@ -53,20 +63,23 @@ def check_record(d: dict, source: str, i: int) -> Record:
     w = _where(source, i, image)
     if not isinstance(image, str) or not image.strip():
         raise TBPSError(f"{w}: 'image' must be a non-empty relative path")
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        raise TBPSError(f"{w}: 'pid' must be an integer, got {pid!r}")
+    check_relative_path(image, f"{w}: 'image'")
+    if not valid_pid(pid):
+        raise TBPSError(f"{w}: 'pid' must be an integer between {PID_RANGE[0]} and {PID_RANGE[1]}, got {str(pid)[:40]}")
     if split not in SPLITS:
         raise TBPSError(f"{w}: 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
     if not isinstance(caps, list) or not caps:
         raise TBPSError(f"{w}: 'captions' must be a non-empty list of strings")
     for j, c in enumerate(caps):
         if not isinstance(c, str) or not c.strip():
-            raise TBPSError(f"{w}: caption {j} is empty or not a string: {c!r}")
+            raise TBPSError(f"{w}: caption {j} is empty or not a string: {c!r:.80}")
+        if not clean_caption(c, 1):  # e.g. '...': training would see an empty text
+            raise TBPSError(f"{w}: caption {j} has no words once cleaned: {c!r:.80}")
     if not isinstance(bt, list) or (bt and len(bt) != len(caps)):
-        raise TBPSError(f"{w}: 'captions_bt' must be a list parallel to 'captions' ({len(caps)} entries), got {bt!r}")
+        raise TBPSError(f"{w}: 'captions_bt' must be a list parallel to 'captions' ({len(caps)} entries), got {bt!r:.80}")
     for j, c in enumerate(bt):
-        if not isinstance(c, str) or not c.strip():
-            raise TBPSError(f"{w}: back-translated caption {j} is empty or not a string: {c!r}")
+        if not isinstance(c, str) or not c.strip() or not clean_caption(c, 1):
+            raise TBPSError(f"{w}: back-translated caption {j} is empty, not a string or has no words once cleaned: {c!r:.80}")
     return Record(image=image, pid=pid, captions=list(caps), split=split, captions_bt=list(bt))
 
 # %% ../nbs/02_records.ipynb #9d762d86
@@ -111,11 +124,7 @@ def write_annotations(path, records, image_root, dataset: str = "", meta: dict |
 def read_annotations(path) -> Annotations:
     "Read and validate a normalised annotation file; errors name the file and the entry."
     path = Path(path)
-    if not path.is_file():
-        raise TBPSError(f"{path}: annotation file not found")
-    try: d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TBPSError(f"{path}: not valid JSON: {e}") from None
+    d = read_json(path, "annotation file")
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise TBPSError(f"{path}: not a tbps-clip annotation file (expected an object with format={FORMAT!r}); "
                         "raw dataset files are read with `tbps-clip prep` / the dataset readers")
@@ -123,16 +132,23 @@ def read_annotations(path) -> Annotations:
         raise TBPSError(f"{path}: annotation format version {d.get('version')!r} is not supported (expected {FORMAT_VERSION})")
     if not isinstance(d.get("records"), list):
         raise TBPSError(f"{path}: 'records' must be a list")
+    for k, t in (("image_root", str), ("dataset", str), ("meta", dict)):
+        if d.get(k) is not None and not isinstance(d[k], t):
+            raise TBPSError(f"{path}: '{k}' must be a {'string' if t is str else 'JSON object'}, got {str(d[k])[:60]}")
+    if "\x00" in (d.get("image_root") or ""):
+        raise TBPSError(f"{path}: 'image_root' contains a NUL character")
     recs = [check_record(e, str(path), i) for i, e in enumerate(d["records"])]
     root = Path(d.get("image_root") or ".")
     root = root if root.is_absolute() else (path.parent / root)
-    ann = Annotations(records=recs, image_root=root.resolve(), dataset=d.get("dataset", ""), meta=d.get("meta") or {}, source=str(path))
+    try: root = root.resolve()
+    except (OSError, RuntimeError) as e: raise TBPSError(f"{path}: 'image_root' {str(root)[:200]!r} cannot be resolved ({e})") from None
+    ann = Annotations(records=recs, image_root=root, dataset=d.get("dataset") or "", meta=d.get("meta") or {}, source=str(path))
     check_annotations(ann)
     return ann
 
 def check_annotations(ann: Annotations) -> None:
-    "Dataset-level checks: no duplicate images, and no identity in two splits."
-    dup = [k for k, n in Counter(r.image for r in ann.records).items() if n > 1]
+    "Dataset-level checks: no duplicate images (`a/x.jpg` and `a//x.jpg` are one image), and no identity in two splits."
+    dup = [k for k, n in Counter(posixpath.normpath(r.image.replace("\\", "/")) for r in ann.records).items() if n > 1]
     if dup:
         raise TBPSError(f"{ann.source}: {len(dup)} image(s) appear in more than one entry, e.g. {dup[:3]}")
     splits_of = {}
