@@ -68,15 +68,24 @@ def check_identity(expected: dict, found: dict, source: str) -> None:
                         "Set model.arch / data.image_size / model.context_length to match it.")
 
 def load_state_strict(model: TBPSModel, sd: dict, source: str) -> None:
-    "Load `sd` into `model`, listing missing, unexpected and mis-shaped keys in the error."
+    "Load `sd` into `model`, naming another vocabulary and listing missing, unexpected, non-tensor and mis-shaped keys."
+    if not isinstance(sd, dict):
+        raise TBPSError(f"{source}: the weights are a {type(sd).__name__}, not a dict of tensors")
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def few(xs): return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
-        parts = [f"{len(missing)} missing: {few(missing)}" if missing else "",
+    unexpected = sorted(set(sd) - set(own), key=str)
+    odd = [str(k) for k in own if k in sd and not isinstance(sd[k], torch.Tensor)]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].shape != own[k].shape]
+    if missing or unexpected or odd or shapes:
+        def few(xs): return ", ".join(map(str, xs[:5])) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+        emb = "clip.token_embedding.weight"  # a checkpoint trained with another tokenizer: say so plainly
+        vocab = (f"vocabulary: the checkpoint has {sd[emb].shape[0]} tokens, the model's tokenizer {own[emb].shape[0]}"
+                 if emb in own and isinstance(sd.get(emb), torch.Tensor) and sd[emb].ndim == 2
+                 and sd[emb].shape[0] != own[emb].shape[0] else "")
+        parts = [vocab, f"{len(missing)} missing: {few(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected: {few(unexpected)}" if unexpected else "",
+                 f"{len(odd)} not tensors: {few(odd)}" if odd else "",
                  f"{len(shapes)} with other shapes: {few(shapes)}" if shapes else ""]
         raise TBPSError(f"{source}: weights do not match the model: " + "; ".join(p for p in parts if p))
     model.load_state_dict(sd)
@@ -90,7 +99,7 @@ def synthclip_path(arch: str = "tbps-tiny") -> Path:
 
 def tower_state(sd: dict) -> dict:
     "The two towers' weights of a state dict: training-only heads (`heads.*`) are left out, as each run makes its own."
-    return {k: v for k, v in sd.items() if not k.startswith("heads.")}
+    return {k: v for k, v in sd.items() if not str(k).startswith("heads.")}
 
 # A weight loader: (model, loaded object, source path) -> True if it recognised and loaded the object.
 WEIGHT_LOADERS: list[Callable] = []
@@ -99,7 +108,10 @@ def load_weights(model: TBPSModel, path, trust: bool = False) -> None:
     "Load the weights in `path` into `model` (project format, or any format a registered loader knows)."
     obj = read_checkpoint_file(path, trust=trust)
     if is_project_checkpoint(obj):
-        check_identity(model.identity(), obj.get("identity") or {}, str(path))
+        ident = obj.get("identity")
+        check_identity(model.identity(), ident if isinstance(ident, dict) else {}, str(path))
+        if not isinstance(obj.get("model"), dict):
+            raise TBPSError(f"{path}: a tbps-clip checkpoint without its weights ('model' is {type(obj.get('model')).__name__})")
         load_state_strict(model, tower_state(obj["model"]), str(path))
         return
     for loader in WEIGHT_LOADERS:

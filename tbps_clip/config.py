@@ -33,6 +33,7 @@ class DataConfig:
     eval_batch_size: int = 256  # images or captions per encoding batch at evaluation
     num_workers: int = 0  # data-loader worker processes (0 = load in the main process)
     max_words: int = 77  # captions are truncated to this many words before tokenising
+    skip_bad_images: bool = False  # leave out training images that cannot be read (counted in the log and record) instead of stopping with the path
 
 @dataclass
 class ModelConfig:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import io
 import json
 import os
 import platform
 import random
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -55,13 +57,29 @@ def _fsync_dir(folder: Path) -> None:
     except OSError: pass
     finally: os.close(fd)
 
+def _alive(pid: int) -> bool:
+    "Whether process `pid` exists on this machine."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def _remove_stale_temps(path: Path) -> None:
+    "Delete temporary files of `path` left by writers that were killed (their process no longer exists)."
+    pat = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[a-z0-9_]+\.tmp")
+    for t in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = pat.fullmatch(t.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError): t.unlink()
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     "Write `data` to `path` atomically (temp file in the same folder, fsync, rename); OSErrors become TBPSErrors."
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _remove_stale_temps(path)  # a killed writer leaves its temporary file: remove it before writing again
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)

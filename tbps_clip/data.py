@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -24,22 +26,37 @@ from .text import clean_caption, tokenize
 
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'NORMALIZE', 'TRAIN_TRANSFORMS', 'CaptionAug', 'load_image', 'normalize_transform',
-           'test_transform', 'train_transform', 'reindex_pids', 'TrainPairs', 'ImageSet', 'EvalSplit', 'eval_split',
-           'EpochSampler', 'collate', 'worker_init']
+           'test_transform', 'train_transform', 'reindex_pids', 'readable_records', 'TrainPairs', 'ImageSet',
+           'EvalSplit', 'eval_split', 'EpochSampler', 'collate', 'worker_init']
 
 # %% ../nbs/05_data.ipynb #85e06f7e
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well above any person crop
 
+def _to_rgb(im: Image.Image, path) -> Image.Image:
+    "RGB of a loaded image; 16/32-bit integer greys are scaled (not clipped) to 8 bits."
+    if im.mode.startswith("I"):  # 'I;16', 'I;16B', 'I;16L', 'I' (16-bit PNGs open as one of these)
+        a = np.asarray(im.convert("I") if im.mode != "I" else im, dtype=np.int64)
+        a = np.clip(a, 0, 65535) >> 8  # the 16-bit range, as 16-bit files use it
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        raise TBPSError(f"{path}: floating-point image (mode F): its value range is unknown; save it as 8-bit")
+    return im.convert("RGB")
+
 def load_image(path) -> Image.Image:
     "Open `path` as an RGB PIL image, or raise a TBPSError naming the file and what is wrong."
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise TBPSError(f"{path}: not a regular file")
+        if st.st_size == 0:
+            raise TBPSError(f"{path}: cannot read image (the file is empty)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise TBPSError(f"{path}: image is {im.width}x{im.height}, larger than the {MAX_IMAGE_PIXELS:,}-pixel limit")
                 im.load()
-                return im.convert("RGB")
+                return _to_rgb(im, path)
     except TBPSError: raise
     except FileNotFoundError: raise TBPSError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
@@ -81,13 +98,32 @@ def reindex_pids(records) -> dict:
 # A caption transform takes (caption, back_translation or None, random.Random) and returns a caption.
 CaptionAug = Callable[[str, str | None, random.Random], str]
 
+def readable_records(ann: Annotations, records) -> tuple:
+    "(records whose image loads, [(image, reason)] of those that do not): decodes every image once."
+    good, bad = [], []
+    for r in records:
+        try: load_image(ann.image_path(r))
+        except TBPSError as e: bad.append((r.image, str(e)))
+        else: good.append(r)
+    if bad:
+        warnings.warn(f"{ann.source}: skipped {len(bad)} unreadable image(s) of {len(records)} (data.skip_bad_images), "
+                      f"e.g. {bad[0][1]}", stacklevel=2)
+    return good, bad
+
 class TrainPairs(Dataset):
     "(image, caption) pairs of one split with seeded per-item randomness."
     def __init__(self, ann: Annotations, split: str = "train", transform: Callable | None = None,
-                 caption_aug: CaptionAug | None = None, context_length: int = 77, max_words: int = 77, seed: int = 0):
+                 caption_aug: CaptionAug | None = None, context_length: int = 77, max_words: int = 77, seed: int = 0,
+                 skip_bad_images: bool = False):
         self.ann, self.records = ann, ann.split(split)
         if not self.records:
             raise TBPSError(f"{ann.source}: split {split!r} has no records")
+        self.skipped: list = []  # (image, reason) of the records left out by skip_bad_images
+        if skip_bad_images:
+            self.records, self.skipped = readable_records(ann, self.records)
+            if not self.records:
+                raise TBPSError(f"{ann.source}: none of the {len(self.skipped)} images of split {split!r} can be read, "
+                                f"e.g. {self.skipped[0][1]}")
         self.pid_index = reindex_pids(self.records)
         self.pairs = [(ri, ci) for ri, r in enumerate(self.records) for ci in range(len(r.captions))]
         self.transform = transform or test_transform((224, 224))
@@ -129,6 +165,8 @@ class TrainPairs(Dataset):
             for name, fn in self.text_fields.items():
                 out.update(fn(out["text"], random.Random(derive_seed(s, name))))
         return out
+
+
 
 # %% ../nbs/05_data.ipynb #253e2df4
 class ImageSet(Dataset):

@@ -64,14 +64,17 @@ def run_log(cfg: Config, rank: int = 0):
     path = Path(cfg.out_dir) / "log.txt"
     def log(msg: str) -> None:
         if rank != 0: return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f: f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f: f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        except OSError as e:  # a full disk, a read-only folder, a file where the run folder should be
+            raise TBPSError(f"{path}: cannot write the run log ({e.strerror or e})") from None
     return log
 
 def train_dataset(cfg: Config, ann: Annotations, context_length: int) -> TrainPairs:
     "The training pairs of `cfg`, with its image and text augmentation and the extra views its losses need."
     ds = TrainPairs(ann, "train", train_transform(cfg), context_length=context_length,
-                    max_words=cfg.data.max_words, seed=cfg.train.seed)
+                    max_words=cfg.data.max_words, seed=cfg.train.seed, skip_bad_images=cfg.data.skip_bad_images)
     return configure_pairs(ds, cfg)
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, callbacks=(), zero_shot: bool = False) -> dict:
@@ -99,6 +102,8 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
         f"{'on' if ds.caption_aug else 'off'}" + (f" (synonyms from {synonyms})" if synonyms else "")
         + f"; heads {', '.join(model.heads) or 'none'}; extra views {', '.join([*ds.extra_views, *ds.extra_texts, *ds.text_fields]) or 'none'}"
         + (f"; gradient caching, chunk {cfg.train.grad_cache_chunk}" if cfg.train.grad_cache_chunk else ""))
+    if ds.skipped: log(f"skipped {len(ds.skipped)} unreadable training image(s) (data.skip_bad_images): "
+                       + "; ".join(why for _, why in ds.skipped[:5]))
     ev = lambda split: (lambda m: evaluate(m, ann, split, cfg.data, cfg.eval.chunk_size, precision=cfg.train.precision))
     zs = ev(cfg.eval.split)(model.to(resolve_device(cfg.train.device))) if zero_shot and main else None
     val = cfg.eval.val_split if cfg.eval.val_split and ann.split(cfg.eval.val_split) else None
@@ -114,7 +119,7 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
                      val_history=trainer.history["eval"], steps=trainer.step,
                      train_seconds=round(getattr(trainer, "train_seconds", 0.0), 2),
                      train_pairs=len(ds), train_ids=ds.num_classes, world_size=di.world_size,
-                     text_synonyms=synonyms)
+                     text_synonyms=synonyms, skipped_images=dict(count=len(ds.skipped), examples=[i for i, _ in ds.skipped[:20]]))
     atomic_write_json(Path(cfg.out_dir) / "results.json", rec)
     return rec
 

@@ -20,12 +20,13 @@ from .core import TBPSError
 from .search import Encoder, GalleryIndex
 
 # %% auto #0
-__all__ = ['MAX_QUERY_CHARS', 'MAX_PER_PAGE', 'PAGE', 'SCRIPT', 'RequestError', 'SearchApp', 'Handler', 'make_server',
-           'start_in_thread', 'serve']
+__all__ = ['MAX_QUERY_CHARS', 'MAX_PER_PAGE', 'REQUEST_TIMEOUT_S', 'PAGE', 'SCRIPT', 'RequestError', 'SearchApp', 'Handler',
+           'make_server', 'start_in_thread', 'serve']
 
 # %% ../nbs/21_serve.ipynb #e97d4b0e
 MAX_QUERY_CHARS = 1000  # a description longer than this is refused (captions are a few dozen words)
 MAX_PER_PAGE = 100
+REQUEST_TIMEOUT_S = 30  # an idle or slow connection is closed after this long
 
 class RequestError(Exception):
     "A request the service refuses, with its HTTP status."
@@ -34,7 +35,7 @@ class RequestError(Exception):
 
 def _int_param(params: dict, name: str, default: int, lo: int, hi: int | None = None) -> int:
     v = params.get(name, str(default))
-    if not re.fullmatch(r"\d{1,9}", v):
+    if not re.fullmatch(r"[0-9]{1,9}", v):  # ASCII digits only: \d would accept other scripts' digits
         raise RequestError(400, f"'{name}' must be a whole number, got {v[:20]!r}")
     v = int(v)
     if v < lo or (hi is not None and v > hi):
@@ -97,7 +98,7 @@ class SearchApp:
     def image(self, name: str, number: str) -> tuple:
         "(bytes, content type) of entry `number` of index `name`."
         name, idx = self._index(name)
-        if not re.fullmatch(r"\d{1,12}", number) or int(number) >= len(idx):
+        if not re.fullmatch(r"[0-9]{1,12}", number) or int(number) >= len(idx):  # one spelling per image
             raise RequestError(404, f"index {name!r} has no image number {number[:20]!r} (it has {len(idx)})")
         try: f = idx.file(int(number))
         except TBPSError as e: raise RequestError(404, str(e)) from None
@@ -186,6 +187,7 @@ class Handler(BaseHTTPRequestHandler):
     "Routes: `/`, `/app.js`, `/api/info`, `/api/search?q=&index=&page=&per_page=`, `/image/<index>/<number>`."
     server_version = "tbps-clip"
     quiet = False
+    timeout = REQUEST_TIMEOUT_S  # seconds a connection may take to send its request
 
     def _send(self, status: int, body: bytes, ctype: str, cache: bool = False):
         self.send_response(status)
