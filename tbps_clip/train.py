@@ -122,6 +122,10 @@ class Trainer:
     def load(self) -> None:
         "Restore model, optimizer, progress and RNG states from `checkpoint.pt`."
         obj = read_checkpoint_file(self.ckpt_path)
+        if not (isinstance(obj, dict) and isinstance(obj.get("optimizer"), dict) and isinstance(obj.get("state"), dict)
+                and "step" in obj["state"]):  # e.g. an exported model copied into the run folder
+            raise TBPSError(f"{self.ckpt_path}: cannot resume from it: it has no optimizer and trainer state "
+                            "(a checkpoint of weights only; start a new run with model.pretrained=<it> instead)")
         check_identity(self.model.identity(), obj.get("identity") or {}, str(self.ckpt_path))
         load_state_strict(self.model, obj["model"], str(self.ckpt_path))
         self.opt.load_state_dict(obj["optimizer"])

@@ -328,3 +328,16 @@ def test_resume_with_another_architecture_is_refused(toy, tmp_path):
     cfg = make_config("clip", micro_overrides(toy, out, **{"train.max_steps": 4, "data.image_size": "[64,32]"}))
     with pytest.raises(TBPSError, match=r"image_size: checkpoint has \[32, 16\], model needs \[64, 32\]"):
         train(cfg, progress=False, resume=True)
+
+
+def test_resume_from_a_weights_only_checkpoint_is_a_clear_error(toy, tmp_path):
+    "A checkpoint without optimizer and trainer state (an exported model) copied into a run folder is not resumable."
+    out = tmp_path / "run"
+    cfg = make_config("clip", micro_overrides(toy, out, **{"train.max_steps": 2, "train.threads": 1}))
+    train(cfg, progress=False)
+    obj = read_checkpoint_file(out / "checkpoint.pt")
+    m = create_model("tbps-micro", (32, 16))
+    m.load_state_dict(obj["model"])
+    save_checkpoint(out / "checkpoint.pt", m, cfg)  # weights and config only
+    with pytest.raises(TBPSError, match=r"checkpoint.pt: cannot resume from it: it has no optimizer and trainer state"):
+        train(cfg, progress=False, resume=True)

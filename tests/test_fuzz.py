@@ -8,6 +8,7 @@ defect accepted) fails the test. The number of generated inputs per test is prin
 """
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -274,6 +275,21 @@ def test_raw_readers_on_any_json(kind, doc):
             assert str(f) in str(e) or str(folder) in str(e)
             return
         assert isinstance(doc, list) and len(ann.records) == len(doc)
+
+
+@pytest.mark.parametrize("kind", ["cuhk-pedes", "icfg-pedes", "rstpreid", "official"])
+@pytest.mark.parametrize("field, value, message", [
+    ("id", 2**64, "'id' must be an integer"), ("path", "lone\ud800.jpg", "cannot be a file name"),
+    ("captions", ["..."], "has no words once cleaned"), ("path", "../../etc/passwd", "leaves the image root"),
+])
+def test_raw_reader_regressions(tmp_path, kind, field, value, message):
+    "Defects the fuzzers found (through the code the readers share), pinned for every raw format."
+    pf = "file_path" if kind == "official" else FORMATS[kind].path_field
+    e = {"id": 1, "captions": ["a man in a red coat"], pf: "a.jpg", **({} if kind == "official" else {"split": "train"})}
+    e[pf if field == "path" else field] = value
+    write_raw(tmp_path, kind, [e], ["train"])
+    with pytest.raises(TBPSError, match=rf"entry 0 .*{re.escape(message)}"):
+        read_dataset(kind, tmp_path)
 
 
 # --- the caption pipeline ----------------------------------------------------------------------------------------

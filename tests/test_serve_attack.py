@@ -3,6 +3,7 @@ connections, and a bounded concurrent load generator mixing good and bad request
 answers correctly."""
 import json
 import random
+import re
 import socket
 import time
 import urllib.parse
@@ -28,6 +29,10 @@ def raw(site, data: bytes, read_timeout: float = 30.0) -> bytes:
 
 
 def status_of(answer: bytes) -> int:
+    "The status of a raw answer; an HTTP/0.9-style answer (no status line) gives the code its error page names."
+    if not answer.startswith(b"HTTP/"):
+        m = re.search(rb"Error code: (\d{3})", answer)
+        return int(m.group(1)) if m else -1
     line = answer.split(b"\r\n", 1)[0].split()
     return int(line[1]) if len(line) > 1 and line[1].isdigit() else -1
 
