@@ -106,7 +106,8 @@ def create_model(arch: str, image_size=None, context_length: int = 0, quick_gelu
                  device: str = "cpu") -> TBPSModel:
     "A randomly initialised TBPSModel of open_clip architecture `arch` for `image_size` (h, w) inputs (device 'meta': shapes only)."
     cfg = arch_config(arch)
-    image_size = tuple(image_size or cfg["vision_cfg"]["image_size"])
+    own = cfg["vision_cfg"]["image_size"]
+    image_size = tuple(image_size or ((own, own) if isinstance(own, int) else own))  # open_clip's configs say 224 for square
     if isinstance(image_size, int) or len(image_size) != 2:
         raise TBPSError(f"image_size must be (height, width), got {image_size!r}")
     ps = cfg["vision_cfg"].get("patch_size", 16)
