@@ -21,6 +21,8 @@ from tbps_clip.run import evaluate_checkpoint, prepare_model, train
 from tbps_clip.text import tokenize
 from tbps_clip.train import Trainer
 
+from test_train import Crash
+
 W = 32  # the micro architecture's width (both towers) and embedding size
 
 
@@ -125,6 +127,18 @@ def test_probe_trains_only_itself_saves_and_evaluates(toy, tmp_path, base, probe
     # strict loading rebuilds the probe from the checkpoint's identity, then loads it; evaluation reproduces the run
     ev = evaluate_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
     assert ev["metrics"]["R@1"] == rec["metrics"]["R@1"] and ev["metrics"]["mAP"] == rec["metrics"]["mAP"]
+
+
+@pytest.mark.parametrize("extra", [{"model.probe": "coop"}, {"model.drop_text_layers": [1], "train.freeze_text_layers": [0]}])
+def test_edited_runs_resume_exactly(toy, tmp_path, base, extra):
+    over = {"model.pretrained": str(base), "train.max_steps": 6, "train.ckpt_every": 2, "trick.text_dropout": 0.1, **extra}
+    train(micro("clip", toy, tmp_path / "full", **over), progress=False)
+    cfg = micro("clip", toy, tmp_path / "cut", **over)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, callbacks=[Crash(3)])
+    train(cfg, progress=False, resume=True)
+    wf, wr = state(tmp_path / "full" / "checkpoint.pt"), state(tmp_path / "cut" / "checkpoint.pt")
+    assert set(wf) == set(wr) and all(torch.equal(wf[k], wr[k]) for k in wf)
 
 
 def test_probe_settings_must_match_the_checkpoint(toy, tmp_path, base):
