@@ -250,7 +250,7 @@ def test_criticality_needs_the_drop_to_stay_under_eps():
     drops = {0.0: 1.0, 0.25: 5.0, 0.5: 2.99, 0.75: 0.5}  # not monotone: alpha 0 passes, 0.25 does not
 
     def toy(model):
-        p = module_parameters(model, ref)[w]
+        p = module_parameters(model, ref)[w].detach()
         a = round(float((p / trained)[trained.abs() > 1e-3].mean()), 6)
         return 50.0 - drops.get(a, 0.0)
 
