@@ -109,7 +109,11 @@ def load_weights(model: TBPSModel, path, trust: bool = False) -> None:
     obj = read_checkpoint_file(path, trust=trust)
     if is_project_checkpoint(obj):
         ident = obj.get("identity")
-        check_identity(model.identity(), ident if isinstance(ident, dict) else {}, str(path))
+        ident = ident if isinstance(ident, dict) else {}
+        if ident.get("edits"):  # an edited model (dropped layers, a probe): rebuild its structure first
+            from tbps_clip.probes import apply_edits  # imported here: the probes build on this module's neighbours
+            apply_edits(model, ident["edits"], str(path))
+        check_identity(model.identity(), ident, str(path))
         if not isinstance(obj.get("model"), dict):
             raise TBPSError(f"{path}: a tbps-clip checkpoint without its weights ('model' is {type(obj.get('model')).__name__})")
         load_state_strict(model, tower_state(obj["model"]), str(path))
@@ -121,7 +125,18 @@ def load_weights(model: TBPSModel, path, trust: bool = False) -> None:
                     + (", nor one of the registered formats" if WEIGHT_LOADERS else "") + ")")
 
 def build_model(cfg: Config, trust: bool = False) -> TBPSModel:
-    "The model `cfg.model` describes, with its weights loaded."
+    "The model `cfg.model` describes, with its weights loaded and its structural edits applied."
+    from tbps_clip.probes import apply_edits, config_edits
+    model, want = _initial_model(cfg, trust), config_edits(cfg.model)
+    src = f"model.pretrained={cfg.model.pretrained}"
+    extra = [k for k in model.edits if k not in want]
+    if extra:
+        raise TBPSError(f"{src}: the checkpoint's model has {', '.join(f'{k} {model.edits[k]!r}' for k in extra)}, which "
+                        "the config does not ask for; set model.drop_text_layers / model.probe to match (its saved config has them)")
+    return apply_edits(model, want, src)
+
+def _initial_model(cfg: Config, trust: bool = False) -> TBPSModel:
+    "The model of `cfg.model` with the configured weights loaded, before the config's edits."
     m = cfg.model
     model = create_model(m.arch, cfg.data.image_size, m.context_length, m.quick_gelu)
     src = m.pretrained

@@ -34,6 +34,8 @@ class DataConfig:
     num_workers: int = 0  # data-loader worker processes (0 = load in the main process)
     max_words: int = 77  # captions are truncated to this many words before tokenising
     skip_bad_images: bool = False  # leave out training images that cannot be read (counted in the log and record) instead of stopping with the path
+    fewshot: float = 0.0  # train on this fraction of the training identities (all their images and captions); 0 = all
+    fewshot_seed: int = 0  # seed of the few-shot identity draw (the subsets of one seed are nested: 1% within 5% within 10%)
 
 @dataclass
 class ModelConfig:
@@ -42,6 +44,12 @@ class ModelConfig:
     pretrained: str = "synthclip"  # 'synthclip' (embedded small CLIP), 'none', a checkpoint path, or an open_clip tag
     context_length: int = 0  # text tokens; 0 keeps the architecture's own
     quick_gelu: bool = False  # QuickGELU activations, as OpenAI's CLIP weights need
+    probe: str = "none"  # a frozen-backbone probe: 'none', 'coop' (learned prompt) or 'adapter' (CLIP-Adapter on image features)
+    coop_init: str = "a pedestrian photo of"  # CoOp: the words whose token embeddings initialise the context vectors ('' = random init)
+    coop_n_ctx: int = 0  # CoOp: number of context vectors; 0 = as many as `coop_init` has tokens
+    adapter_alpha: float = 0.4  # CLIP-Adapter: residual ratio, features = alpha * adapter(f) + (1 - alpha) * f
+    adapter_reduction: int = 4  # CLIP-Adapter: hidden width = embed_dim // reduction
+    drop_text_layers: tuple = ()  # text-tower residual layers (0-based) removed after loading the weights (compression)
 
 @dataclass
 class AugConfig:
@@ -141,6 +149,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads for PyTorch (0 = leave PyTorch's choice)
     grad_cache_chunk: int = 0  # >0: gradient caching, encode this many samples at a time (same gradients, bounded memory)
     dist_backend: str = "auto"  # torchrun runs: 'auto' (NCCL on CUDA, gloo on the CPU), 'nccl' or 'gloo'
+    freeze_text_layers: tuple = ()  # text-tower residual layers (0-based, as in the full model) kept frozen (compression)
 
 @dataclass
 class EvalConfig:

@@ -58,7 +58,7 @@ def encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     if not _trimmable(clip):
         return clip.encode_text(tokens)
     eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
-    n = int(eot.max()) + 1
+    n = min(int(eot.max()) + 1 + getattr(clip, "prompt_tokens", 0), tokens.shape[1])
     cast = clip.transformer.get_cast_dtype()
     x = clip.token_embedding(tokens[:, :n]).to(cast) + clip.positional_embedding[:n].to(cast)
     x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
@@ -74,6 +74,7 @@ class TBPSModel(nn.Module):
         super().__init__()
         self.clip, self.arch, self.image_size, self.context_length = clip, arch, tuple(image_size), context_length
         self.heads = nn.ModuleDict()  # training-only heads (SS projections, ID classifier, MLM); unused at inference
+        self.edits: dict = {}  # structural edits applied to this model (name -> JSON-ready settings), in order
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         "Normalised image features (B, D)."
@@ -98,12 +99,15 @@ class TBPSModel(nn.Module):
 
     def identity(self) -> dict:
         "What a checkpoint or an index must agree on to be used with this model."
-        return dict(arch=self.arch, image_size=list(self.image_size), context_length=self.context_length, embed_dim=self.embed_dim)
+        ident = dict(arch=self.arch, image_size=list(self.image_size), context_length=self.context_length, embed_dim=self.embed_dim)
+        return {**ident, "edits": self.edits} if self.edits else ident
 
-def create_model(arch: str, image_size=None, context_length: int = 0, quick_gelu: bool = False) -> TBPSModel:
-    "A randomly initialised TBPSModel of open_clip architecture `arch` for `image_size` (h, w) inputs."
+def create_model(arch: str, image_size=None, context_length: int = 0, quick_gelu: bool = False,
+                 device: str = "cpu") -> TBPSModel:
+    "A randomly initialised TBPSModel of open_clip architecture `arch` for `image_size` (h, w) inputs (device 'meta': shapes only)."
     cfg = arch_config(arch)
-    image_size = tuple(image_size or cfg["vision_cfg"]["image_size"])
+    own = cfg["vision_cfg"]["image_size"]
+    image_size = tuple(image_size or ((own, own) if isinstance(own, int) else own))  # open_clip's configs say 224 for square
     if isinstance(image_size, int) or len(image_size) != 2:
         raise TBPSError(f"image_size must be (height, width), got {image_size!r}")
     ps = cfg["vision_cfg"].get("patch_size", 16)
@@ -112,7 +116,7 @@ def create_model(arch: str, image_size=None, context_length: int = 0, quick_gelu
     ctx = context_length or cfg["text_cfg"].get("context_length", 77)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns 'no pretrained weights'
     clip = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick_gelu,
-                                  force_context_length=ctx)
+                                  force_context_length=ctx, device=device)
     return TBPSModel(clip, arch, image_size, ctx)
 
 # %% ../nbs/06_model.ipynb #e83e623c

@@ -19,7 +19,8 @@ from .data import TrainPairs, train_transform
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
 from .evaluate import evaluate
 from .heads import attach_heads
-from .model import TBPSModel, lock_patch_embedding, set_text_attention_dropout
+from .model import TBPSModel, set_text_attention_dropout
+from .probes import apply_freezes, count_parameters, fewshot_subset
 from .pretrain import ensure_synthclip
 from .records import Annotations, load_annotations
 from .train import SoftLabels, Trainer
@@ -45,8 +46,7 @@ def prepare_model(cfg: Config, trust: bool = False) -> TBPSModel:
         ensure_synthclip(cfg.model.arch)
     model = build_model(cfg, trust=trust)
     if cfg.trick.text_dropout: set_text_attention_dropout(model, cfg.trick.text_dropout)
-    if cfg.trick.lock_patch_embed: lock_patch_embedding(model)
-    return model
+    return apply_freezes(model, cfg)  # LockBL and train.freeze_text_layers
 
 def set_threads(cfg: Config) -> None:
     "Apply `train.threads` (0 leaves PyTorch's default)."
@@ -72,9 +72,13 @@ def run_log(cfg: Config, rank: int = 0):
     return log
 
 def train_dataset(cfg: Config, ann: Annotations, context_length: int) -> TrainPairs:
-    "The training pairs of `cfg`, with its image and text augmentation and the extra views its losses need."
+    "The training pairs of `cfg` (its few-shot subset if `data.fewshot`), with its augmentation and the extra views its losses need."
+    fewshot = None
+    if cfg.data.fewshot:  # the drawn identities with all their pairs; `ds.fewshot` reports what was kept
+        ann, fewshot = fewshot_subset(ann, cfg.data.fewshot, cfg.data.fewshot_seed)
     ds = TrainPairs(ann, "train", train_transform(cfg), context_length=context_length,
                     max_words=cfg.data.max_words, seed=cfg.train.seed, skip_bad_images=cfg.data.skip_bad_images)
+    ds.fewshot = fewshot
     return configure_pairs(ds, cfg)
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, callbacks=(), zero_shot: bool = False) -> dict:
@@ -101,9 +105,13 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
         f"({len(ds)} pairs, {ds.num_classes} ids); image aug {cfg.aug.image}; text aug "
         f"{'on' if ds.caption_aug else 'off'}" + (f" (synonyms from {synonyms})" if synonyms else "")
         + f"; heads {', '.join(model.heads) or 'none'}; extra views {', '.join([*ds.extra_views, *ds.extra_texts, *ds.text_fields]) or 'none'}"
-        + (f"; gradient caching, chunk {cfg.train.grad_cache_chunk}" if cfg.train.grad_cache_chunk else ""))
+        + (f"; gradient caching, chunk {cfg.train.grad_cache_chunk}" if cfg.train.grad_cache_chunk else "")
+        + (f"; few-shot {ds.fewshot['fraction']:g} of the training identities (seed {ds.fewshot['seed']}): "
+           f"{ds.fewshot['ids']} of {ds.fewshot['of_ids']} ids" if ds.fewshot else "")
+        + (f"; model edits {model.edits}" if model.edits else ""))
     if ds.skipped: log(f"skipped {len(ds.skipped)} unreadable training image(s) (data.skip_bad_images): "
                        + "; ".join(why for _, why in ds.skipped[:5]))
+    params = count_parameters(model)
     ev = lambda split: (lambda m: evaluate(m, ann, split, cfg.data, cfg.eval.chunk_size, precision=cfg.train.precision))
     zs = ev(cfg.eval.split)(model.to(resolve_device(cfg.train.device))) if zero_shot and main else None
     val = cfg.eval.val_split if cfg.eval.val_split and ann.split(cfg.eval.val_split) else None
@@ -119,7 +127,8 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
                      val_history=trainer.history["eval"], steps=trainer.step,
                      train_seconds=round(getattr(trainer, "train_seconds", 0.0), 2),
                      train_pairs=len(ds), train_ids=ds.num_classes, world_size=di.world_size,
-                     text_synonyms=synonyms, skipped_images=dict(count=len(ds.skipped), examples=[i for i, _ in ds.skipped[:20]]))
+                     text_synonyms=synonyms, skipped_images=dict(count=len(ds.skipped), examples=[i for i, _ in ds.skipped[:20]]),
+                     fewshot=ds.fewshot, parameters=params, model_edits=model.edits or None)
     atomic_write_json(Path(cfg.out_dir) / "results.json", rec)
     return rec
 
