@@ -685,13 +685,13 @@ def load_sweep(path) -> dict:
             raise TBPSError(f"{path}: notebooks entry {i + 1} must be a name or {{notebook: name, params: {{...}}}}")
         runs.append((str(item["notebook"]), dict(item.get("params") or {})))
     if not isinstance(spec.get("params", {}), dict): raise TBPSError(f"{path}: 'params' must be a mapping")
+    nb_dir = Path(spec.get("notebooks_dir", ".."))  # relative to the sweep file: experiments/params/x.yaml -> experiments/
     return dict(out=spec.get("out", "results/sweep"), params=dict(spec.get("params") or {}), runs=runs,
-                notebooks_dir=spec.get("notebooks_dir", "experiments"), about=spec.get("about", ""))
+                notebooks_dir=nb_dir if nb_dir.is_absolute() else path.parent / nb_dir, about=spec.get("about", ""))
 
 def _notebook_file(nb_dir: Path, name: str) -> Path:
     p = Path(name)
-    if p.suffix != ".ipynb": p = p.with_suffix(".ipynb")
-    return p if p.is_absolute() or p.exists() else nb_dir / p
+    return p if p.is_absolute() else nb_dir / (p if p.suffix == ".ipynb" else p.with_suffix(".ipynb"))
 
 def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, cwd=None, timeout: int | None = None,
               log=print) -> list:
@@ -701,6 +701,8 @@ def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, c
     nb_dir = Path(spec["notebooks_dir"])
     runs = [(n, p) for n, p in spec["runs"] if not only or n in only or Path(n).stem in only]
     if only and not runs: raise TBPSError(f"{path}: none of {', '.join(only)} is in its notebooks list")
+    missing = [str(_notebook_file(nb_dir, n)) for n, _ in runs if not _notebook_file(nb_dir, n).is_file()]
+    if missing: raise TBPSError(f"{path}: notebook(s) not found: {', '.join(missing)} (notebooks_dir {nb_dir})")
     _log(out, f"sweep {path}: {len(runs)} notebook(s)")
     results = []
     for name, p in runs:
