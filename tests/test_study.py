@@ -274,3 +274,31 @@ def test_study_module_imports_without_dev_tools():
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["cuhk-pedes-paper", "icfg-pedes-paper", "rstpreid-paper"])
+def test_paper_parameter_files_give_the_papers_recipe(name):
+    "Every run a paper-scale file asks for resolves to the paper's settings, with real data and OpenAI weights."
+    from tbps_clip.config import make_config
+    from tbps_clip.study import batch_size_rows, e06_rows, load_sweep, select_rows
+    spec = load_sweep(ROOT / "experiments" / "params" / f"{name}.yaml")
+    n = 0
+    for nb, p in spec["runs"]:
+        if nb == "e99_report": continue
+        q = {**spec["params"], **p}
+        base = {**scale_overrides(q["scale"], q["dataset"], q["root"], q["arch"], q["weights"], q["steps"]), **q["overrides"]}
+        exp = nb.split("_")[0]
+        rows = (e06_rows(["clip", "tbps", "simplified"], q["backbones"]) if exp == "e06"
+                else batch_size_rows(q["batch"], 0) if exp == "e12" else select_rows(exp, q.get("rows")))
+        for row, (preset, ov) in rows.items():
+            cfg = make_config(preset, {**base, **ov})
+            n += 1
+            assert (cfg.train.epochs, cfg.train.max_steps, cfg.optim.lr, cfg.optim.warmup_lr, cfg.optim.min_lr) == (5, 0, 1e-4, 1e-6, 5e-6)
+            assert cfg.data.image_size == (224, 224) and cfg.data.normalize == "imagenet" and cfg.model.context_length == 77
+            assert cfg.model.quick_gelu and cfg.model.pretrained == f"/weights/{cfg.model.arch}.pt"
+            assert cfg.data.dataset == "annotations" and cfg.data.annotations.startswith("/data/") and cfg.train.precision == "amp"
+            assert cfg.data.batch_size * q["nproc"] == (160 if row == "half" else 320)
+            assert cfg.train.grad_cache_chunk in (0, 80, 160)
+            if exp in ("e01", "e02", "e03", "e04", "e05"): assert cfg.model.arch == "ViT-B-32"  # the paper's ablations
+            if exp in ("e07", "e12"): assert cfg.model.arch == "ViT-B-16"
+    assert n >= 6
