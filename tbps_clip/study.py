@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import statistics
 import time
 import traceback
@@ -687,7 +688,7 @@ def load_sweep(path) -> dict:
     if not isinstance(spec.get("params", {}), dict): raise TBPSError(f"{path}: 'params' must be a mapping")
     nb_dir = Path(spec.get("notebooks_dir", ".."))  # relative to the sweep file: experiments/params/x.yaml -> experiments/
     return dict(out=spec.get("out", "results/sweep"), params=dict(spec.get("params") or {}), runs=runs,
-                notebooks_dir=nb_dir if nb_dir.is_absolute() else path.parent / nb_dir, about=spec.get("about", ""))
+                notebooks_dir=nb_dir if nb_dir.is_absolute() else Path(os.path.normpath(path.parent / nb_dir)), about=spec.get("about", ""))
 
 def _notebook_file(nb_dir: Path, name: str) -> Path:
     p = Path(name)

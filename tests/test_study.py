@@ -302,3 +302,13 @@ def test_paper_parameter_files_give_the_papers_recipe(name):
             if exp in ("e01", "e02", "e03", "e04", "e05"): assert cfg.model.arch == "ViT-B-32"  # the paper's ablations
             if exp in ("e07", "e12"): assert cfg.model.arch == "ViT-B-16"
     assert n >= 6
+
+
+@pytest.mark.slow
+def test_run_once_with_several_processes_goes_through_torchrun(tmp_path):
+    "nproc > 1 (the paper scale on several GPUs) starts torchrun; here 2 CPU processes with gloo."
+    ov = {**scale_overrides("smoke"), "trick.global_grad": True}
+    r = run_once("e01", "global_grad", "clip", ov, 0, "smoke", tmp_path, nproc=2)
+    assert r["world_size"] == 2 and r["steps"] == 2 and r["config"]["trick"]["global_grad"]
+    assert r["epochs"] == pytest.approx(2 * 8 * 2 / 32)  # 2 steps x 8 per process x 2 processes over 32 training pairs (16 images x 2 captions)
+    assert run_once("e01", "global_grad", "clip", ov, 0, "smoke", tmp_path, nproc=2) == r
