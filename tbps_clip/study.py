@@ -23,12 +23,12 @@ from .core import TBPSError, atomic_write_json, atomic_write_text, environment_i
 
 # %% auto #0
 __all__ = ['SCALES', 'SWEEPS', 'ALIASES', 'RECORD_SCHEMA', 'PAPER', 'COST', 'METRICS', 'REPORT_TABLES', 'PAPER_DATASETS',
-           'scale_overrides', 'batch_size_rows', 'select_rows', 'config_difference', 'record_path', 'read_record',
-           'count_parameters', 'run_once', 'run_rows', 'paper_table', 'e06_paper_rows', 'load_records', 'flat_rows',
-           'summarise', 'to_markdown', 'write_csv', 'pooled_sd', 'mark_agreement', 'agreement_counts',
-           'noise_statement', 'effects_long', 'plot_effects', 'data_label', 'table_report', 'e06_rows', 'e06_marks',
-           'table_records', 'cost_rows', 'build_report', 'params_key', 'run_notebook', 'load_sweep', 'run_sweep',
-           'sweep_status', 'collect']
+           'scale_overrides', 'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint',
+           'find_same_run', 'record_path', 'read_record', 'count_parameters', 'run_once', 'run_rows', 'paper_table',
+           'e06_paper_rows', 'load_records', 'flat_rows', 'summarise', 'to_markdown', 'write_csv', 'pooled_sd',
+           'mark_agreement', 'agreement_counts', 'noise_statement', 'effects_long', 'plot_effects', 'data_label',
+           'table_report', 'e06_rows', 'e06_marks', 'table_records', 'cost_rows', 'build_report', 'params_key',
+           'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
 
 # %% ../nbs/30_study.ipynb #b3dc747c
 SCALES: dict[str, dict] = {
@@ -141,7 +141,8 @@ def select_rows(exp: str, names=None) -> dict:
 
 # %% ../nbs/30_study.ipynb #170142a6
 RECORD_SCHEMA = 1
-_IGNORED = ("out_dir", "train.threads", "train.device", "data.num_workers", "data.eval_batch_size")  # do not change results
+# settings that do not change a run's result (the preset is only a name: its settings are in the config)
+_IGNORED = ("preset", "out_dir", "train.threads", "train.device", "data.num_workers", "data.eval_batch_size")
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -155,6 +156,18 @@ def config_difference(a: dict, b: dict) -> dict:
     fa, fb = _flat(a), _flat(b)
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
             if fa.get(k) != fb.get(k) and not any(k == i or k.startswith(i + ".") for i in _IGNORED)}
+
+def config_fingerprint(cfg_dict: dict) -> str:
+    "A hash of the settings that determine a run's result (not where it writes, threads, device or the preset's name)."
+    flat = {k: v for k, v in _flat(cfg_dict).items() if not any(k == i or k.startswith(i + ".") for i in _IGNORED)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def find_same_run(out, fingerprint: str, seed: int) -> dict | None:
+    "A record under `out` of a run with these settings and seed (another experiment's row), if there is one."
+    for f in sorted((Path(out) / "records").rglob("*.json")):
+        r = read_record(f)
+        if r.get("fingerprint") == fingerprint and r["seed"] == seed and not r.get("reused_from"): return r
+    return None
 
 def record_path(out, exp: str, name: str, seed: int) -> Path:
     "Where the record of row `name` of `exp` at `seed` lives under `out`."
@@ -194,7 +207,7 @@ def _torchrun(cfg, nproc: int, resume: bool) -> dict:
     return json.loads((out / "results.json").read_text())
 
 def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str, out, nproc: int = 1,
-             keep_checkpoint: bool = False, count_params: bool = False, progress: bool = False) -> dict:
+             keep_checkpoint: bool = False, count_params: bool = False, progress: bool = False, reuse: bool = True) -> dict:
     "Train and evaluate row `name` of `exp` at `seed`; write and return its record (an existing record is returned)."
     from tbps_clip.run import train
     path = record_path(out, exp, name, seed)
@@ -208,6 +221,14 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
             raise TBPSError(f"{path}: a record of {exp}/{name} seed {seed} exists with other settings ({shown}); "
                             "use another out folder or delete the record")
         return rec
+    fp = config_fingerprint(config_to_dict(cfg))
+    same = find_same_run(out, fp, seed) if reuse else None
+    if same:  # the same settings and seed ran as another experiment's row (e.g. CLIP* in e02, e03 and e04): not again
+        rec = {**same, "exp": exp, "name": name, "preset": preset, "overrides": dict(parse_overrides(overrides)), "scale": scale,
+               "reused_from": f"{same['exp']}/{same['name']}", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if count_params and "params_m" not in rec: rec.update(count_parameters(cfg, same["train_ids"]))
+        atomic_write_json(path, rec)
+        return rec
     ckpt = run_dir / "checkpoint.pt"
     t0 = time.perf_counter()
     res = _torchrun(cfg, nproc, ckpt.exists()) if nproc > 1 else train(cfg, resume=ckpt.exists(), progress=progress)
@@ -218,7 +239,8 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
                synthetic=res["synthetic"], metrics=m, steps=res["steps"],
                epochs=round(res["steps"] * cfg.data.batch_size * res.get("world_size", 1) / max(res["train_pairs"], 1), 3),
                train_seconds=res["train_seconds"], test_seconds=round(m.get("encode_s", 0) + m.get("rank_s", 0), 3),
-               wall_seconds=round(wall, 2), world_size=res.get("world_size", 1), run_dir=str(run_dir),
+               wall_seconds=round(wall, 2), world_size=res.get("world_size", 1), run_dir=str(run_dir), fingerprint=fp,
+               train_pairs=res["train_pairs"], train_ids=res["train_ids"],
                config=res["config"], environment=res.get("environment") or environment_info(),
                git_commit=res.get("git_commit") or git_commit(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if count_params: rec.update(count_parameters(cfg, res["train_ids"]))
@@ -234,7 +256,8 @@ def run_rows(exp: str, rows: dict, seeds, scale: str, out, overrides=None, nproc
             done = record_path(out, exp, name, seed).exists()
             rec = run_once(exp, name, preset, {**parse_overrides(overrides), **row_ov}, seed, scale, out, nproc=nproc, **kw)
             if log: log(f"{exp} {name} seed {seed}: R@1 {rec['metrics']['R@1']:.2f} mAP {rec['metrics']['mAP']:.2f}"
-                        + (" (recorded earlier)" if done else f" ({rec['wall_seconds']:.0f} s)"))
+                        + (" (recorded earlier)" if done else f" (same run as {rec['reused_from']})" if rec.get("reused_from")
+                           else f" ({rec['wall_seconds']:.0f} s)"))
             recs.append(rec)
     return recs
 
