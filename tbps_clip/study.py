@@ -680,8 +680,8 @@ def run_notebook(notebook, params: dict, out, force: bool = False, cwd=None, ker
     t0 = time.perf_counter()
     try:
         import papermill as pm  # a dev dependency: only the driver needs it
-        pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(cwd) if cwd else None,
-                            kernel_name=kernel, progress_bar=False, execution_timeout=timeout)
+        pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(cwd) if cwd else None, kernel_name=kernel,
+                            language="python", progress_bar=False, execution_timeout=timeout)
         st.update(status="ok")
     except Exception as e:  # a failing notebook is recorded, and the sweep goes on
         tb = getattr(e, "traceback", None)
