@@ -185,6 +185,67 @@ def _add_search_commands(sub) -> None:
     s.set_defaults(func=_cmd_serve)
 
 # %% ../nbs/14_cli.ipynb #98789c4e
+def _study_params(items) -> dict:
+    "KEY=VALUE notebook parameters; values are read as YAML (seeds=[0,1], steps=300, root=/data/x)."
+    import yaml
+    from tbps_clip.config import parse_overrides
+    out = {}
+    for k, v in parse_overrides(items).items():
+        try: out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e: raise TBPSError(f"parameter {k}: cannot read {v!r}: {e}") from None
+    return out
+
+def _cmd_study_run(a):
+    from tbps_clip.study import run_notebook, run_sweep
+    params = _study_params(a.set)
+    if Path(a.target).suffix == ".ipynb":
+        if not a.out: raise TBPSError("give --out for a single notebook (where its records go)")
+        results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout)]
+    else:
+        results = run_sweep(a.target, only=a.only, out=a.out, force=a.force, set_params=params, timeout=a.timeout)
+    failed = [r for r in results if r["status"] != "ok"]
+    print(f"{len(results) - len(failed)} of {len(results)} notebook(s) ok" + (f" ({sum(bool(r.get('skipped')) for r in results)} done earlier)"))
+    if failed:
+        where = Path(failed[0]["output"]).parent.parent / "sweep"
+        raise TBPSError(f"{len(failed)} notebook(s) failed: " + "; ".join(f"{Path(r['notebook']).stem}: {r['error']}" for r in failed)
+                        + f" (tracebacks in {where})")
+
+def _cmd_study_collect(a):
+    from tbps_clip.study import collect
+    res = collect(a.results, csv_path=a.csv or Path(a.results) / "runs.csv", md_path=a.md or Path(a.results) / "summary.md",
+                  metric=a.metric)
+    print(res["markdown"])
+    print(f"\n{len(res['runs'])} runs; CSV: {a.csv or Path(a.results) / 'runs.csv'}; markdown: {a.md or Path(a.results) / 'summary.md'}")
+
+def _cmd_study_status(a):
+    from tbps_clip.study import sweep_status
+    rows = sweep_status(a.results)
+    if not rows: print(f"no notebook runs under {a.results}"); return
+    for r in rows:
+        print(f"{Path(r['notebook']).stem:<16} {r['status']:<8} {r.get('seconds', ''):>8} s  {r['key']}  {r.get('error', '')}")
+
+def _add_study_commands(sub) -> None:
+    "The `study` subcommand: run experiment notebooks, collect their records."
+    s = sub.add_parser("study", help="run the experiment notebooks (papermill) and collect their records")
+    ss = s.add_subparsers(dest="study_cmd", required=True)
+    r = ss.add_parser("run", help="run a sweep parameter file or one notebook, serially and resumably")
+    r.add_argument("target", help="a sweep file (experiments/params/*.yaml) or a notebook (.ipynb)")
+    r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks of the sweep")
+    r.add_argument("--out", help="results folder (default: the sweep file's `out`; required for one notebook)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="notebook parameter for every notebook (repeatable)")
+    r.add_argument("--force", action="store_true", help="run notebooks again even if they finished (recorded runs are still reused)")
+    r.add_argument("--timeout", type=int, help="seconds a notebook cell may run")
+    r.set_defaults(func=_cmd_study_run)
+    c = ss.add_parser("collect", help="gather every record under a results folder into one table")
+    c.add_argument("results", help="results folder (a sweep's out)")
+    c.add_argument("--csv", help="all runs as CSV (default RESULTS/runs.csv)")
+    c.add_argument("--md", help="summary with the paper's values and agreement marks (default RESULTS/summary.md)")
+    c.add_argument("--metric", default="R@1", help="metric whose effects are marked")
+    c.set_defaults(func=_cmd_study_collect)
+    t = ss.add_parser("status", help="list the notebook runs of a results folder")
+    t.add_argument("results"); t.set_defaults(func=_cmd_study_status)
+
+# %% ../nbs/14_cli.ipynb #ae22179c
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `tbps-clip`."
     p = argparse.ArgumentParser(prog="tbps-clip", description="TBPS-CLIP: text-based person search with CLIP.")
@@ -232,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset(s); ov(s)
     s.set_defaults(func=_cmd_config)
     _add_search_commands(sub)
+    _add_study_commands(sub)
     return p
 
 def main(argv=None) -> int:

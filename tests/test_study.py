@@ -1,0 +1,318 @@
+"""The study: every experiment notebook at smoke scale through papermill, and the driver under interruption and failure."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tbps_clip.core import TBPSError
+from tbps_clip.study import (PAPER, agreement_counts, collect, load_records, mark_agreement, noise_statement,
+                             read_record, record_path, run_once, run_sweep, scale_overrides, summarise, sweep_status,
+                             table_report)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("e*.ipynb"))
+FIGURES = {"e01_tricks": ["e01"], "e02_image_aug": ["e02", "e02_appendix"], "e03_text_aug": ["e03", "e03_appendix"],
+           "e04_both_aug": ["e04"], "e05_losses": ["e05"], "e06_main": ["e06"], "e07_cost": ["e07"], "e12_batch_size": ["e12"]}
+papermill = pytest.importorskip("papermill", reason="papermill is a dev dependency (pip install -e '.[dev]')")
+
+
+@pytest.fixture
+def kernel_env(monkeypatch):
+    "Kernels started by papermill import this checkout and use one thread."
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"): monkeypatch.setenv(k, "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# ---- the experiment notebooks -----------------------------------------------------------------------
+
+def _cells(name):
+    return json.loads((ROOT / "experiments" / f"{name}.ipynb").read_text())["cells"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_notebooks_are_clean_and_train_only_through_the_library(name):
+    cells = _cells(name)
+    assert cells[0]["cell_type"] == "markdown" and "".join(cells[0]["source"]).startswith("# e")
+    assert sum("parameters" in c["metadata"].get("tags", []) for c in cells) == 1
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in cells if c["cell_type"] == "code")
+    for banned in ("Trainer(", "import torch", ".backward(", "from tbps_clip.run import", "optimizer"):
+        assert banned not in code, f"{name}: training code in the notebook ({banned})"
+
+
+def test_smoke_sweep_lists_every_experiment_notebook():
+    from tbps_clip.study import load_sweep
+    spec = load_sweep(ROOT / "experiments" / "params" / "synthpedes-smoke.yaml")
+    assert sorted(Path(n).stem for n, _ in spec["runs"]) == EXPERIMENTS
+    for f in (ROOT / "experiments" / "params").glob("*.yaml"):  # every parameter file reads and names existing notebooks
+        s = load_sweep(f)
+        assert all((s["notebooks_dir"] / f"{n}.ipynb").is_file() for n, _ in s["runs"]), f
+
+
+@pytest.mark.slow
+def test_every_experiment_notebook_runs_at_smoke_scale(tmp_path, kernel_env):
+    "CI: all notebooks through papermill on the CPU; each leaves its records, tables and figure; a rerun redoes nothing."
+    t0 = time.perf_counter()
+    res = run_sweep(ROOT / "experiments" / "params" / "synthpedes-smoke.yaml", out=tmp_path, log=None)
+    took = time.perf_counter() - t0
+    failed = [r for r in res if r["status"] != "ok"]
+    assert not failed, "\n\n".join(f"{r['notebook']}: {r['traceback'][-3000:]}" for r in failed)
+    print(f"\nsmoke sweep of {len(res)} notebooks: {took:.0f} s; " + ", ".join(f"{Path(r['notebook']).stem} {r['seconds']:.0f} s" for r in res))
+    recs = load_records(tmp_path)
+    for nb, figs in FIGURES.items():
+        exp = nb.split("_")[0]
+        mine = [r for r in recs if r["exp"] == exp]
+        assert mine, f"{nb} wrote no records"
+        assert all(r["synthetic"] and r["scale"] == "smoke" and r["steps"] == r["config"]["train"]["max_steps"] for r in mine)
+        assert all({"environment", "git_commit", "wall_seconds", "config", "metrics"} <= set(r) for r in mine)
+        for f in figs: assert (tmp_path / "figures" / f"{f}.png").stat().st_size > 5000, f
+    assert {r["name"] for r in recs if r["exp"] == "e01"} == set(PAPER["table1"]["rows"])
+    assert all(r.get("params_m") for r in recs if r["exp"] == "e07")
+    by = {(r["exp"], r["name"]): r for r in recs}  # rows with the same settings and seed as an earlier run reuse it
+    assert by[("e02", "clip_star")]["reused_from"] == by[("e03", "clip_star")]["reused_from"] == "e01/clip_star"
+    assert by[("e05", "itc")]["reused_from"] == "e04/both"
+    assert by[("e06", "tbps@tbps-micro")]["metrics"] == by[("e05", "all")]["metrics"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "SynthPEDES (synthetic)" in report and "Table 5" in report and (tmp_path / "report" / "figures" / "agreement.png").exists()
+    n_files = len(list((tmp_path / "records").rglob("*.json")))
+    again = run_sweep(ROOT / "experiments" / "params" / "synthpedes-smoke.yaml", out=tmp_path, log=None)
+    assert all(r.get("skipped") for r in again) and len(list((tmp_path / "records").rglob("*.json"))) == n_files
+
+
+# ---- the driver: resume and failure -------------------------------------------------------------------
+
+FAKE = '''
+import json, os, time
+from pathlib import Path
+o = Path(out)
+(o / "ran").mkdir(parents=True, exist_ok=True)
+(o / "ran" / f"{name}-{time.time_ns()}").touch()  # one file per execution
+if block:
+    (o / f"started-{name}").touch()
+    for _ in range(600):
+        if (o / "go").exists(): break
+        time.sleep(0.1)
+if fail: raise ValueError(f"boom from {name}")
+p = o / "records" / "fake" / f"{name}-s0.json"  # as run_once: written once, atomically, skipped when there
+if not p.exists():
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.with_suffix(".tmp").write_text(json.dumps(dict(exp="fake", name=name, seed=0, metrics={"R@1": 1.0})))
+    os.replace(p.with_suffix(".tmp"), p)
+'''
+
+
+def fake_sweep(tmp_path, specs):
+    "A sweep over tiny notebooks that count their executions and write one record each (no training, no torch: fast kernels)."
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+    nbdir = tmp_path / "nbs"; nbdir.mkdir()
+    for name in dict.fromkeys(n for n, _ in specs):
+        params = new_code_cell(f"name = {name!r}\nblock = False\nfail = False\nout = ''", metadata={"tags": ["parameters"]})
+        nb = new_notebook(cells=[params, new_code_cell(FAKE)],
+                          metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+        nbformat.write(nb, nbdir / f"{name}.ipynb")
+    import yaml
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(dict(out=str(tmp_path / "out"), notebooks_dir=str(nbdir), params={},
+                                         notebooks=[{"notebook": n, "params": p} for n, p in specs])))
+    return sweep, tmp_path / "out"
+
+
+def executions(out, name):
+    return len(list((out / "ran").glob(f"{name}-*")))
+
+
+def test_killed_sweep_resumes_without_redoing_or_duplicating(tmp_path, kernel_env):
+    sweep, out = fake_sweep(tmp_path, [("a", {}), ("b", {"block": True}), ("c", {})])
+    cmd = [sys.executable, "-m", "tbps_clip.cli", "study", "run", str(sweep)]
+    p = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):  # wait until b runs, then kill the driver and its kernel mid-notebook
+            if (out / "started-b").exists() or p.poll() is not None: break
+            time.sleep(0.1)
+        assert (out / "started-b").exists(), "the sweep never reached notebook b"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+    assert executions(out, "a") == 1 and executions(out, "c") == 0
+    assert {s["notebook"].split("/")[-1]: s["status"] for s in sweep_status(out)} == {"a.ipynb": "ok", "b.ipynb": "running"}
+    (out / "go").touch()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "a: done earlier" in r.stdout and "3 of 3 notebook(s) ok (1 done earlier)" in r.stdout
+    assert (executions(out, "a"), executions(out, "b"), executions(out, "c")) == (1, 2, 1)
+    assert sorted(s["status"] for s in sweep_status(out)) == ["ok"] * 3
+    assert sorted(r["name"] for r in load_records(out)) == ["a", "b", "c"]
+
+
+def test_failing_notebook_is_recorded_and_the_sweep_goes_on(tmp_path, kernel_env, capsys):
+    from tbps_clip.cli import main
+    sweep, out = fake_sweep(tmp_path, [("a", {}), ("bad", {"fail": True}), ("c", {})])
+    res = run_sweep(sweep, log=None)
+    assert [r["status"] for r in res] == ["ok", "failed", "ok"]
+    bad = res[1]
+    assert bad["error"] == "ValueError: boom from bad" and "boom from bad" in bad["traceback"] and "\x1b[" not in bad["traceback"]
+    assert json.loads(Path(out / "sweep" / f"bad-{bad['key']}.json").read_text())["traceback"] == bad["traceback"]
+    assert "failed bad.ipynb" in (out / "sweep" / "sweep.log").read_text()
+    assert main(["study", "run", str(sweep)]) == 2  # again: a and c skipped, bad retried and still failing
+    err = capsys.readouterr().err
+    assert "1 notebook(s) failed: bad: ValueError: boom from bad" in err
+    assert (executions(out, "a"), executions(out, "bad"), executions(out, "c")) == (1, 2, 1)
+    assert len(sweep_status(out)) == 3 and sorted(r["name"] for r in load_records(out)) == ["a", "c"]
+
+
+def test_sweep_file_errors_name_the_file_and_entry(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("out: x\nnotebooks: [{params: {}}]\n")
+    with pytest.raises(TBPSError, match=r"s.yaml: notebooks entry 1"):
+        run_sweep(bad)
+    bad.write_text("out: x\nnotebooks: [nope]\n")
+    with pytest.raises(TBPSError, match=r"notebook\(s\) not found: .*nope.ipynb"):
+        run_sweep(bad)
+    bad.write_text("out: x\nnotebook: [a]\n")
+    with pytest.raises(TBPSError, match="needs a 'notebooks' list"):
+        run_sweep(bad)
+
+
+# ---- runs and records -----------------------------------------------------------------------------------
+
+def test_interrupted_run_resumes_from_its_checkpoint_and_records_once(tmp_path, monkeypatch):
+    "A run killed mid-training (checkpoint, no record) resumes; its record equals an uninterrupted run's."
+    from tbps_clip.config import make_config
+    from tbps_clip.run import train
+    from test_train import Crash
+    ov = {**scale_overrides("smoke"), "train.max_steps": 6, "train.ckpt_every": 2, "trick.text_dropout": 0.1}
+    full = run_once("e01", "clip", "clip", ov, 0, "smoke", tmp_path / "full")
+    # what run_once would have been doing when it was killed after step 3 (checkpoint at step 2)
+    path = record_path(tmp_path / "cut", "e01", "clip", 0)
+    run_dir = tmp_path / "cut" / "runs" / "e01" / path.stem
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config("clip", {**ov, "train.seed": 0, "out_dir": str(run_dir)}), progress=False, callbacks=[Crash(3)])
+    assert (run_dir / "checkpoint.pt").exists() and not path.exists()
+    from tbps_clip.train import Trainer
+    loads, real_load = [], Trainer.load
+    monkeypatch.setattr(Trainer, "load", lambda self: (loads.append(self.ckpt_path), real_load(self))[1])
+    resumed = run_once("e01", "clip", "clip", ov, 0, "smoke", tmp_path / "cut")
+    assert loads == [run_dir / "checkpoint.pt"]  # continued from the checkpoint, not started again
+    timing = ("encode_s", "rank_s")
+    assert {k: v for k, v in resumed["metrics"].items() if k not in timing} == {k: v for k, v in full["metrics"].items() if k not in timing}
+    assert resumed["steps"] == 6 and not (run_dir / "checkpoint.pt").exists()
+    assert len(list((tmp_path / "cut" / "records").rglob("*.json"))) == 1
+    assert run_once("e01", "clip", "clip", ov, 0, "smoke", tmp_path / "cut") == resumed  # recorded: not run again
+    with pytest.raises(TBPSError, match="exists with other settings.*train.max_steps"):
+        run_once("e01", "clip", "clip", {**ov, "train.max_steps": 7}, 0, "smoke", tmp_path / "cut")
+    path.write_text("{not json")
+    with pytest.raises(TBPSError, match="cannot read the record"):
+        read_record(path)
+
+
+# ---- agreement marks on hand-made records ---------------------------------------------------------------------
+
+def rec(exp, name, seed, r1, dataset="synthpedes"):
+    return dict(exp=exp, name=name, seed=seed, scale="study", dataset=dataset, synthetic=dataset == "synthpedes",
+                metrics={"R@1": r1, "R@5": r1 + 10, "mAP": r1 - 1}, config={"model": {"arch": "tbps-tiny"}})
+
+
+def test_agreement_marks_on_hand_made_records(tmp_path):
+    # CLIP 20 +- 1; paper: every trick helps. GlobalGrad +5 (agrees), Dropout +0.5 (noise), LockBL -4 (disagrees),
+    # SoftLabel one seed only: same pooled sd, a wider threshold
+    recs = [rec("e01", "clip", s, v) for s, v in enumerate((19.0, 20.0, 21.0))]
+    recs += [rec("e01", "global_grad", s, v) for s, v in enumerate((24.0, 25.0, 26.0))]
+    recs += [rec("e01", "dropout", s, v) for s, v in enumerate((19.5, 20.5, 21.5))]
+    recs += [rec("e01", "lock_bl", s, v) for s, v in enumerate((15.0, 16.0, 17.0))]
+    recs += [rec("e01", "soft_label", 0, 23.0), rec("e01", "extra_row", 0, 30.0)]
+    marked = {r["name"]: r for r in table_report(recs, "table1", tmp_path)}
+    sd = 1.0  # every row with seeds has sd 1: the pooled sd is 1
+    assert marked["clip"]["mark"] == "baseline"
+    assert marked["global_grad"]["mark"] == "agrees" and marked["global_grad"]["ours_effect"] == pytest.approx(5.0)
+    assert marked["global_grad"]["noise"] == pytest.approx(2 * sd * (1 / 3 + 1 / 3) ** 0.5)
+    assert marked["global_grad"]["paper_effect"] == pytest.approx(63.66 - 60.67)
+    assert marked["dropout"]["mark"] == "within seed noise"
+    assert marked["lock_bl"]["mark"] == "disagrees"
+    assert marked["soft_label"]["noise"] == pytest.approx(2 * sd * (1 + 1 / 3) ** 0.5) and marked["soft_label"]["mark"] == "agrees"
+    assert marked["extra_row"]["mark"] == "not in the paper"
+    assert agreement_counts(marked.values()) == {"agrees": 2, "within seed noise": 1, "disagrees": 1}
+    assert [r["name"] for r in marked.values()][:5] == ["clip", "global_grad", "dropout", "lock_bl", "soft_label"]  # paper order
+    assert "within seed noise" in (tmp_path / "tables" / "table1.md").read_text()
+    assert "2 standard errors" in noise_statement(list(marked.values()))
+    # one seed everywhere: direction only, said so; a missing baseline is said too
+    one = mark_agreement(summarise([rec("e01", "clip", 0, 20.0), rec("e01", "dropout", 0, 19.0)]), PAPER["table1"]["rows"], "clip")
+    assert one[1]["mark"] == "disagrees (noise unknown: one seed)" and "noise is unknown" in noise_statement(one)
+    nobase = mark_agreement(summarise([rec("e01", "dropout", 0, 19.0)]), PAPER["table1"]["rows"], "clip")
+    assert nobase[0]["mark"] == "no baseline run"
+
+
+def test_appendix_rows_use_the_main_row_for_the_default_value(tmp_path):
+    recs = [rec("e02", "clip_star", 0, 20.0), rec("e02", "rrc", 0, 21.0), rec("e02", "rrc@0.3", 0, 19.0)]
+    app = {r["name"]: r for r in table_report([r for r in recs], "table2_appendix", tmp_path)}
+    assert app["rrc"]["label"] == "RRC scale 0.9" and app["rrc"]["mark"] == "agrees (noise unknown: one seed)"
+    assert app["rrc@0.3"]["paper_effect"] == pytest.approx(64.82 - 64.34) and app["rrc@0.3"]["mark"].startswith("disagrees")
+
+
+def test_collect_gathers_records_into_one_table(tmp_path):
+    from tbps_clip.core import atomic_write_json
+    for r in [rec("e04", "clip_star", s, 20.0 + s) for s in (0, 1)] + [rec("e04", "both", s, 24.0 + s) for s in (0, 1)]:
+        atomic_write_json(record_path(tmp_path, r["exp"], r["name"], r["seed"]), r)
+    res = collect(tmp_path, csv_path=tmp_path / "runs.csv", md_path=tmp_path / "summary.md")
+    assert len(res["runs"]) == 4 and (tmp_path / "runs.csv").read_text().count("\n") == 5
+    md = (tmp_path / "summary.md").read_text()
+    assert "## e04 (synthetic data)" in md and "| both | both | 2 | 24.50" in md and "agrees" in md
+
+
+def test_study_module_imports_without_dev_tools():
+    "tbps_clip.study is runtime library: papermill, seaborn, nbdev and Jupyter are imported only by the driver, when called."
+    code = ("import sys, builtins\n"
+            "real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name.split('.')[0] in {'nbdev', 'fastcore', 'execnb', 'papermill', 'jupyter', 'IPython', 'seaborn', 'pandas', 'nbformat'}:\n"
+            "        raise ImportError('dev-only module imported: ' + name)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "import tbps_clip.study, tbps_clip.cli\n"
+            "tbps_clip.cli.build_parser()\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["cuhk-pedes-paper", "icfg-pedes-paper", "rstpreid-paper"])
+def test_paper_parameter_files_give_the_papers_recipe(name):
+    "Every run a paper-scale file asks for resolves to the paper's settings, with real data and OpenAI weights."
+    from tbps_clip.config import make_config
+    from tbps_clip.study import batch_size_rows, e06_rows, load_sweep, select_rows
+    spec = load_sweep(ROOT / "experiments" / "params" / f"{name}.yaml")
+    n = 0
+    for nb, p in spec["runs"]:
+        if nb == "e99_report": continue
+        q = {**spec["params"], **p}
+        base = {**scale_overrides(q["scale"], q["dataset"], q["root"], q["arch"], q["weights"], q["steps"]), **q["overrides"]}
+        exp = nb.split("_")[0]
+        rows = (e06_rows(["clip", "tbps", "simplified"], q["backbones"]) if exp == "e06"
+                else batch_size_rows(q["batch"], 0) if exp == "e12" else select_rows(exp, q.get("rows")))
+        for row, (preset, ov) in rows.items():
+            cfg = make_config(preset, {**base, **ov})
+            n += 1
+            assert (cfg.train.epochs, cfg.train.max_steps, cfg.optim.lr, cfg.optim.warmup_lr, cfg.optim.min_lr) == (5, 0, 1e-4, 1e-6, 5e-6)
+            assert cfg.data.image_size == (224, 224) and cfg.data.normalize == "imagenet" and cfg.model.context_length == 77
+            assert cfg.model.quick_gelu and cfg.model.pretrained == f"/weights/{cfg.model.arch}.pt"
+            assert cfg.data.dataset == "annotations" and cfg.data.annotations.startswith("/data/") and cfg.train.precision == "amp"
+            assert cfg.data.batch_size * q["nproc"] == (160 if row == "half" else 320)
+            assert cfg.train.grad_cache_chunk in (0, 80, 160)
+            if exp in ("e01", "e02", "e03", "e04", "e05"): assert cfg.model.arch == "ViT-B-32"  # the paper's ablations
+            if exp in ("e07", "e12"): assert cfg.model.arch == "ViT-B-16"
+    assert n >= 6
+
+
+@pytest.mark.slow
+def test_run_once_with_several_processes_goes_through_torchrun(tmp_path):
+    "nproc > 1 (the paper scale on several GPUs) starts torchrun; here 2 CPU processes with gloo."
+    ov = {**scale_overrides("smoke"), "trick.global_grad": True}
+    r = run_once("e01", "global_grad", "clip", ov, 0, "smoke", tmp_path, nproc=2)
+    assert r["world_size"] == 2 and r["steps"] == 2 and r["config"]["trick"]["global_grad"]
+    assert r["epochs"] == pytest.approx(2 * 8 * 2 / 32)  # 2 steps x 8 per process x 2 processes over 32 training pairs (16 images x 2 captions)
+    assert run_once("e01", "global_grad", "clip", ov, 0, "smoke", tmp_path, nproc=2) == r
