@@ -76,6 +76,7 @@ def rank_metrics(query_feats, gallery_feats, query_pids, gallery_pids, ks=(1, 5,
         k = max(int(n_rel[s:s + step].max()), 1)  # this chunk's most relevant images: less padding to rank
         p, n = pos_idx[s:s + step, :k], n_rel[s:s + step]
         parts.append(metrics_from_ranks(relevant_ranks(sims, p, n), n, ks=ks))
+        del sims  # free this chunk before the next is computed: one chunk resident at a time, not two
     per_q = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     res = {f"R@{k}": 100 * per_q[f"R{k}"].mean().item() for k in ks}
     res["mAP"] = 100 * per_q["AP"].mean().item()

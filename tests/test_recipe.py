@@ -49,9 +49,11 @@ def test_gradient_caching_gives_the_full_batch_gradients(toy, tmp_path, preset):
         logs, g = step_grads(cfg, chunk, batch)
         assert logs == pytest.approx(full_logs, rel=1e-5)
         assert set(g) == set(full)
-        for n in full:  # equal up to float summation order, relative to each tensor's largest entry
+        # equal up to float summation order, relative to each tensor's largest entry: each chunk trims its captions
+        # to its own longest (exact under the causal mask, other matmul shapes); in float64 they agree to ~1e-14
+        for n in full:
             rel = float((g[n] - full[n]).abs().max() / full[n].abs().max().clamp(min=1e-12))
-            assert rel < 1e-5, (chunk, n, rel)
+            assert rel < 5e-5, (chunk, n, rel)
 
 
 def test_gradient_caching_is_deterministic_with_dropout(toy, tmp_path):
