@@ -191,6 +191,58 @@ def exposed_loading(tr, step_fn, n, workers, step_s, device):
     return max(loop - n * step_s, 0.0) / loop
 
 
+def run_pending(pending, device, rows, rec, a, case):
+    "Sequential mode: time every pending variant not yet timed, one after the other, and drop its model."
+    for v in pending:
+        if "done" in v: continue
+        t, f, pk, x = run_steps(v["step"], v["batches"], device, count_flops=v["flops"])
+        v["row"].update(step_s=t, flops=f, peak_mib=pk, extra_mib=x, load=load_average())
+        rows.append(v["row"])
+        print(f"  {case} {v['row']['preset']} {v['row']['variant']}: {t:.3f} s/step", flush=True)
+        if v.get("loader"): loader_record(v, rows, rec, a, case, device)
+        v["done"] = v["loader_done"] = True
+        if not v.get("loader"): v["keep"] = v["step"] = None
+        gc.collect()
+        if device.type == "cuda": torch.cuda.empty_cache()
+
+
+def run_interleaved(pending, device, rows, a):
+    "Interleaved mode: warm every variant up (FLOPs, memory), then time step i of every variant in turn."
+    import statistics
+    for v in pending:
+        with PeakMemory(device.type) as pm:
+            with FlopCounterMode(display=False) as fc:
+                v["step"](v["batches"][0])
+            sync(device)
+        v["row"].update(flops=fc.get_total_flops(), peak_mib=pm.peak, extra_mib=pm.extra, times=[])
+    for i in range(1, len(pending[0]["batches"])):
+        for v in pending:  # every variant's step i under the same load
+            sync(device)
+            t = time.perf_counter()
+            v["step"](v["batches"][i])
+            sync(device)
+            v["row"]["times"].append(time.perf_counter() - t)
+    for v in pending:
+        v["row"].update(step_s=statistics.median(v["row"]["times"]), load=load_average())
+        rows.append(v["row"])
+
+
+def loader_record(v, rows, rec, a, case, device):
+    "Loader timings of a variant's trainer (0 and --workers workers; exposed share for --exposed-cases)."
+    if v.get("loader_done"): return
+    tr, t = v["keep"], v["row"]["step_s"]
+    first0, per0 = loader_times(tr, a.loader_batches, 0, t)
+    ld = dict(case=case, preset=v["row"]["preset"], step_s=t, w0_batch_s=per0, w0_share=per0 / (per0 + t))
+    if a.workers:
+        first_w, per_w = loader_times(tr, a.loader_batches, a.workers, t)
+        ld.update(workers=a.workers, wN_first_s=first_w, wN_batch_s=per_w)
+        if case in a.exposed_cases:
+            ld["wN_exposed"] = exposed_loading(tr, v["step"], a.loader_batches, a.workers, t, device)
+    ld["load"] = load_average()
+    rec["loading"].append(ld)
+    v["loader_done"] = True
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -207,6 +259,8 @@ def main(argv=None):
     ap.add_argument("--exposed-cases", nargs="*", default=["tiny"], help="cases whose loader+steps loop is also run")
     ap.add_argument("--no-detached", action="store_true", help="skip the soft_label_source=detached variant")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value for the trainer variants")
+    ap.add_argument("--interleave", action="store_true",
+                    help="hold every variant of a case in memory and time their steps in turn (same load; CPU, small models)")
     ap.add_argument("--name", default="train_step")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -230,7 +284,7 @@ def main(argv=None):
         arch, size, cb, cs, gb, gs = CASES[case]
         bs = a.batch or (gb if device.type == "cuda" else cb)
         steps = a.steps or (gs if device.type == "cuda" else cs)
-        rows, ref_t = [], None
+        rows, ref_t, pending = [], None, []
         for preset in a.presets:
             cfg, ds, fresh_model = build(preset, arch, size, bs, device, a.precision, extra)
             # the same pre-collated batches for every variant: item seeds depend on (seed, epoch, index) only
@@ -239,38 +293,30 @@ def main(argv=None):
             if ref_t is None:
                 ref_step, ref_model = reference_step_fn(arch, size, cfg.model.context_length or batches[0]["text"].shape[1],
                                                         device, a.precision)
-                ref_t, ref_f, ref_pk, ref_x = run_steps(ref_step, batches, device)
                 upd = dict(case=case, per_tensor_s=adamw_update_s(ref_model, False, device),
                            fused_s=adamw_update_s(ref_model, True, device), load=load_average())
                 rec.setdefault("adamw_update", []).append(upd)
                 print(f"  {case} AdamW update of the towers: per-tensor loop {upd['per_tensor_s']:.3f} s, "
                       f"fused {upd['fused_s']:.3f} s", flush=True)
-                del ref_model, ref_step; gc.collect()
-                rows.append(dict(case=case, preset="reference", variant="open_clip ITC", step_s=ref_t, flops=ref_f,
-                                 peak_mib=ref_pk, extra_mib=ref_x, passes="I 1+0ng T 1+0ng", load=load_average()))
-                print(f"  {case} reference: {ref_t:.3f} s/step", flush=True)
+                ref_t = 0.0
+                pending.append(dict(row=dict(case=case, preset="reference", variant="open_clip ITC",
+                                             passes="I 1+0ng T 1+0ng"), step=ref_step, batches=batches, keep=ref_model,
+                                    flops=True))
             sources = ["nograd"] + (["detached"] if cfg.trick.soft_label and not a.no_detached else [])
             variants = [("now", now, s) for s in sources] + ([("before", before, "nograd")] if before else [])
             for tag, mod, src in variants:
-                model = fresh_model()
-                step, tr = trainer_step_fn(mod, cfg, model, ds, src)
-                t, f, pk, x = run_steps(step, batches, device, count_flops=cfg.train.compile == "off")
+                step, tr = trainer_step_fn(mod, cfg, fresh_model(), ds, src)
                 name = tag if not cfg.trick.soft_label else f"{tag} ({src})"
-                rows.append(dict(case=case, preset=preset, variant=name, step_s=t, flops=f, peak_mib=pk, extra_mib=x,
-                                 passes=passes(cfg, batches[0], src), load=load_average()))
-                print(f"  {case} {preset} {name}: {t:.3f} s/step", flush=True)
-                if tag == "now" and src == "nograd" and preset in a.loader_presets:
-                    first0, per0 = loader_times(tr, a.loader_batches, 0, t)
-                    ld = dict(case=case, preset=preset, step_s=t, w0_batch_s=per0, w0_share=per0 / (per0 + t))
-                    if a.workers:
-                        first_w, per_w = loader_times(tr, a.loader_batches, a.workers, t)
-                        ld.update(workers=a.workers, wN_first_s=first_w, wN_batch_s=per_w)
-                        if case in a.exposed_cases:
-                            ld["wN_exposed"] = exposed_loading(tr, step, a.loader_batches, a.workers, t, device)
-                    ld["load"] = load_average()
-                    rec["loading"].append(ld)
-                del model, step, tr; gc.collect()
-                if device.type == "cuda": torch.cuda.empty_cache()
+                pending.append(dict(row=dict(case=case, preset=preset, variant=name, passes=passes(cfg, batches[0], src)),
+                                    step=step, batches=batches, keep=tr, flops=cfg.train.compile == "off",
+                                    loader=tag == "now" and src == "nograd" and preset in a.loader_presets))
+                if not a.interleave: run_pending(pending, device, rows, rec, a, case)
+        if a.interleave: run_interleaved(pending, device, rows, a)
+        for v in pending:  # loader timings (interleaved mode: after all steps)
+            if v.get("loader"): loader_record(v, rows, rec, a, case, device)
+        pending.clear(); gc.collect()
+        ref_row = next(r for r in rows if r["preset"] == "reference")
+        ref_t, ref_f = ref_row["step_s"], ref_row["flops"]
         for r in rows:
             r.update(arch=arch, image_size=list(size), batch=bs, steps=steps, samples_s=bs / r["step_s"],
                      gflop=r["flops"] / 1e9, peak_frac=r["flops"] / r["step_s"] / peak,
