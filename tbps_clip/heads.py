@@ -16,7 +16,7 @@ from torch import nn
 from .config import Config, loss_on
 from .core import TBPSError
 from .losses import mlm_token_nll
-from .model import TBPSModel
+from .model import TBPSModel, encode_text_trimmed
 
 # %% auto #0
 __all__ = ['HEAD_LR', 'text_token_feats', 'image_token_feats', 'QuickGELU', 'projection_mlp', 'id_classifier', 'MLMHead',
@@ -110,12 +110,12 @@ def forward_views(model: TBPSModel, batch: dict, loss_cfg) -> dict:
     mlm = loss_on(loss_cfg, "mlm")
     if mlm: img_raw, img_tok = image_token_feats(model, batch["image"])
     else: img_raw = model.clip.encode_image(batch["image"])
-    txt_raw = model.clip.encode_text(batch["text"])
+    txt_raw = encode_text_trimmed(model.clip, batch["text"])
     out = dict(image_feats=F.normalize(img_raw, dim=-1), text_feats=F.normalize(txt_raw, dim=-1),
                logit_scale=model.logit_scale)
     if "image_aug" in batch: out["image_aug_feats"] = model.encode_image(batch["image_aug"])
     if "text_aug" in batch: out["text_aug_feats"] = model.encode_text(batch["text_aug"])
-    for side, enc in (("image", model.clip.encode_image), ("text", model.clip.encode_text)):
+    for side, enc in (("image", model.clip.encode_image), ("text", lambda t: encode_text_trimmed(model.clip, t))):
         if f"ss_{side}_a" in batch:
             head = model.heads[f"ss_{side}"]
             out[f"ss_{side}_a"], out[f"ss_{side}_b"] = head(enc(batch[f"ss_{side}_a"])), head(enc(batch[f"ss_{side}_b"]))

@@ -24,7 +24,8 @@ from .losses import LossContext, compute_losses, loss_weights
 from .model import TBPSModel
 
 # %% auto #0
-__all__ = ['SOFT_KEYS', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'Trainer', 'soft_label_alpha', 'SoftLabels']
+__all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'SOFT_KEYS', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers',
+           'Trainer', 'soft_label_alpha', 'SoftLabels']
 
 # %% ../nbs/11_train.ipynb #906cca4b
 def param_groups(model: torch.nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list:
@@ -38,9 +39,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float, head_lr_mult: floa
     return [dict(params=ps, weight_decay=weight_decay if decay else 0.0, lr_mult=mult)
             for (mult, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
+FUSED_DEVICES = ("cuda", "cpu")  # where torch has a fused AdamW kernel
+
 def make_optimizer(model: torch.nn.Module, oc) -> torch.optim.AdamW:
-    "AdamW over the trainable parameters, with the config's betas, eps, decay and head learning-rate multiple."
-    fused = next(model.parameters()).is_cuda
+    "AdamW over the trainable parameters, with the config's betas, eps, decay, head learning-rate multiple and kernel."
+    fused = oc.fused and next(model.parameters()).device.type in FUSED_DEVICES
     return torch.optim.AdamW(param_groups(model, oc.weight_decay, oc.head_lr_mult), lr=oc.lr, betas=tuple(oc.betas),
                              eps=oc.eps, fused=fused or None)
 
@@ -57,6 +60,17 @@ class Callback:
     order = 0
 
 # %% ../nbs/11_train.ipynb #509de07d
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+def compile_towers(model: TBPSModel, mode: str) -> TBPSModel:
+    "torch.compile the image and text towers in place (`mode` one of COMPILE_MODES); parameter names are unchanged."
+    if mode not in COMPILE_MODES:
+        raise TBPSError(f"train.compile={mode!r}: choose off or one of {', '.join(COMPILE_MODES)}")
+    model.clip.visual.compile(mode=mode)
+    # trimmed captions change the text length from batch to batch: compile for dynamic shapes from the start
+    if hasattr(model.clip, "transformer"): model.clip.transformer.compile(mode=mode, dynamic=True)
+    return model
+
 class Trainer:
     "Trains a TBPSModel on a dataset of pairs; evaluates through an optional `evaluator(model) -> metrics`."
     def __init__(self, cfg: Config, model: TBPSModel, train_ds, evaluator=None, callbacks=(), out_dir=None,
@@ -69,6 +83,7 @@ class Trainer:
         self.rank, self.world_size, self.progress = rank, world_size, progress and rank == 0
         self.device = resolve_device(cfg.train.device)
         self.model.to(self.device)
+        if cfg.train.compile != "off": compile_towers(self.model, cfg.train.compile)
         self.loss_ctx = LossContext(**({"gather": gather} if gather is not None else {}), cfg=cfg.loss)
         if world_size > 1: broadcast_state(self.model)  # every process starts from rank 0's weights
         self.weights = loss_weights(cfg.loss)
@@ -214,7 +229,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
-        out = {k: float(v.detach()) for k, v in self.losses.items()}
+        # one device-to-host copy for all terms (each float() would be a CUDA synchronisation)
+        out = dict(zip(self.losses, torch.stack([v.detach().float() for v in self.losses.values()]).tolist()))
         if self.world_size > 1:  # log the global loss: the mean of the processes' local losses
             out = dict(zip(out, (sum(v) / self.world_size for v in zip(*[o.values() for o in gather_objects(out)]))))
         if not math.isfinite(out["loss"]):
@@ -230,8 +246,8 @@ class Trainer:
         nw = self.cfg.data.num_workers
         return DataLoader(self.ds, batch_size=self.bs, sampler=sampler, drop_last=True, collate_fn=collate,
                           num_workers=nw, worker_init_fn=worker_init if nw else None,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=4 if nw else None,
+                          pin_memory=self.device.type == "cuda" and self.cfg.data.pin_memory, persistent_workers=False,
+                          prefetch_factor=self.cfg.data.prefetch_factor if nw else None,
                           # a private generator: creating a loader must not advance the global RNG (exact resume)
                           generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
 

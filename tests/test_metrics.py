@@ -66,3 +66,14 @@ def test_perfect_and_worst_ranking():
 def test_query_without_relevant_image_is_an_error():
     with pytest.raises(ValueError, match="no relevant image"):
         rank_metrics(torch.eye(2), torch.eye(2), torch.tensor([0, 5]), torch.tensor([0, 1]))
+
+
+def test_memory_bound_does_not_change_results():
+    "A tiny memory budget ranks one query at a time; the metrics are the same (pids unsorted, not contiguous)."
+    g = torch.Generator().manual_seed(3)
+    qf, gf = torch.randn(40, 6, generator=g), torch.randn(30, 6, generator=g)
+    gp = (torch.randperm(30, generator=g) % 9) * 11 + 5
+    qp = gp[torch.randint(0, 30, (40,), generator=g)]
+    a = rank_metrics(qf, gf, qp, gp, max_chunk_mb=1e-6)
+    ref = reference_metrics(qf @ gf.t(), qp, gp)
+    assert a == rank_metrics(qf, gf, qp, gp) and all(a[k] == pytest.approx(v, abs=1e-9) for k, v in ref.items())

@@ -49,9 +49,11 @@ def test_gradient_caching_gives_the_full_batch_gradients(toy, tmp_path, preset):
         logs, g = step_grads(cfg, chunk, batch)
         assert logs == pytest.approx(full_logs, rel=1e-5)
         assert set(g) == set(full)
-        for n in full:  # equal up to float summation order, relative to each tensor's largest entry
+        # equal up to float summation order, relative to each tensor's largest entry: each chunk trims its captions
+        # to its own longest (exact under the causal mask, other matmul shapes); in float64 they agree to ~1e-14
+        for n in full:
             rel = float((g[n] - full[n]).abs().max() / full[n].abs().max().clamp(min=1e-12))
-            assert rel < 1e-5, (chunk, n, rel)
+            assert rel < 5e-5, (chunk, n, rel)
 
 
 def test_gradient_caching_is_deterministic_with_dropout(toy, tmp_path):
@@ -83,6 +85,29 @@ def test_soft_labels_change_training_and_both_sources_run(toy, tmp_path):
     assert hl[0][0]["itc"] == pytest.approx(hl[1][0]["itc"]) and hl[0][-1]["itc"] != pytest.approx(hl[1][-1]["itc"])
     # without dropout the no-grad pass sees exactly the gradient pass's features: both sources agree
     assert hl[1][-1]["itc"] == pytest.approx(hl[2][-1]["itc"], rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["clip_star", "tbps"])
+def test_soft_label_sources_give_identical_targets_without_dropout(toy, tmp_path, preset):
+    "trick.soft_label_source: the no-grad pass and the detached gradient-pass features are the same inputs."
+    from tbps_clip.data import collate
+    cfg = micro(preset, toy, tmp_path, **{"trick.text_dropout": 0.0, "train.device": "cpu", "data.batch_size": 8})
+    ds = train_dataset(cfg, load_data(cfg), 32)
+    model = attach_heads(prepare_model(cfg), cfg, ds.num_classes)
+    tr = Trainer(cfg, model, ds, progress=False)
+    tr.step = tr.steps_per_epoch  # alpha at its final value
+    tr.batch = collate([ds[i] for i in range(8)])
+    tr.out = tr.forward(tr.batch)
+    feats = {}
+    for source in ("nograd", "detached"):
+        SoftLabels(0.5, source=source).after_forward(tr)
+        feats[source] = tr.loss_ctx.extras["soft"]
+    a, b = feats["nograd"], feats["detached"]
+    assert set(a) == set(b) and ("image_aug_feats" in a) == (preset == "tbps") and a["alpha"] == b["alpha"] == 0.5
+    for k in a:
+        if k != "alpha":
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+            assert not b[k].requires_grad  # targets: no gradient flows through them
 
 
 # ---- resume, checkpoints, heads ---------------------------------------------------------------------

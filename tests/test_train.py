@@ -91,3 +91,71 @@ def test_checkpoint_of_another_architecture_is_refused(toy, tmp_path):
 def test_batch_larger_than_dataset_is_explained(toy, tmp_path):
     with pytest.raises(TBPSError, match="fewer than one batch"):
         run(toy, tmp_path / "a", **{"data.batch_size": 500})
+
+
+# ---- speed settings: plumbing on the CPU (their GPU effect is measured by benchmarks/train_step.py) ----
+
+def trainer_for(toy, tmp_path, **extra):
+    from tbps_clip.run import load_data, prepare_model, train_dataset
+    from tbps_clip.train import Trainer
+    cfg = make_config("clip", micro_overrides(toy, tmp_path, **{"train.device": "cpu", **extra}))
+    model = prepare_model(cfg)
+    return Trainer(cfg, model, train_dataset(cfg, load_data(cfg), model.context_length), progress=False)
+
+
+def test_speed_settings_reach_the_optimizer_and_loader(toy, tmp_path):
+    tr = trainer_for(toy, tmp_path)
+    assert tr.opt.defaults["fused"] is True  # fused AdamW by default, the CPU included
+    dl = tr.loader(0, 0)
+    assert dl.num_workers == 0 and dl.prefetch_factor is None and dl.pin_memory is False  # nothing to pin on the CPU
+    tr = trainer_for(toy, tmp_path, **{"optim.fused": False, "data.num_workers": 2, "data.prefetch_factor": 3})
+    assert not tr.opt.defaults["fused"]
+    dl = tr.loader(0, 0)
+    assert dl.num_workers == 2 and dl.prefetch_factor == 3 and dl.pin_memory is False
+
+
+def test_fused_and_unfused_adamw_make_the_same_updates():
+    "The fused kernel is AdamW's arithmetic: same gradients, same updates up to float rounding (weights ~1e-8 apart)."
+    import copy
+    from tbps_clip.config import OptimConfig
+    from tbps_clip.model import create_model
+    from tbps_clip.train import make_optimizer
+    torch.manual_seed(0)
+    m = create_model("tbps-micro")
+    m2 = copy.deepcopy(m)
+    of, ou = make_optimizer(m, OptimConfig(lr=1e-3)), make_optimizer(m2, OptimConfig(lr=1e-3, fused=False))
+    start = [p.detach().clone() for p in m.parameters()]
+    for s in range(3):
+        g = torch.Generator().manual_seed(s)
+        for p, q in zip(m.parameters(), m2.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        of.step(); ou.step()
+    assert of.defaults["fused"] and not ou.defaults["fused"]
+    for p, q, p0 in zip(m.parameters(), m2.parameters(), start):
+        assert (p - p0).abs().max() > 1e-4  # both moved (lr 1e-3, three steps)
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)
+
+
+def test_compile_setting_compiles_both_towers_in_place(toy, tmp_path):
+    with pytest.raises(TBPSError, match="train.compile"):
+        trainer_for(toy, tmp_path, **{"train.compile": "fast"})
+    tr = trainer_for(toy, tmp_path, **{"train.compile": "default"})  # compiling happens at the first call, not here
+    clip = tr.model.clip
+    assert clip.visual._compiled_call_impl is not None and clip.transformer._compiled_call_impl is not None
+    assert all("_orig_mod" not in k for k in tr.model.state_dict())  # checkpoints keep their parameter names
+
+
+def test_both_towers_use_scaled_dot_product_attention():
+    "open_clip's attention blocks dispatch to F.scaled_dot_product_attention in training (one call per layer)."
+    from torch.profiler import profile
+    from tbps_clip.model import create_model, image_blocks, text_blocks
+    m = create_model("tbps-micro").train()
+    x, tok = torch.randn(2, 3, *m.image_size), torch.randint(1, 100, (2, m.context_length))
+    with profile() as prof:
+        m.encode_image(x).sum().backward()
+    n_img = sum(e.count for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention")
+    with profile() as prof:
+        m.clip.encode_text(tok).sum().backward()
+    n_txt = sum(e.count for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention")
+    assert n_img == len(image_blocks(m)) and n_txt == len(text_blocks(m))
