@@ -228,6 +228,7 @@ def _coerce(value, typ, key):
         if typ is str: return "" if value is None else str(value)
         if typ is tuple:
             if isinstance(value, str): value = [yaml.safe_load(v) for v in value.split(",")]
+            if isinstance(value, (int, float)) and not isinstance(value, bool): value = [value]  # `layers=3` means (3,)
             if not isinstance(value, (list, tuple)): raise ValueError
             return tuple(value)
     except (ValueError, TypeError):

@@ -294,9 +294,16 @@ for _f in (read_torchscript, read_safetensors, read_foreign_containers): _regist
 for _f in (load_clip_weights, load_tbps_release): _register(WEIGHT_LOADERS, _f)
 
 # %% ../nbs/16_weights.ipynb #18166dab
+def _refuse_edited(model: TBPSModel, path, layout: str) -> None:
+    "Refuse to export a model with probes or dropped layers: the foreign layout has no place to record them."
+    if getattr(model, "edits", None):
+        raise TBPSError(f"{path}: cannot write {layout} from an edited model ({model.edits}); "
+                        "save it with save_checkpoint (tbps-clip's own format keeps the edits)")
+
 def write_openai_archive(model: TBPSModel, path) -> Path:
     "Save `model`'s CLIP as OpenAI saved theirs: a traced TorchScript archive with fp16 weights (square inputs only)."
     from open_clip.model import convert_weights_to_lp
+    _refuse_edited(model, path, "an OpenAI archive")
     h, w = model.image_size
     if h != w: raise TBPSError(f"OpenAI archives are for square inputs; the model takes {h}x{w}")
     clip = copy.deepcopy(model.clip).float().eval()
@@ -344,6 +351,7 @@ def _module_named(name: str, **attrs):
 
 def write_tbps_release(model: TBPSModel, path, heads: bool = True, config: dict | None = None) -> Path:
     "Save `model` in the layout of the released TBPS-CLIP checkpoints (with optimizer state, SS head and EasyDict config)."
+    _refuse_edited(model, path, "a TBPS-CLIP release checkpoint")
     sd = {}
     for k, v in model.clip.state_dict().items():
         sd[k if k.startswith("visual.") or k == "logit_scale" else f"encode_text.{k}"] = v.detach().clone()

@@ -340,3 +340,22 @@ def test_irra_trains_from_a_tbps_checkpoint(toy, tmp_path):
     sd = state(tmp_path / "irra" / "checkpoint.pt")
     assert any(k.startswith("heads.mlm.") for k in sd) and any(k.startswith("heads.classifier.") for k in sd)
     assert not any(k.startswith("heads.ss_image.") for k in sd)  # TBPS-CLIP's SS head is not carried over
+
+
+def test_edited_models_are_not_exported_to_foreign_layouts(tmp_path):
+    "An OpenAI archive or a TBPS-CLIP release has no place for dropped layers or probes: refused, not silently lost."
+    from tbps_clip.core import TBPSError
+    from tbps_clip.model import create_model
+    from tbps_clip.probes import drop_text_layers
+    from tbps_clip.weights import write_tbps_release
+    m = create_model("tbps-micro")
+    drop_text_layers(m, [0])
+    with pytest.raises(TBPSError, match="edited model"):
+        write_tbps_release(m, tmp_path / "release.pth")
+    assert not (tmp_path / "release.pth").exists()
+
+
+def test_a_single_layer_id_is_a_one_element_tuple():
+    from tbps_clip.config import make_config
+    assert make_config("clip", {"model.drop_text_layers": "3"}).model.drop_text_layers == (3,)
+    assert make_config("clip", {"train.freeze_text_layers": "3,7"}).train.freeze_text_layers == (3, 7)
