@@ -337,3 +337,30 @@ def test_run_once_with_several_processes_goes_through_torchrun(tmp_path):
     assert r["world_size"] == 2 and r["steps"] == 2 and r["config"]["trick"]["global_grad"]
     assert r["epochs"] == pytest.approx(2 * 8 * 2 / 32)  # 2 steps x 8 per process x 2 processes over 32 training pairs (16 images x 2 captions)
     assert run_once("e01", "global_grad", "clip", ov, 0, "smoke", tmp_path, nproc=2) == r
+
+
+# ---- the probes' helpers: checkpoints they depend on, scores of other settings -------------------------------
+
+def test_probe_runs_refuse_gone_checkpoints_and_scores_of_other_settings(tmp_path):
+    from tbps_clip.study import importance_path, importance_run, irra_init_runs, run_dir_of
+    ov = scale_overrides("smoke")
+    res = importance_run("clip", 0, "smoke", tmp_path, ov, split="test", grid=[0.0, 0.5, 1.0])
+    assert len(res["rows"]) == 12 and res["settings"]["grid"] == [0.0, 0.5, 1.0]
+    assert importance_run("clip", 0, "smoke", tmp_path, ov, split="test", grid=[0.0, 0.5, 1.0]) == res  # read back
+    with pytest.raises(TBPSError, match="scores of other settings"):
+        importance_run("clip", 0, "smoke", tmp_path, ov, split="test", grid=[0.0, 1.0])
+    importance_path(tmp_path, "clip", 0).unlink()
+    (run_dir_of(tmp_path, "e10", "clip", 0) / "checkpoint.pt").unlink()
+    with pytest.raises(TBPSError, match="checkpoint .* is gone"):
+        importance_run("clip", 0, "smoke", tmp_path, ov, split="test")
+    with pytest.raises(TBPSError, match="split 'val' is empty"):  # the smoke SynthPEDES has no val identities
+        importance_run("clip", 1, "smoke", tmp_path, ov)
+    r = irra_init_runs(["simplified"], [0], "smoke", tmp_path, ov, log=None)
+    ckpt = run_dir_of(tmp_path, "e08", "source@simplified", 0) / "checkpoint.pt"
+    assert r[0]["config"]["model"]["pretrained"] == str(ckpt) and r[0]["preset"] == "irra"
+    record_path(tmp_path, "e08", "simplified", 0).unlink()
+    ckpt.unlink()
+    with pytest.raises(TBPSError, match="source@simplified.*checkpoint .* is gone"):
+        irra_init_runs(["simplified"], [0], "smoke", tmp_path, ov, log=None)
+    with pytest.raises(TBPSError, match="unknown initialisation"):
+        irra_init_runs(["nope"], [0], "smoke", tmp_path, ov, log=None)
