@@ -5,6 +5,7 @@
 # %% ../nbs/06_model.ipynb #3e3d332c
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -115,8 +116,10 @@ def create_model(arch: str, image_size=None, context_length: int = 0, quick_gelu
         raise TBPSError(f"image_size {image_size} is not a multiple of {arch}'s patch size {ps}")
     ctx = context_length or cfg["text_cfg"].get("context_length", 77)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns 'no pretrained weights'
-    clip = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick_gelu,
-                                  force_context_length=ctx, device=device)
+    # on 'meta' the weights are also created there: no random initialisation of a full-size model just to count it
+    with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
+        clip = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick_gelu,
+                                      force_context_length=ctx, device=device)
     return TBPSModel(clip, arch, image_size, ctx)
 
 # %% ../nbs/06_model.ipynb #e83e623c

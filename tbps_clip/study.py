@@ -22,13 +22,15 @@ from .config import config_to_dict, make_config, parse_overrides
 from .core import TBPSError, atomic_write_json, atomic_write_text, environment_info, git_commit
 
 # %% auto #0
-__all__ = ['SCALES', 'SWEEPS', 'ALIASES', 'RECORD_SCHEMA', 'PAPER', 'COST', 'METRICS', 'REPORT_TABLES', 'PAPER_DATASETS',
-           'scale_overrides', 'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint',
-           'find_same_run', 'record_path', 'read_record', 'count_parameters', 'run_once', 'run_rows', 'paper_table',
+__all__ = ['SCALES', 'IRRA_INITS', 'FEWSHOT_METHODS', 'TABLE12_IDS', 'SWEEPS', 'ALIASES', 'RECORD_SCHEMA', 'PAPER', 'COST',
+           'METRICS', 'PAPER_DATASETS', 'REPORT_TABLES', 'scale_overrides', 'fewshot_rows', 'compression_rows',
+           'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint', 'find_same_run', 'record_path',
+           'run_dir_of', 'read_record', 'count_parameters', 'run_once', 'run_rows', 'paper_table', 'dataset_paper_rows',
            'e06_paper_rows', 'load_records', 'flat_rows', 'summarise', 'to_markdown', 'write_csv', 'pooled_sd',
            'mark_agreement', 'agreement_counts', 'noise_statement', 'effects_long', 'plot_effects', 'data_label',
-           'table_report', 'e06_rows', 'e06_marks', 'table_records', 'cost_rows', 'build_report', 'params_key',
-           'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
+           'table_report', 'e06_rows', 'e06_marks', 'paper_dataset', 'irra_init_runs', 'e09_marks', 'importance_path',
+           'score_modules', 'importance_run', 'compression_layers', 'compression_table', 'table_records', 'cost_rows',
+           'build_report', 'params_key', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
 
 # %% ../nbs/30_study.ipynb #b3dc747c
 SCALES: dict[str, dict] = {
@@ -101,6 +103,32 @@ def _e03() -> dict:
     rows.update({f"{op}@{a}": ("clip_star", {f"aug.{op}": a}) for op in main for a in (0.05, 0.1, 0.2) if a != main[op]})
     return rows
 
+# the probes (Section 4): e08 IRRA from three initialisations, e09 few-shot, e10 module importance, e11 compression
+IRRA_INITS = ("clip", "tbps", "simplified")  # 'clip': the scale's weights; a preset: a checkpoint of that preset trained first
+FEWSHOT_METHODS = {"clip": ("clip", {}), "coop": ("clip", {"model.probe": "coop"}), "adapter": ("clip", {"model.probe": "adapter"}),
+                   "tbps": ("tbps", {}), "simplified": ("simplified", {})}
+TABLE12_IDS = {1: (7,), 2: (7, 8), 3: (3, 7, 8), 4: (3, 5, 7, 8), 5: (3, 5, 6, 7, 8)}  # the paper's dropped/frozen text layers
+
+def fewshot_rows(fractions, methods=None) -> dict:
+    "e09 rows `method@fraction`: each method of `FEWSHOT_METHODS` trained on `fraction` of the training identities."
+    methods = list(FEWSHOT_METHODS) if methods is None else list(methods)
+    bad = [m for m in methods if m not in FEWSHOT_METHODS]
+    if bad: raise TBPSError(f"e09: unknown method(s) {', '.join(map(str, bad))}; known: {', '.join(FEWSHOT_METHODS)}")
+    fr = [float(f) for f in fractions]
+    if any(not 0 < f <= 1 for f in fr): raise TBPSError(f"e09: fractions {list(fractions)} must lie in (0, 1]")
+    return {f"{m}@{f:g}": (FEWSHOT_METHODS[m][0], {**FEWSHOT_METHODS[m][1], "data.fewshot": f}) for f in fr for m in methods}
+
+def compression_rows(layers: dict, preset: str = "tbps") -> dict:
+    "e11 rows: `full` (x = 0), and for each x -> text-layer ids in `layers`, `drop@x` and `freeze@x`."
+    rows = {"full": (preset, {})}
+    for x, ids in layers.items():
+        ids = sorted(int(i) for i in ids)
+        if len(ids) != int(x): raise TBPSError(f"e11: x={x} needs {x} layer ids, got {ids}")
+        if not ids: continue
+        rows[f"drop@{x}"] = (preset, {"model.drop_text_layers": ids})
+        rows[f"freeze@{x}"] = (preset, {"train.freeze_text_layers": ids})
+    return rows
+
 SWEEPS: dict[str, dict] = {
     "e01": {"clip": ("clip", {}), "global_grad": ("clip", {"trick.global_grad": True}),
             "dropout": ("clip", {"trick.text_dropout": 0.05}), "lock_bl": ("clip", {"trick.lock_patch_embed": True}),
@@ -117,6 +145,10 @@ SWEEPS: dict[str, dict] = {
             "all": ("tbps", {})},
     "e06": {p: (p, {}) for p in ("clip", "tbps", "simplified")},
     "e07": {p: (p, {}) for p in ("tbps", "clip")},
+    "e08": {i: ("irra", {}) for i in IRRA_INITS},  # the checkpoint of a preset init is set at run time (irra_init_runs)
+    "e09": fewshot_rows((0.01, 0.05, 0.1)),
+    "e10": {"tbps": ("tbps", {})},  # the fine-tuned model whose modules are scored (a preset: see importance_run)
+    "e11": compression_rows(TABLE12_IDS),  # the paper's layers; e11 picks ours from e10's scores
 }
 
 ALIASES = {"e02": {"rrc@0.9": "rrc", "erase@0.10-0.20": "erase", "blur@3": "blur", "jitter@0.1": "jitter", "hue@0.1": "hue",
@@ -174,6 +206,11 @@ def record_path(out, exp: str, name: str, seed: int) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_.@+=" else "_" for c in str(name))
     return Path(out) / "records" / exp / f"{safe}-s{seed}.json"
 
+def run_dir_of(out, exp: str, name: str, seed: int) -> Path:
+    "The run folder (config, log, checkpoint) of row `name` of `exp` at `seed` under `out`."
+    p = record_path(out, exp, name, seed)
+    return p.parent.parent.parent / "runs" / exp / p.stem
+
 def read_record(path) -> dict:
     "A record file, or an error naming it."
     path = Path(path)
@@ -210,8 +247,7 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
              keep_checkpoint: bool = False, count_params: bool = False, progress: bool = False, reuse: bool = True) -> dict:
     "Train and evaluate row `name` of `exp` at `seed`; write and return its record (an existing record is returned)."
     from tbps_clip.run import train
-    path = record_path(out, exp, name, seed)
-    run_dir = path.parent.parent.parent / "runs" / exp / path.stem
+    path, run_dir = record_path(out, exp, name, seed), run_dir_of(out, exp, name, seed)
     cfg = make_config(preset, {**parse_overrides(overrides), "train.seed": seed, "out_dir": str(run_dir)})
     if path.exists():
         rec = read_record(path)
@@ -380,6 +416,37 @@ PAPER: dict[str, dict] = {
         rstpreid/clip/ViT-B-16 | RSTPReid CLIP ViT-B/16 | 56.15 78.30 86.60 43.26
         rstpreid/tbps/ViT-B-16 | RSTPReid TBPS-CLIP ViT-B/16 | 61.95 83.55 88.75 48.26
         rstpreid/simplified/ViT-B-16 | RSTPReid Simplified ViT-B/16 | 62.10 81.90 87.75 48.00""")),
+    "table10": dict(exp="e08", title="Table 10: IRRA (SDM + MLM + ID) from three initialisations", baseline="clip", rows=_rows("""
+        cuhk-pedes/clip | CUHK-PEDES IRRA from CLIP | 73.38 89.93 93.71 66.13 50.24
+        cuhk-pedes/tbps | CUHK-PEDES IRRA from TBPS-CLIP | 74.97 89.82 93.80 67.84 52.53
+        cuhk-pedes/simplified | CUHK-PEDES IRRA from Simplified | 74.56 89.26 93.52 67.52 52.58
+        icfg-pedes/clip | ICFG-PEDES IRRA from CLIP | 63.46 80.25 85.82 38.06 7.93
+        icfg-pedes/tbps | ICFG-PEDES IRRA from TBPS-CLIP | 65.64 81.25 86.61 40.77 9.36
+        icfg-pedes/simplified | ICFG-PEDES IRRA from Simplified | 64.90 80.95 86.48 40.50 9.40
+        rstpreid/clip | RSTPReid IRRA from CLIP | 60.20 81.30 88.20 47.17 25.28
+        rstpreid/tbps | RSTPReid IRRA from TBPS-CLIP | 63.40 82.60 89.00 49.45 26.78
+        rstpreid/simplified | RSTPReid IRRA from Simplified | 62.35 82.00 87.90 49.82 27.41""")),
+    "table11": dict(exp="e09", title="Table 11: few-shot on CUHK-PEDES (ViT-B/16)", baseline="clip", rows=_rows("""
+        clip@0.01 | CLIP 1% | 27.84 49.51 60.56 25.88
+        coop@0.01 | CoOp 1% | 10.98 23.98 31.50 10.22
+        adapter@0.01 | CLIP-Adapter 1% | 11.22 24.22 31.71 10.30
+        tbps@0.01 | TBPS-CLIP 1% | 27.94 51.20 62.07 27.60
+        simplified@0.01 | Simplified 1% | 30.05 51.56 62.23 28.53
+        clip@0.05 | CLIP 5% | 38.37 62.26 72.34 35.39
+        coop@0.05 | CoOp 5% | 11.37 24.19 32.46 10.48
+        adapter@0.05 | CLIP-Adapter 5% | 11.96 25.45 33.56 10.91
+        tbps@0.05 | TBPS-CLIP 5% | 42.98 66.26 74.94 38.86
+        simplified@0.05 | Simplified 5% | 43.65 66.60 75.91 39.30
+        clip@0.1 | CLIP 10% | 42.37 66.13 75.31 38.20
+        coop@0.1 | CoOp 10% | 12.10 25.55 33.97 10.96
+        adapter@0.1 | CLIP-Adapter 10% | 12.61 27.19 35.32 11.77
+        tbps@0.1 | TBPS-CLIP 10% | 49.19 71.98 80.46 43.81
+        simplified@0.1 | Simplified 10% | 50.26 72.51 80.28 44.28""")),
+    # Table 12 gives trainable parameters (M, ViT-B/16) per x; R@1 only in a figure: freezing barely changes it, dropping lowers it
+    "table12": dict(exp="e11", title="Table 12: x text layers dropped or frozen (trainable parameters, M, ViT-B/16)", baseline="full",
+                    rows={"full": dict(label="x = 0", x=0, ids=[], tbps=149.2, simplified=149.0),
+                          **{f"x{x}": dict(label=f"x = {x}", x=x, ids=list(TABLE12_IDS[x]), tbps=t, simplified=m) for x, t, m in
+                             ((1, 146.0, 145.9), (2, 142.9, 142.7), (3, 139.7, 139.6), (4, 136.6, 136.4), (5, 133.4, 133.3))}}),
     "table12_batch": dict(exp="e12", title="Batch size (authors' answer): Simplified, CUHK-PEDES, global 160 vs 320", baseline="half",
                           rows=_rows("""
         half | global 160 | 71.22 87.77 92.19 63.85
@@ -396,6 +463,13 @@ def paper_table(table: str) -> dict:
     "The paper's table `table` (title, baseline, rows), or an error listing the tables."
     if table not in PAPER: raise TBPSError(f"no paper table {table!r}; known: {', '.join(PAPER)}")
     return PAPER[table]
+
+def dataset_paper_rows(table: str, dataset: str) -> dict:
+    "The rows of paper `table` (keyed dataset/row) for `dataset`, keyed by row."
+    rows = paper_table(table)["rows"]
+    out = {k.split("/", 1)[1]: v for k, v in rows.items() if k.startswith(f"{dataset}/")}
+    if not out: raise TBPSError(f"{table} has no rows for {dataset}; datasets: {', '.join(sorted({k.split('/')[0] for k in rows}))}")
+    return out
 
 def e06_paper_rows(dataset: str, backbone: str) -> dict:
     "The Tables 6-8 rows of `dataset` and `backbone` (paper names), keyed by preset."
@@ -581,10 +655,146 @@ def e06_marks(records, out, paper_dataset: str, paper_backbones: dict, metric: s
         marked += [dict(r, backbone=arch, paper_backbone=pb, label=f"{r['name']} {arch} (paper {pb})") for r in rows]
     return marked
 
+# %% ../nbs/30_study.ipynb #b1276d6f
+from .config import PRESETS
+
+PAPER_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid")
+
+def paper_dataset(dataset: str) -> str:
+    "The paper dataset our `dataset` is compared with: itself if the paper has it, else CUHK-PEDES."
+    return dataset if dataset in PAPER_DATASETS else "cuhk-pedes"
+
+def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1, log=print) -> list:
+    "e08: the `irra` preset from each of `inits` ('clip': the scale's weights; a preset: its `source@preset` checkpoint) at each seed."
+    ov = dict(parse_overrides(overrides))
+    bad = [i for i in inits if i != "clip" and i not in PRESETS]
+    if bad: raise TBPSError(f"e08: unknown initialisation(s) {', '.join(map(str, bad))}; 'clip' or a preset: {', '.join(PRESETS)}")
+    recs = []
+    for seed in seeds:
+        for init in inits:
+            row = {}
+            if init != "clip":
+                src = f"source@{init}"
+                ckpt = run_dir_of(out, "e08", src, seed) / "checkpoint.pt"
+                if not record_path(out, "e08", init, seed).exists():  # the IRRA run still needs its initialisation
+                    s = run_once("e08", src, init, ov, seed, scale, out, nproc=nproc, keep_checkpoint=True, reuse=False)
+                    if log: log(f"e08 {src} seed {seed}: R@1 {s['metrics']['R@1']:.2f} (checkpoint {ckpt})")
+                    if not ckpt.is_file():
+                        raise TBPSError(f"{record_path(out, 'e08', src, seed)}: its checkpoint {ckpt} is gone; "
+                                        "delete that record to train the initialisation again")
+                row = {"model.pretrained": str(ckpt)}
+            recs += run_rows("e08", {init: ("irra", row)}, [seed], scale, out, ov, nproc=nproc, log=log)
+    return recs
+
+def e09_marks(records, out, metric: str = "R@1", k: float = 2.0) -> list:
+    "Per few-shot fraction, each method marked against CLIP fine-tuning on that fraction (Table 11); tables per fraction."
+    paper = PAPER["table11"]["rows"]
+    marked = []
+    for f in dict.fromkeys(r["name"].split("@")[1] for r in records):
+        sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["name"].split("@")[1] == f]
+        prow = {n.split("@")[0]: v for n, v in paper.items() if n.split("@")[1] == f}
+        rows = table_report(sub, "table11", out, metric, k, paper_rows=prow, baseline="clip", stem=f"table11-{f}")
+        marked += [dict(r, fraction=float(f), row=f"{r['name']}@{f}",
+                        label=r["label"] if r["paper"] is not None else f"{r['name']} {float(f):.0%}") for r in rows]
+    return marked
+
+def importance_path(out, preset: str, seed: int) -> Path:
+    "Where e10 keeps the module scores of the fine-tuned `preset` at `seed`."
+    return Path(out) / "importance" / f"e10-{preset}-s{seed}.json"
+
+def score_modules(checkpoint, config: dict, split: str = "val", fraction: float = 1.0, eps: float = 3.0, grid=None,
+                  metric: str = "R@1") -> list:
+    "C1 and C2 of every module of the model in `checkpoint` against the weights its run (`config`) started from, on `split`."
+    from tbps_clip.config import config_from_dict
+    from tbps_clip.core import resolve_device, seed_everything
+    from tbps_clip.evaluate import evaluate
+    from tbps_clip.importance import ALPHAS, TOWERS, module_importance, module_refs
+    from tbps_clip.probes import fewshot_subset
+    from tbps_clip.run import eval_config, load_data, prepare_model, set_threads
+    cfg = config_from_dict(config)
+    set_threads(cfg)
+    ann = load_data(cfg)
+    seed_everything(cfg.train.seed)  # as run.train does right before building the model: the same theta_0, random or not
+    theta0 = {k: v.detach().clone() for k, v in prepare_model(cfg).state_dict().items()}
+    device = resolve_device(cfg.train.device)
+    model = prepare_model(eval_config(str(checkpoint))).to(device)
+    if not ann.split(split): raise TBPSError(f"{cfg.data.dataset} ({cfg.data.root}): split {split!r} is empty; choose another split")
+    if fraction < 1: ann, _ = fewshot_subset(ann, fraction, cfg.data.fewshot_seed, split=split)
+    ev = lambda m: evaluate(m, ann, split, cfg.data, cfg.eval.chunk_size, device, cfg.train.precision)
+    rows = []
+    for tower in TOWERS:  # C1 is normalised over the modules scored together: one tower, one heatmap
+        rows += module_importance(model, ev, theta0, module_refs(model, (tower,)), eps, ALPHAS if grid is None else grid, metric)
+    return rows
+
+def importance_run(preset: str, seed: int, scale: str, out, overrides=None, split: str = "val", fraction: float = 1.0,
+                   eps: float = 3.0, grid=None, metric: str = "R@1", nproc: int = 1, log=print) -> dict:
+    "e10: fine-tune `preset` (checkpoint kept) and score its modules; the saved scores (read back when already there)."
+    from tbps_clip.importance import ALPHAS
+    settings = dict(split=split, fraction=float(fraction), eps=float(eps), grid=[float(a) for a in (ALPHAS if grid is None else grid)],
+                    metric=metric)
+    rec = run_once("e10", preset, preset, overrides, seed, scale, out, nproc=nproc, keep_checkpoint=True, reuse=False)
+    path = importance_path(out, preset, seed)
+    if path.exists():
+        res = json.loads(path.read_text())
+        if res.get("settings") != settings or res.get("fingerprint") != rec["fingerprint"]:
+            raise TBPSError(f"{path}: scores of other settings or another run are there ({res.get('settings')}); "
+                            "delete the file or use another out folder")
+        return res
+    ckpt = run_dir_of(out, "e10", preset, seed) / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise TBPSError(f"{record_path(out, 'e10', preset, seed)}: its checkpoint {ckpt} is gone; delete that record to train it again")
+    t0 = time.perf_counter()
+    rows = score_modules(ckpt, rec["config"], split, fraction, eps, settings["grid"], metric)
+    res = dict(exp="e10", name=preset, seed=seed, scale=scale, dataset=rec["dataset"], synthetic=rec["synthetic"],
+               arch=rec["config"]["model"]["arch"], fingerprint=rec["fingerprint"], settings=settings, baseline=rows[0]["baseline"],
+               evaluations=sum(len(r["curve"]) for r in rows) + 2, seconds=round(time.perf_counter() - t0, 1), rows=rows,
+               git_commit=git_commit(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic_write_json(path, res)
+    if log: log(f"e10 {preset} seed {seed}: {len(rows)} modules scored on {split} in {res['seconds']:.0f} s ({res['evaluations']} evaluations)")
+    return res
+
+def compression_layers(scores: dict, xs) -> tuple:
+    "({x: the x least important text layers} for each x of `xs` that leaves a layer, [the xs that do not])."
+    from tbps_clip.importance import least_important_layers
+    scores = {int(l): v for l, v in scores.items()}
+    ok = [int(x) for x in xs if 0 < int(x) < len(scores)]
+    return {x: least_important_layers(scores, x) for x in ok}, [x for x in xs if int(x) not in ok]
+
+def _mark(d: float, noise, want_positive: bool) -> str:
+    if noise is not None and abs(d) <= noise: return "within seed noise"
+    m = "no change" if d == 0 else "agrees" if (d > 0) == want_positive else "disagrees"
+    return m + ("" if noise is not None else " (noise unknown: one seed)")
+
+def compression_table(records, metric: str = "R@1", k: float = 2.0) -> list:
+    "e11: per strategy and x, mean `metric`, effect vs `full`, exact trainable parameters and the mark (see above)."
+    from tbps_clip.config import config_from_dict
+    from tbps_clip.probes import trainable_parameters
+    summ = {r["name"]: r for r in summarise(records)}
+    s = pooled_sd(list(summ.values()), metric)
+    by = {r["name"]: r for r in records}
+    full = summ.get("full")
+    out = []
+    for name, r in sorted(summ.items(), key=lambda kv: (kv[0] != "full", int(kv[0].split("@")[1]) if "@" in kv[0] else 0, kv[0])):
+        cfg = config_from_dict(by[name]["config"])
+        strategy, x = (name.split("@")[0], int(name.split("@")[1])) if "@" in name else ("none", 0)
+        ids = list(cfg.model.drop_text_layers or cfg.train.freeze_text_layers)
+        row = dict(name=name, label=f"{strategy} {ids}" if ids else "full (x = 0)", strategy=strategy, x=x, layers=ids, n=r["n"],
+                   ours=r[metric], ours_sd=r.get(f"{metric}_sd"), trainable=trainable_parameters(cfg, by[name]["train_ids"])["trainable"],
+                   ours_effect=None, paper_effect=None, vs=None, noise=None, mark="")
+        other = summ.get(f"drop@{x}") if strategy == "freeze" else full
+        if name == "full": row["mark"] = "baseline"
+        elif other is None: row["mark"] = "no baseline run"
+        else:
+            d = r[metric] - other[metric]
+            noise = k * s * math.sqrt(1 / r["n"] + 1 / other["n"]) if s is not None else None
+            row.update(ours_effect=r[metric] - full[metric] if full else None, vs=f"{other['name']}: {d:+.2f}", noise=noise,
+                       mark=_mark(d, noise, strategy == "freeze"))
+        out.append(row)
+    return out
+
 # %% ../nbs/30_study.ipynb #5ebe1ccb
 REPORT_TABLES = (("e01", "table1"), ("e02", "table2"), ("e02", "table2_appendix"), ("e03", "table3"),
                  ("e03", "table3_appendix"), ("e04", "table4"), ("e05", "table5"), ("e12", "table12_batch"))
-PAPER_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid")
 
 def table_records(records, table: str) -> list:
     "The records whose rows belong to paper `table` (its rows, and main rows standing for appendix values)."
@@ -603,6 +813,45 @@ def cost_rows(records) -> list:
                          train_seconds=r.get("train_seconds"), test_seconds=r.get("test_seconds"), hardware=hw))
     return ours + [dict(method=f"{m} (paper)", hardware="paper (TBPS-CLIP: 4 GPUs)" if m == "TBPS-CLIP" else "paper", **v)
                    for m, v in COST.items()]
+
+def _probe_sections(recs, src: Path, out: Path, label: str, tables: dict, metric: str, k: float, figures: bool) -> list:
+    "The report's sections for e08-e11 (Tables 10-12 and the module importance), marked; adds their tables to `tables`."
+    from tbps_clip.importance import layer_importance
+    md = []
+    e08 = [r for r in recs if r["exp"] == "e08" and r["name"] in IRRA_INITS]
+    if e08:
+        pds = paper_dataset(e08[0]["dataset"])
+        marked = table_report(e08, "table10", out, metric, k, paper_rows=dataset_paper_rows("table10", pds), baseline="clip")
+        tables[(str(src), "table10")] = marked
+        if figures: plot_effects(marked, out / "figures" / "table10.png", f"{PAPER['table10']['title']} (paper {pds})\nours: {label}", f"ours: {label}", metric)
+        md += [f"### {PAPER['table10']['title']} (ours {label}; paper {pds})", "",
+               to_markdown(marked, ["label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]), "",
+               f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""]
+    e09 = [r for r in recs if r["exp"] == "e09"]
+    if e09:
+        marked = e09_marks(e09, out, metric, k)
+        tables[(str(src), "table11")] = marked
+        if figures: plot_effects(marked, out / "figures" / "table11.png", f"{PAPER['table11']['title']}: each method vs CLIP at its fraction\nours: {label}", f"ours: {label}", metric)
+        md += [f"### {PAPER['table11']['title']}: each method vs CLIP fine-tuning on the same fraction (ours {label})", "",
+               to_markdown(marked, ["label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]), "",
+               f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""]
+    for f in sorted((src / "importance").glob("e10-*.json")):
+        res = json.loads(f.read_text())
+        sc = layer_importance(res["rows"], "text")
+        order = sorted(sc, key=lambda l: (sc[l], l))
+        md += [f"### e10: module importance of {res['name']} seed {res['seed']} ({res['arch']}; ours {label}; {res['settings']['split']} split)", "",
+               f"Text layers from least to most important (summed C1 + C2 of SA, FF, layer; 0-based): {', '.join(map(str, order))}. "
+               f"The paper (ViT-B/16, 12 text layers) drops or freezes, in that order: 7, 8, 3, 5, 6 (Table 12).", ""]
+    e11 = [r for r in recs if r["exp"] == "e11"]
+    if e11:
+        rows = compression_table(e11, metric, k)
+        tables[(str(src), "table12")] = rows
+        write_csv(rows, out / "tables" / "table12.csv")
+        md += [f"### {PAPER['table12']['title']}: ours {label} ({metric}; drop vs full, freeze vs drop at the same x)", "",
+               to_markdown(rows, ["label", "n", "ours", "ours_sd", "ours_effect", "trainable", "vs", "noise", "mark"]), "",
+               "Paper (figure only): freezing the layers barely changes R@1, dropping them lowers it. "
+               f"Counts: {agreement_counts(rows)}.", ""]
+    return md
 
 def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: bool = True) -> dict:
     "Every study table of the records in `sources`, marked; tables, figures and report.md under `out`."
@@ -625,8 +874,7 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
                    "", f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""]
         e06 = [r for r in recs if r["exp"] == "e06"]
         if e06:
-            ds = e06[0]["dataset"]
-            pds = ds if ds in PAPER_DATASETS else "cuhk-pedes"
+            pds = paper_dataset(e06[0]["dataset"])
             archs = {r["config"]["model"]["arch"] for r in e06}
             marked = e06_marks(e06, out / sec, pds, {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}, metric)
             tables[(str(src), "table6_8")] = marked
@@ -637,6 +885,7 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
             rows = cost_rows(e07)
             write_csv(rows, out / sec / "tables" / "table9.csv")
             md += ["### Table 9: training cost (ours vs the paper; different hardware and data sizes)", "", to_markdown(rows), ""]
+        md += _probe_sections(recs, Path(src), out / sec, label, tables, metric, k, figures)
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return tables
 
@@ -757,7 +1006,7 @@ def collect(out, csv_path=None, md_path=None, metric: str = "R@1") -> dict:
         prow, base, al = _paper_for(exp)
         synth = any(r["synthetic"] for r in summ)
         lines.append(f"## {exp}" + (" (synthetic data)" if synth else f" ({summ[0]['dataset']})"))
-        if base and exp != "e06":
+        if base and exp not in ("e06", "e08", "e09", "e11"):  # marked per dataset, fraction or x: see build_report
             marked = mark_agreement(summ, prow, base, metric, aliases=al)
             lines += [to_markdown(marked, ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]),
                       "", noise_statement(marked, metric)]

@@ -17,7 +17,8 @@ from tbps_clip.study import (PAPER, agreement_counts, collect, load_records, mar
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("e*.ipynb"))
 FIGURES = {"e01_tricks": ["e01"], "e02_image_aug": ["e02", "e02_appendix"], "e03_text_aug": ["e03", "e03_appendix"],
-           "e04_both_aug": ["e04"], "e05_losses": ["e05"], "e06_main": ["e06"], "e07_cost": ["e07"], "e12_batch_size": ["e12"]}
+           "e04_both_aug": ["e04"], "e05_losses": ["e05"], "e06_main": ["e06"], "e07_cost": ["e07"], "e08_irra_init": ["e08"],
+           "e09_fewshot": ["e09"], "e10_importance": ["e10"], "e11_compression": ["e11"], "e12_batch_size": ["e12"]}
 papermill = pytest.importorskip("papermill", reason="papermill is a dev dependency (pip install -e '.[dev]')")
 
 
@@ -78,7 +79,27 @@ def test_every_experiment_notebook_runs_at_smoke_scale(tmp_path, kernel_env):
     assert by[("e02", "clip_star")]["reused_from"] == by[("e03", "clip_star")]["reused_from"] == "e01/clip_star"
     assert by[("e05", "itc")]["reused_from"] == "e04/both"
     assert by[("e06", "tbps@tbps-micro")]["metrics"] == by[("e05", "all")]["metrics"]
+    # the probes: IRRA from checkpoints this sweep trained; few-shot subsets; scores of every module; layers from them
+    assert {r["name"] for r in recs if r["exp"] == "e08"} == {"clip", "tbps", "simplified", "source@tbps", "source@simplified"}
+    for init in ("tbps", "simplified"):
+        assert by[("e08", init)]["config"]["model"]["pretrained"] == str(tmp_path / "runs" / "e08" / f"source@{init}-s0" / "checkpoint.pt")
+        assert (tmp_path / "runs" / "e08" / f"source@{init}-s0" / "checkpoint.pt").is_file() and not by[("e08", f"source@{init}")].get("reused_from")
+    assert by[("e08", "clip")]["config"]["model"]["pretrained"] == "none" and by[("e08", "clip")]["config"]["loss"]["sdm"] == 1.0
+    assert {r["name"] for r in recs if r["exp"] == "e09"} == set(PAPER["table11"]["rows"])
+    assert by[("e09", "clip@0.01")]["train_ids"] == 1 and by[("e09", "clip@0.1")]["train_ids"] == 1 and by[("e09", "tbps@0.05")]["train_ids"] == 1
+    assert by[("e09", "coop@0.05")]["config"]["model"]["probe"] == "coop" and by[("e09", "adapter@0.05")]["config"]["model"]["probe"] == "adapter"
+    imp = json.loads((tmp_path / "importance" / "e10-tbps-s0.json").read_text())
+    assert len(imp["rows"]) == 2 * 2 * 3 and {r["part"] for r in imp["rows"]} == {"sa", "ff", "layer"} and imp["settings"]["split"] == "test"
+    assert all(0 <= r["c2"] <= 1 and r["c1"] <= 1 for r in imp["rows"])
+    from tbps_clip.importance import layer_importance, least_important_layers
+    worst = least_important_layers(layer_importance(imp["rows"], "text"), 1)
+    assert {r["name"] for r in recs if r["exp"] == "e11"} == {"full", "drop@1", "freeze@1"}  # micro: 2 text layers, x = 1 only
+    assert by[("e11", "drop@1")]["config"]["model"]["drop_text_layers"] == worst == by[("e11", "freeze@1")]["config"]["train"]["freeze_text_layers"]
+    assert by[("e11", "full")]["reused_from"] in ("e05/all", "e10/tbps")  # the tbps preset's run: not trained again
+    t12 = (tmp_path / "tables" / "table12_vit_b16.csv").read_text().splitlines()
+    assert len(t12) == 13 and all(line.endswith(",True") for line in t12[1:])  # ViT-B/16 counts = the paper's Table 12
     report = (tmp_path / "report" / "report.md").read_text()
+    assert all(t in report for t in ("Table 10", "Table 11", "Table 12", "e10: module importance"))
     assert "SynthPEDES (synthetic)" in report and "Table 5" in report and (tmp_path / "report" / "figures" / "agreement.png").exists()
     n_files = len(list((tmp_path / "records").rglob("*.json")))
     again = run_sweep(ROOT / "experiments" / "params" / "synthpedes-smoke.yaml", out=tmp_path, log=None)
@@ -316,3 +337,30 @@ def test_run_once_with_several_processes_goes_through_torchrun(tmp_path):
     assert r["world_size"] == 2 and r["steps"] == 2 and r["config"]["trick"]["global_grad"]
     assert r["epochs"] == pytest.approx(2 * 8 * 2 / 32)  # 2 steps x 8 per process x 2 processes over 32 training pairs (16 images x 2 captions)
     assert run_once("e01", "global_grad", "clip", ov, 0, "smoke", tmp_path, nproc=2) == r
+
+
+# ---- the probes' helpers: checkpoints they depend on, scores of other settings -------------------------------
+
+def test_probe_runs_refuse_gone_checkpoints_and_scores_of_other_settings(tmp_path):
+    from tbps_clip.study import importance_path, importance_run, irra_init_runs, run_dir_of
+    ov = scale_overrides("smoke")
+    res = importance_run("clip", 0, "smoke", tmp_path, ov, split="test", grid=[0.0, 0.5, 1.0])
+    assert len(res["rows"]) == 12 and res["settings"]["grid"] == [0.0, 0.5, 1.0]
+    assert importance_run("clip", 0, "smoke", tmp_path, ov, split="test", grid=[0.0, 0.5, 1.0]) == res  # read back
+    with pytest.raises(TBPSError, match="scores of other settings"):
+        importance_run("clip", 0, "smoke", tmp_path, ov, split="test", grid=[0.0, 1.0])
+    importance_path(tmp_path, "clip", 0).unlink()
+    (run_dir_of(tmp_path, "e10", "clip", 0) / "checkpoint.pt").unlink()
+    with pytest.raises(TBPSError, match="checkpoint .* is gone"):
+        importance_run("clip", 0, "smoke", tmp_path, ov, split="test")
+    with pytest.raises(TBPSError, match="split 'val' is empty"):  # the smoke SynthPEDES has no val identities
+        importance_run("clip", 1, "smoke", tmp_path, ov)
+    r = irra_init_runs(["simplified"], [0], "smoke", tmp_path, ov, log=None)
+    ckpt = run_dir_of(tmp_path, "e08", "source@simplified", 0) / "checkpoint.pt"
+    assert r[0]["config"]["model"]["pretrained"] == str(ckpt) and r[0]["preset"] == "irra"
+    record_path(tmp_path, "e08", "simplified", 0).unlink()
+    ckpt.unlink()
+    with pytest.raises(TBPSError, match="source@simplified.*checkpoint .* is gone"):
+        irra_init_runs(["simplified"], [0], "smoke", tmp_path, ov, log=None)
+    with pytest.raises(TBPSError, match="unknown initialisation"):
+        irra_init_runs(["nope"], [0], "smoke", tmp_path, ov, log=None)
