@@ -12,7 +12,7 @@ import pytest
 from tbps_clip.core import TBPSError
 from tbps_clip.study import (PAPER, agreement_counts, collect, load_records, mark_agreement, noise_statement,
                              read_record, record_path, run_once, run_sweep, scale_overrides, summarise, sweep_status,
-                             table_report)
+                             run_notebook, table_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("e*.ipynb"))
@@ -364,3 +364,11 @@ def test_probe_runs_refuse_gone_checkpoints_and_scores_of_other_settings(tmp_pat
         irra_init_runs(["simplified"], [0], "smoke", tmp_path, ov, log=None)
     with pytest.raises(TBPSError, match="unknown initialisation"):
         irra_init_runs(["nope"], [0], "smoke", tmp_path, ov, log=None)
+
+
+def test_a_table_of_only_its_baseline_still_runs(tmp_path, kernel_env):
+    "Running just the baseline row (e.g. more seeds of it) records the runs and draws an empty effect plot, no crash."
+    status = run_notebook(ROOT / "experiments" / "e01_tricks.ipynb", {"scale": "smoke", "rows": ["clip"], "seeds": [0]},
+                          tmp_path, cwd=ROOT, log=None)
+    assert status["status"] == "ok", status.get("error")
+    assert [r["name"] for r in load_records(tmp_path)] == ["clip"]
