@@ -23,11 +23,12 @@ def test_library_imports_without_dev_tools():
     code = ("import sys, builtins\n"
             "real = builtins.__import__\n"
             "def guard(name, *a, **k):\n"
-            "    if name.split('.')[0] in {'nbdev', 'fastcore', 'execnb', 'papermill', 'jupyter', 'IPython', 'seaborn'}:\n"
+            "    if name.split('.')[0] in {'nbdev', 'fastcore', 'execnb', 'papermill', 'jupyter', 'IPython', 'seaborn', 'pandas', 'nbformat'}:\n"
             "        raise ImportError('dev-only module imported: ' + name)\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "import tbps_clip.cli, tbps_clip.run, tbps_clip.synthpedes, tbps_clip.search, tbps_clip.serve\n"
+            "import tbps_clip.cli, tbps_clip.run, tbps_clip.synthpedes, tbps_clip.search, tbps_clip.serve, tbps_clip.study\n"
+            "tbps_clip.cli.build_parser()\n"
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
