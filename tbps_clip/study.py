@@ -109,7 +109,8 @@ def _e03() -> dict:
 IRRA_INITS = ("clip", "tbps", "simplified")  # 'clip': the scale's weights; a preset: a checkpoint of that preset trained first
 FEWSHOT_METHODS = {"clip": ("clip", {}), "coop": ("clip", {"model.probe": "coop"}), "adapter": ("clip", {"model.probe": "adapter"}),
                    "tbps": ("tbps", {}), "simplified": ("simplified", {})}
-TABLE12_IDS = {1: (7,), 2: (7, 8), 3: (3, 7, 8), 4: (3, 5, 7, 8), 5: (3, 5, 6, 7, 8)}  # the paper's dropped/frozen text layers
+from .probes import TABLE12_LAYERS
+TABLE12_IDS = {x: ids for x, ids in TABLE12_LAYERS.items() if x}  # the paper's dropped/frozen text layers (x >= 1)
 
 def fewshot_rows(fractions, methods=None) -> dict:
     "e09 rows `method@fraction`: each method of `FEWSHOT_METHODS` trained on `fraction` of the training identities."
