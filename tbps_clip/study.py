@@ -590,14 +590,14 @@ def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
             f"standard errors of a difference of seed means (pooled seed sd; threshold {min(noise):.2f}-{max(noise):.2f} points).")
 
 # %% ../nbs/30_study.ipynb #de057323
-def effects_long(marked, ours_label: str = "ours") -> list:
-    "Long-form rows (row, source, effect) of a marked table, for seaborn."
-    out = []
+def effects_long(marked, ours_label: str = "ours") -> dict:
+    "Long-form columns (row, source, effect, noise, mark) of a marked table, for seaborn; empty columns for a baseline-only table."
+    out = {c: [] for c in ("row", "source", "effect", "noise", "mark")}
     for r in marked:
         if r["ours_effect"] is None: continue
-        out.append(dict(row=r["label"], source=ours_label, effect=r["ours_effect"], noise=r["noise"], mark=r["mark"]))
-        out.append(dict(row=r["label"], source="paper (CUHK-PEDES)" if r["paper_effect"] is not None else "paper", effect=r["paper_effect"],
-                        noise=None, mark=r["mark"]))
+        paper = "paper (CUHK-PEDES)" if r["paper_effect"] is not None else "paper"
+        for source, effect, noise in ((ours_label, r["ours_effect"], r["noise"]), (paper, r["paper_effect"], None)):
+            for c, v in zip(out, (r["label"], source, effect, noise, r["mark"])): out[c].append(v)
     return out
 
 def plot_effects(marked, path, title: str, ours_label: str = "ours", metric: str = "R@1") -> Path:
