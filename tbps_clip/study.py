@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 import traceback
@@ -24,13 +25,14 @@ from .core import TBPSError, atomic_write_json, atomic_write_text, environment_i
 # %% auto #0
 __all__ = ['SCALES', 'IRRA_INITS', 'FEWSHOT_METHODS', 'TABLE12_IDS', 'SWEEPS', 'ALIASES', 'RECORD_SCHEMA', 'PAPER', 'COST',
            'METRICS', 'PAPER_DATASETS', 'REPORT_TABLES', 'scale_overrides', 'fewshot_rows', 'compression_rows',
-           'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint', 'find_same_run', 'record_path',
-           'run_dir_of', 'read_record', 'count_parameters', 'run_once', 'run_rows', 'paper_table', 'dataset_paper_rows',
-           'e06_paper_rows', 'load_records', 'flat_rows', 'summarise', 'to_markdown', 'write_csv', 'pooled_sd',
-           'mark_agreement', 'agreement_counts', 'noise_statement', 'effects_long', 'plot_effects', 'data_label',
-           'table_report', 'e06_rows', 'e06_marks', 'paper_dataset', 'irra_init_runs', 'e09_marks', 'importance_path',
-           'score_modules', 'importance_run', 'compression_layers', 'compression_table', 'table_records', 'cost_rows',
-           'build_report', 'params_key', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
+           'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint', 'find_same_run',
+           'share_checkpoint', 'record_path', 'run_dir_of', 'read_record', 'count_parameters', 'run_once', 'run_rows',
+           'paper_table', 'dataset_paper_rows', 'e06_paper_rows', 'load_records', 'flat_rows', 'summarise',
+           'to_markdown', 'write_csv', 'pooled_sd', 'mark_agreement', 'agreement_counts', 'noise_statement',
+           'effects_long', 'plot_effects', 'data_label', 'table_report', 'e06_rows', 'e06_marks', 'paper_dataset',
+           'irra_init_runs', 'e09_marks', 'importance_path', 'score_modules', 'importance_run', 'compression_layers',
+           'compression_table', 'table_records', 'cost_rows', 'build_report', 'params_key', 'run_notebook',
+           'load_sweep', 'run_sweep', 'sweep_status', 'collect']
 
 # %% ../nbs/30_study.ipynb #b3dc747c
 SCALES: dict[str, dict] = {
@@ -197,12 +199,22 @@ def config_fingerprint(cfg_dict: dict) -> str:
     flat = {k: v for k, v in _flat(cfg_dict).items() if not any(k == i or k.startswith(i + ".") for i in _IGNORED)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-def find_same_run(out, fingerprint: str, seed: int) -> dict | None:
-    "A record under `out` of a run with these settings and seed (another experiment's row), if there is one."
+def find_same_run(out, fingerprint: str, seed: int, with_checkpoint: bool = False) -> dict | None:
+    "A record under `out` of a run with these settings and seed (another experiment's row; with its kept checkpoint), if any."
     for f in sorted((Path(out) / "records").rglob("*.json")):
         r = read_record(f)
-        if r.get("fingerprint") == fingerprint and r["seed"] == seed and not r.get("reused_from"): return r
+        if r.get("fingerprint") == fingerprint and r["seed"] == seed and not r.get("reused_from"):
+            if not with_checkpoint or (run_dir_of(out, r["exp"], r["name"], seed) / "checkpoint.pt").is_file(): return r
     return None
+
+def share_checkpoint(src: Path, dst: Path) -> None:
+    "Make the kept checkpoint `src` of an identical run also this run's `dst` (a hard link; a copy across file systems)."
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".link.tmp")
+    tmp.unlink(missing_ok=True)
+    try: os.link(src, tmp)
+    except OSError: shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 def record_path(out, exp: str, name: str, seed: int) -> Path:
     "Where the record of row `name` of `exp` at `seed` lives under `out`."
@@ -261,8 +273,9 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
                             "use another out folder or delete the record")
         return rec
     fp = config_fingerprint(config_to_dict(cfg))
-    same = find_same_run(out, fp, seed) if reuse else None
+    same = find_same_run(out, fp, seed, with_checkpoint=keep_checkpoint) if reuse else None
     if same:  # the same settings and seed ran as another experiment's row (e.g. CLIP* in e02, e03 and e04): not again
+        if keep_checkpoint: share_checkpoint(run_dir_of(out, same["exp"], same["name"], seed) / "checkpoint.pt", run_dir / "checkpoint.pt")
         rec = {**same, "exp": exp, "name": name, "preset": preset, "overrides": dict(parse_overrides(overrides)), "scale": scale,
                "reused_from": f"{same['exp']}/{same['name']}", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if count_params and "params_m" not in rec: rec.update(count_parameters(cfg, same["train_ids"]))
@@ -680,7 +693,7 @@ def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1
                 src = f"source@{init}"
                 ckpt = run_dir_of(out, "e08", src, seed) / "checkpoint.pt"
                 if not record_path(out, "e08", init, seed).exists():  # the IRRA run still needs its initialisation
-                    s = run_once("e08", src, init, ov, seed, scale, out, nproc=nproc, keep_checkpoint=True, reuse=False)
+                    s = run_once("e08", src, init, ov, seed, scale, out, nproc=nproc, keep_checkpoint=True)
                     if log: log(f"e08 {src} seed {seed}: R@1 {s['metrics']['R@1']:.2f} (checkpoint {ckpt})")
                     if not ckpt.is_file():
                         raise TBPSError(f"{record_path(out, 'e08', src, seed)}: its checkpoint {ckpt} is gone; "
@@ -735,7 +748,7 @@ def importance_run(preset: str, seed: int, scale: str, out, overrides=None, spli
     from tbps_clip.importance import ALPHAS
     settings = dict(split=split, fraction=float(fraction), eps=float(eps), grid=[float(a) for a in (ALPHAS if grid is None else grid)],
                     metric=metric)
-    rec = run_once("e10", preset, preset, overrides, seed, scale, out, nproc=nproc, keep_checkpoint=True, reuse=False)
+    rec = run_once("e10", preset, preset, overrides, seed, scale, out, nproc=nproc, keep_checkpoint=True)
     path = importance_path(out, preset, seed)
     if path.exists():
         res = json.loads(path.read_text())

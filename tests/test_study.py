@@ -356,3 +356,17 @@ def test_a_table_of_only_its_baseline_still_runs(tmp_path, kernel_env):
                           tmp_path, cwd=ROOT, log=None)
     assert status["status"] == "ok", status.get("error")
     assert [r["name"] for r in load_records(tmp_path)] == ["clip"]
+
+def test_a_kept_checkpoint_stands_in_for_an_identical_run_and_only_a_kept_one(tmp_path):
+    from tbps_clip.study import run_dir_of
+    ov = scale_overrides("smoke")
+    a = run_once("e10", "clip", "clip", ov, 0, "smoke", tmp_path, keep_checkpoint=True)
+    b = run_once("e08", "source@clip", "clip", ov, 0, "smoke", tmp_path, keep_checkpoint=True)  # e08's source of e10's model
+    assert b["reused_from"] == "e10/clip" and b["metrics"] == a["metrics"]
+    ca, cb = (run_dir_of(tmp_path, e, n, 0) / "checkpoint.pt" for e, n in (("e10", "clip"), ("e08", "source@clip")))
+    assert cb.is_file() and cb.read_bytes() == ca.read_bytes()
+    other = {**ov, "optim.lr": 1e-5}
+    run_once("e06", "x", "clip", other, 0, "smoke", tmp_path)  # the same settings, but its checkpoint was not kept
+    c = run_once("e10", "y", "clip", other, 0, "smoke", tmp_path, keep_checkpoint=True)
+    assert not c.get("reused_from") and (run_dir_of(tmp_path, "e10", "y", 0) / "checkpoint.pt").is_file()
+    assert run_once("e01", "z", "clip", other, 0, "smoke", tmp_path)["reused_from"] == "e06/x"  # records are reused as before
