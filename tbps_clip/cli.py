@@ -141,7 +141,8 @@ def _cmd_search(a):
 
 def _cmd_serve(a):
     from tbps_clip.serve import serve
-    serve(a.index, host=a.host, port=a.port, checkpoint=a.checkpoint, overrides=a.set, trust=a.trust, device=a.device)
+    serve(a.index, host=a.host, port=a.port, checkpoint=a.checkpoint, overrides=a.set, trust=a.trust, device=a.device,
+          max_connections=a.max_connections)
 
 def _add_search_commands(sub) -> None:
     "The `index`, `search` and `serve` subcommands."
@@ -181,6 +182,7 @@ def _add_search_commands(sub) -> None:
     s.add_argument("--index", required=True, action="append", help="index folder (repeat for several)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--max-connections", type=int, default=32, help="connections served at once; more get 503 (default 32)")
     model(s)
     s.set_defaults(func=_cmd_serve)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import re
+import socket
 import sys
 import threading
 import time
@@ -20,13 +21,14 @@ from .core import TBPSError
 from .search import Encoder, GalleryIndex
 
 # %% auto #0
-__all__ = ['MAX_QUERY_CHARS', 'MAX_PER_PAGE', 'REQUEST_TIMEOUT_S', 'PAGE', 'SCRIPT', 'RequestError', 'SearchApp', 'Handler',
-           'make_server', 'start_in_thread', 'serve']
+__all__ = ['MAX_QUERY_CHARS', 'MAX_PER_PAGE', 'REQUEST_TIMEOUT_S', 'MAX_CONNECTIONS', 'PAGE', 'SCRIPT', 'RequestError',
+           'SearchApp', 'Handler', 'BoundedHTTPServer', 'make_server', 'start_in_thread', 'serve']
 
 # %% ../nbs/21_serve.ipynb #e97d4b0e
 MAX_QUERY_CHARS = 1000  # a description longer than this is refused (captions are a few dozen words)
 MAX_PER_PAGE = 100
 REQUEST_TIMEOUT_S = 30  # an idle or slow connection is closed after this long
+MAX_CONNECTIONS = 32    # connections served at once; more get 503 at once (threads, and the memory of their answers, stay bounded)
 
 class RequestError(Exception):
     "A request the service refuses, with its HTTP status."
@@ -234,26 +236,59 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         if not self.quiet: sys.stderr.write(f"[tbps-clip serve] {self.address_string()} {fmt % args}\n")
 
-def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8765, quiet: bool = False) -> ThreadingHTTPServer:
-    "A threading HTTP server for `app` bound to `host:port` (port 0: any free port)."
+_BUSY = b'{"error": "server busy: too many connections at once; try again"}'
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    "A threading HTTP server that serves at most `max_connections` connections at once and answers 503 to the rest."
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+        if max_connections < 1: raise TBPSError(f"max_connections must be at least 1, got {max_connections}")
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False): return self.refuse(request)
+        try: super().process_request(request, client_address)
+        except BaseException:  # the thread never started: give its slot back
+            self.slots.release(); raise
+
+    def process_request_thread(self, request, client_address):
+        try: super().process_request_thread(request, client_address)
+        finally: self.slots.release()
+
+    def refuse(self, request):
+        "Answer 503 from the accepting thread, which never waits long (short timeouts, at most 64 KiB of the request read)."
+        try:
+            request.settimeout(0.2)
+            request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
+            request.shutdown(socket.SHUT_WR)
+            got = 0  # read what the client sent: closing with unread bytes resets the connection, and the 503 is lost
+            while got < 65536 and (chunk := request.recv(65536)): got += len(chunk)
+        except OSError: pass
+        finally: self.close_request(request)
+
+def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8765, quiet: bool = False,
+                max_connections: int = MAX_CONNECTIONS) -> BoundedHTTPServer:
+    "A threading HTTP server for `app` bound to `host:port` (port 0: any free port), serving `max_connections` at once."
     handler = type("QuietHandler" if quiet else "Handler", (Handler,), dict(quiet=quiet))
-    try: srv = ThreadingHTTPServer((host, port), handler)
+    try: srv = BoundedHTTPServer((host, port), handler, max_connections)
     except OSError as e: raise TBPSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     srv.daemon_threads = True
     srv.app = app
     return srv
 
-def start_in_thread(app: SearchApp, host: str = "127.0.0.1", port: int = 0, quiet: bool = True) -> tuple:
+def start_in_thread(app: SearchApp, host: str = "127.0.0.1", port: int = 0, quiet: bool = True,
+                    max_connections: int = MAX_CONNECTIONS) -> tuple:
     "Serve `app` from a background thread: (server, base URL); stop with `server.shutdown()`."
-    srv = make_server(app, host, port, quiet)
+    srv = make_server(app, host, port, quiet, max_connections)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv, f"http://{host}:{srv.server_address[1]}"
 
 def serve(folders, host: str = "127.0.0.1", port: int = 8765, checkpoint=None, overrides=None, trust: bool = False,
-          device=None) -> None:
+          device=None, max_connections: int = MAX_CONNECTIONS) -> None:
     "Load the indexes and serve the search page until interrupted."
     app = SearchApp.open(folders, checkpoint, overrides, trust, device)
-    srv = make_server(app, host, port)
+    srv = make_server(app, host, port, max_connections=max_connections)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: listening on {host}: anyone who can reach this machine can search these indexes and see their images",
               file=sys.stderr)

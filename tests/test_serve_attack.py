@@ -167,3 +167,25 @@ def test_bounded_concurrent_load_with_bad_requests(site, record_property):
           f"max {lat[-1] * 1000:.0f} ms; kinds {dict((k, sum(1 for _, _, x in results if x == k)) for k in ('search', 'bad', 'image', 'traversal'))}")
     record_property("requests", len(jobs))
     still_up(site)
+
+
+def test_connections_beyond_the_limit_get_503_and_slots_come_back(site):
+    "A flood of connections cannot grow the server's threads: beyond the limit they get 503 at once, and slots return."
+    srv, url = serve_mod.start_in_thread(site["app"], max_connections=2)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        held = [socket.create_connection((host, int(port)), timeout=20) for _ in range(2)]
+        for s in held: s.sendall(b"GET /api/info HTTP/1.0\r\nX-Slow: ")  # both slots busy, waiting for the rest
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        answer = raw(dict(url=url), b"GET /api/info HTTP/1.0\r\n\r\n")
+        assert status_of(answer) == 503 and b"Retry-After: 1" in answer and b"too many connections" in answer
+        assert time.perf_counter() - t0 < 5  # refused at once, not queued behind the slow ones
+        for s in held: s.close()  # their threads end, and their slots come back
+        deadline = time.time() + 10
+        while status_of(raw(dict(url=url), b"GET /api/info HTTP/1.0\r\n\r\n")) == 503 and time.time() < deadline: time.sleep(0.1)
+        assert status_of(raw(dict(url=url), b"GET /api/info HTTP/1.0\r\n\r\n")) == 200
+    finally:
+        srv.shutdown(); srv.server_close()
+    with pytest.raises(serve_mod.TBPSError, match="max_connections must be at least 1"):
+        serve_mod.make_server(site["app"], port=0, max_connections=0)
