@@ -23,13 +23,23 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TBPSError', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'read_json', 'check_relative_path', 'safe_join', 'resolve_device', 'autocast',
-           'cache_dir', 'git_commit', 'environment_info']
+__all__ = ['TBPSError', 'registrar', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'atomic_torch_save', 'read_json', 'check_relative_path', 'safe_join', 'resolve_device',
+           'autocast', 'cache_dir', 'git_commit', 'environment_info']
 
 # %% ../nbs/00_core.ipynb #6c150783
 class TBPSError(Exception):
     "A problem with the user's input: the message names the file, the entry and what is wrong."
+
+# %% ../nbs/00_core.ipynb #e98bec88
+def registrar(table: dict):
+    "A decorator factory for `table`: `@register(name)` stores the decorated function under `name` and returns it."
+    def register(name: str):
+        def deco(f):
+            table[name] = f
+            return f
+        return deco
+    return register
 
 # %% ../nbs/00_core.ipynb #ed1fa544
 def seed_everything(seed: int) -> None:

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from .config import Config, ModelConfig
-from .core import TBPSError, derive_seed
+from .core import TBPSError, derive_seed, registrar
 from .heads import attach_heads
 from .model import TBPSModel, create_model, lock_patch_embedding, text_blocks
 from .records import Annotations
 from .text import tokenize
 
 # %% auto #0
-__all__ = ['MODEL_EDITS', 'PROBES', 'TABLE12_LAYERS', 'fewshot_pids', 'fewshot_subset', 'register_edit', 'apply_edits',
+__all__ = ['MODEL_EDITS', 'register_edit', 'PROBES', 'TABLE12_LAYERS', 'fewshot_pids', 'fewshot_subset', 'apply_edits',
            'config_edits', 'text_layer_ids', 'drop_text_layers', 'freeze_text_layers', 'apply_freezes',
            'count_parameters', 'layer_parameters', 'CoOpPrompt', 'ImageAdapter', 'attach_probe', 'coop_parameters',
            'adapter_parameters', 'trainable_parameters', 'compression_counts']
@@ -46,13 +46,7 @@ def fewshot_subset(ann: Annotations, fraction: float, seed: int = 0, split: str 
 
 # %% ../nbs/17_probes.ipynb #775f2b0b
 MODEL_EDITS: dict[str, Callable] = {}  # name -> edit(model, settings)
-
-def register_edit(name: str):
-    "Decorator: register `f(model, settings)` as the structural edit `name`."
-    def deco(f):
-        MODEL_EDITS[name] = f
-        return f
-    return deco
+register_edit = registrar(MODEL_EDITS)
 
 def apply_edits(model: TBPSModel, edits: dict, source: str = "config") -> TBPSModel:
     "Apply the `edits` (name -> settings) that `model` lacks, in order; refuse settings that conflict with its own."

@@ -12,12 +12,12 @@ from typing import Callable
 
 import posixpath
 
-from .core import TBPSError, atomic_write_json, check_relative_path, read_json, safe_join
+from .core import TBPSError, atomic_write_json, check_relative_path, read_json, registrar, safe_join
 from .text import clean_caption
 
 # %% auto #0
-__all__ = ['SPLITS', 'PID_RANGE', 'FORMAT', 'FORMAT_VERSION', 'READERS', 'Record', 'valid_pid', 'check_record', 'Annotations',
-           'write_annotations', 'read_annotations', 'check_annotations', 'register_reader', 'read_normalised',
+__all__ = ['SPLITS', 'PID_RANGE', 'FORMAT', 'FORMAT_VERSION', 'READERS', 'register_reader', 'Record', 'valid_pid', 'check_record',
+           'Annotations', 'write_annotations', 'read_annotations', 'check_annotations', 'read_normalised',
            'load_annotations']
 
 # %% ../nbs/02_records.ipynb #49d5cb26
@@ -158,14 +158,8 @@ def check_annotations(ann: Annotations) -> None:
         raise TBPSError(f"{ann.source}: {len(shared)} identities appear in more than one split, e.g. pid {shared[:3]}")
 
 # %% ../nbs/02_records.ipynb #0ad80bb8
-READERS: dict[str, Callable] = {}
-
-def register_reader(name: str):
-    "Decorator: register `f(root, **kwargs) -> Annotations` under `name`."
-    def deco(f):
-        READERS[name] = f
-        return f
-    return deco
+READERS: dict[str, Callable] = {}  # name -> f(root, **kwargs) -> Annotations
+register_reader = registrar(READERS)
 
 @register_reader("annotations")
 def read_normalised(root, annotations: str = "", **kwargs) -> Annotations:
