@@ -28,11 +28,11 @@ __all__ = ['SCALES', 'IRRA_INITS', 'FEWSHOT_METHODS', 'TABLE12_IDS', 'SWEEPS', '
            'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint', 'find_same_run',
            'share_checkpoint', 'record_path', 'run_dir_of', 'read_record', 'count_parameters', 'run_once', 'run_rows',
            'paper_table', 'dataset_paper_rows', 'e06_paper_rows', 'load_records', 'flat_rows', 'summarise',
-           'to_markdown', 'write_csv', 'pooled_sd', 'mark_agreement', 'agreement_counts', 'noise_statement',
-           'effects_long', 'plot_effects', 'data_label', 'table_report', 'e06_rows', 'e06_marks', 'paper_dataset',
-           'irra_init_runs', 'e09_marks', 'importance_path', 'score_modules', 'importance_run', 'compression_layers',
-           'compression_table', 'table_records', 'cost_rows', 'build_report', 'params_key', 'run_notebook',
-           'load_sweep', 'run_sweep', 'sweep_status', 'collect']
+           'to_markdown', 'write_csv', 'pooled_sd', 'study_seed_sd', 'mark_agreement', 'agreement_counts',
+           'noise_statement', 'effects_long', 'plot_effects', 'data_label', 'table_report', 'e06_rows', 'e06_marks',
+           'paper_dataset', 'irra_init_runs', 'e09_marks', 'importance_path', 'score_modules', 'importance_run',
+           'compression_layers', 'compression_table', 'table_records', 'cost_rows', 'build_report', 'params_key',
+           'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
 
 # %% ../nbs/30_study.ipynb #b3dc747c
 SCALES: dict[str, dict] = {
@@ -557,12 +557,20 @@ def pooled_sd(rows, metric: str = "R@1") -> float | None:
     dof = sum(r["n"] - 1 for r in rows if r["n"] > 1 and r.get(f"{metric}_sd") is not None)
     return math.sqrt(num / dof) if dof else None
 
-def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None) -> list:
+def study_seed_sd(out, metric: str = "R@1") -> float | None:
+    "The seed sd of `metric` pooled over every row under `out` with several seeds (each run counted once: reuses skipped)."
+    recs = [r for r in load_records(out) if not r.get("reused_from")] if (Path(out) / "records").is_dir() else []
+    return pooled_sd(summarise(recs), metric) if recs else None
+
+def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None,
+                   fallback_sd: float | None = None) -> list:
     "Each summary row with our and the paper's effect vs `baseline`, the noise threshold and the agreement mark."
     aliases = aliases or {}
     by = {r["name"]: r for r in rows}
     base = by.get(baseline)
     s = pooled_sd(rows, metric)
+    sd_from = "table" if s is not None else "study" if fallback_sd is not None else None
+    s = s if s is not None else fallback_sd
     pbase = paper_rows.get(baseline, {}).get(metric)
     out = []
     for r in rows:
@@ -570,7 +578,7 @@ def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k
         p = paper_rows.get(name) or next((paper_rows[a] for a, n in aliases.items() if n == name and a in paper_rows), None)
         pv = p.get(metric) if p else None
         row = dict(name=name, label=p["label"] if p else name, n=r["n"], ours=r[metric], ours_sd=r.get(f"{metric}_sd"),
-                   paper=pv, ours_effect=None, paper_effect=None, noise=None, mark="")
+                   paper=pv, ours_effect=None, paper_effect=None, noise=None, mark="", sd=s, sd_from=sd_from)
         if name == baseline: row["mark"] = "baseline"
         elif base is None: row["mark"] = "no baseline run"
         elif pv is None or pbase is None: row["mark"] = "not in the paper"
@@ -599,8 +607,12 @@ def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
     noise = [r["noise"] for r in marked if r["noise"] is not None]
     if not noise:
         return f"Seeds per row: {min(ns)}-{max(ns)}; with one seed per row the seed noise is unknown, so marks give the direction only."
+    marked = list(marked)
+    sd = next((r for r in marked if r.get("sd") is not None), {})
+    src = (f"seed sd {sd['sd']:.2f} pooled over the study's rows with several seeds, since this table has none"
+           if sd.get("sd_from") == "study" else "pooled seed sd")
     return (f"Seeds per row: {min(ns)}-{max(ns)}; a {metric} difference is 'within seed noise' when it is at most {k:g} "
-            f"standard errors of a difference of seed means (pooled seed sd; threshold {min(noise):.2f}-{max(noise):.2f} points).")
+            f"standard errors of a difference of seed means ({src}; threshold {min(noise):.2f}-{max(noise):.2f} points).")
 
 # %% ../nbs/30_study.ipynb #de057323
 def effects_long(marked, ours_label: str = "ours") -> dict:
@@ -640,15 +652,16 @@ def data_label(records) -> str:
     return "/".join(names) or "no data"
 
 def table_report(records, table: str, out, metric: str = "R@1", k: float = 2.0, paper_rows=None, baseline=None,
-                 stem: str | None = None) -> list:
+                 stem: str | None = None, fallback_sd="auto") -> list:
     "Summarise `records`, mark them against paper `table`; write out/tables/<stem or table>.md and .csv; the marked rows."
+    if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # `out` holds the study's records (a notebook's)
     t = paper_table(table)
     summ = summarise(records)
     prow, al = paper_rows or t["rows"], ALIASES.get(t["exp"], {})
     order = {n: i for i, n in enumerate(prow)}
     order.update({al[a]: order[a] for a in al if a in order})  # a main row standing for an appendix value sorts there
     summ = sorted(summ, key=lambda r: order.get(r["name"], len(order)))
-    marked = mark_agreement(summ, prow, baseline or t["baseline"], metric, k, al)
+    marked = mark_agreement(summ, prow, baseline or t["baseline"], metric, k, al, fallback_sd)
     cols = ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]
     head = (f"{t['title']}; ours: {data_label(records)}, scale {', '.join(sorted({str(r.get('scale')) for r in records}))}, "
             f"{metric}; effects are vs {baseline or t['baseline']}")
@@ -660,14 +673,14 @@ def e06_rows(presets, backbones: dict) -> dict:
     "Rows preset@arch for every preset and backbone (arch -> weights; empty weights: the scale's)."
     return {f"{p}@{a}": (p, {"model.arch": a, **({"model.pretrained": w} if w else {})}) for a, w in backbones.items() for p in presets}
 
-def e06_marks(records, out, paper_dataset: str, paper_backbones: dict, metric: str = "R@1") -> list:
+def e06_marks(records, out, paper_dataset: str, paper_backbones: dict, metric: str = "R@1", fallback_sd="auto") -> list:
     "Per backbone, the presets marked against the paper's rows of `paper_dataset` and the mapped paper backbone."
     marked = []
     for arch in dict.fromkeys(r["config"]["model"]["arch"] for r in records):
         sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["config"]["model"]["arch"] == arch]
         pb = paper_backbones.get(arch, arch)
         rows = table_report(sub, "table6_8", out, metric, paper_rows=e06_paper_rows(paper_dataset, pb), baseline="clip",
-                            stem=f"table6_8-{arch}")
+                            stem=f"table6_8-{arch}", fallback_sd=fallback_sd)
         marked += [dict(r, backbone=arch, paper_backbone=pb, label=f"{r['name']} {arch} (paper {pb})") for r in rows]
     return marked
 
@@ -702,14 +715,14 @@ def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1
             recs += run_rows("e08", {init: ("irra", row)}, [seed], scale, out, ov, nproc=nproc, log=log)
     return recs
 
-def e09_marks(records, out, metric: str = "R@1", k: float = 2.0) -> list:
+def e09_marks(records, out, metric: str = "R@1", k: float = 2.0, fallback_sd="auto") -> list:
     "Per few-shot fraction, each method marked against CLIP fine-tuning on that fraction (Table 11); tables per fraction."
     paper = PAPER["table11"]["rows"]
     marked = []
     for f in dict.fromkeys(r["name"].split("@")[1] for r in records):
         sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["name"].split("@")[1] == f]
         prow = {n.split("@")[0]: v for n, v in paper.items() if n.split("@")[1] == f}
-        rows = table_report(sub, "table11", out, metric, k, paper_rows=prow, baseline="clip", stem=f"table11-{f}")
+        rows = table_report(sub, "table11", out, metric, k, paper_rows=prow, baseline="clip", stem=f"table11-{f}", fallback_sd=fallback_sd)
         marked += [dict(r, fraction=float(f), row=f"{r['name']}@{f}",
                         label=r["label"] if r["paper"] is not None else f"{r['name']} {float(f):.0%}") for r in rows]
     return marked
@@ -781,12 +794,14 @@ def _mark(d: float, noise, want_positive: bool) -> str:
     m = "no change" if d == 0 else "agrees" if (d > 0) == want_positive else "disagrees"
     return m + ("" if noise is not None else " (noise unknown: one seed)")
 
-def compression_table(records, metric: str = "R@1", k: float = 2.0) -> list:
+def compression_table(records, metric: str = "R@1", k: float = 2.0, fallback_sd: float | None = None) -> list:
     "e11: per strategy and x, mean `metric`, effect vs `full`, exact trainable parameters and the mark (see above)."
     from tbps_clip.config import config_from_dict
     from tbps_clip.probes import trainable_parameters
     summ = {r["name"]: r for r in summarise(records)}
     s = pooled_sd(list(summ.values()), metric)
+    sd_from = "table" if s is not None else "study" if fallback_sd is not None else None
+    s = s if s is not None else fallback_sd
     by = {r["name"]: r for r in records}
     full = summ.get("full")
     out = []
@@ -796,7 +811,7 @@ def compression_table(records, metric: str = "R@1", k: float = 2.0) -> list:
         ids = list(cfg.model.drop_text_layers or cfg.train.freeze_text_layers)
         row = dict(name=name, label=f"{strategy} {ids}" if ids else "full (x = 0)", strategy=strategy, x=x, layers=ids, n=r["n"],
                    ours=r[metric], ours_sd=r.get(f"{metric}_sd"), trainable=trainable_parameters(cfg, by[name]["train_ids"])["trainable"],
-                   ours_effect=None, paper_effect=None, vs=None, noise=None, mark="")
+                   ours_effect=None, paper_effect=None, vs=None, noise=None, mark="", sd=s, sd_from=sd_from)
         other = summ.get(f"drop@{x}") if strategy == "freeze" else full
         if name == "full": row["mark"] = "baseline"
         elif other is None: row["mark"] = "no baseline run"
@@ -830,14 +845,16 @@ def cost_rows(records) -> list:
     return ours + [dict(method=f"{m} (paper)", hardware="paper (TBPS-CLIP: 4 GPUs)" if m == "TBPS-CLIP" else "paper", **v)
                    for m, v in COST.items()]
 
-def _probe_sections(recs, src: Path, out: Path, label: str, tables: dict, metric: str, k: float, figures: bool) -> list:
+def _probe_sections(recs, src: Path, out: Path, label: str, tables: dict, metric: str, k: float, figures: bool,
+                    fallback_sd: float | None = None) -> list:
     "The report's sections for e08-e11 (Tables 10-12 and the module importance), marked; adds their tables to `tables`."
     from tbps_clip.importance import layer_importance
     md = []
     e08 = [r for r in recs if r["exp"] == "e08" and r["name"] in IRRA_INITS]
     if e08:
         pds = paper_dataset(e08[0]["dataset"])
-        marked = table_report(e08, "table10", out, metric, k, paper_rows=dataset_paper_rows("table10", pds), baseline="clip")
+        marked = table_report(e08, "table10", out, metric, k, paper_rows=dataset_paper_rows("table10", pds), baseline="clip",
+                              fallback_sd=fallback_sd)
         tables[(str(src), "table10")] = marked
         if figures: plot_effects(marked, out / "figures" / "table10.png", f"{PAPER['table10']['title']} (paper {pds})\nours: {label}", f"ours: {label}", metric)
         md += [f"### {PAPER['table10']['title']} (ours {label}; paper {pds})", "",
@@ -845,7 +862,7 @@ def _probe_sections(recs, src: Path, out: Path, label: str, tables: dict, metric
                f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""]
     e09 = [r for r in recs if r["exp"] == "e09"]
     if e09:
-        marked = e09_marks(e09, out, metric, k)
+        marked = e09_marks(e09, out, metric, k, fallback_sd)
         tables[(str(src), "table11")] = marked
         if figures: plot_effects(marked, out / "figures" / "table11.png", f"{PAPER['table11']['title']}: each method vs CLIP at its fraction\nours: {label}", f"ours: {label}", metric)
         md += [f"### {PAPER['table11']['title']}: each method vs CLIP fine-tuning on the same fraction (ours {label})", "",
@@ -860,7 +877,7 @@ def _probe_sections(recs, src: Path, out: Path, label: str, tables: dict, metric
                f"The paper (ViT-B/16, 12 text layers) drops or freezes, in that order: 7, 8, 3, 5, 6 (Table 12).", ""]
     e11 = [r for r in recs if r["exp"] == "e11"]
     if e11:
-        rows = compression_table(e11, metric, k)
+        rows = compression_table(e11, metric, k, fallback_sd)
         tables[(str(src), "table12")] = rows
         write_csv(rows, out / "tables" / "table12.csv")
         md += [f"### {PAPER['table12']['title']}: ours {label} ({metric}; drop vs full, freeze vs drop at the same x)", "",
@@ -878,11 +895,12 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
         if not recs: continue
         label = data_label(recs)
         sec = Path(src).name
+        fsd = study_seed_sd(src, metric)  # the noise of tables whose rows all have one seed
         md += [f"## {src}: {label}, scale {', '.join(sorted({str(r.get('scale')) for r in recs}))}", ""]
         for exp, table in REPORT_TABLES:
             sub = table_records(recs, table)
             if not sub: continue
-            marked = table_report(sub, table, out / sec, metric, k)
+            marked = table_report(sub, table, out / sec, metric, k, fallback_sd=fsd)
             tables[(str(src), table)] = marked
             t = PAPER[table]
             if figures: plot_effects(marked, out / sec / "figures" / f"{table}.png", f"{t['title']}\nours: {label}", f"ours: {label}", metric)
@@ -892,7 +910,7 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
         if e06:
             pds = paper_dataset(e06[0]["dataset"])
             archs = {r["config"]["model"]["arch"] for r in e06}
-            marked = e06_marks(e06, out / sec, pds, {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}, metric)
+            marked = e06_marks(e06, out / sec, pds, {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}, metric, fsd)
             tables[(str(src), "table6_8")] = marked
             md += [f"### Tables 6-8: main results (ours {label}; paper {pds})", "",
                    to_markdown(marked, ["label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]), ""]
@@ -901,7 +919,7 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
             rows = cost_rows(e07)
             write_csv(rows, out / sec / "tables" / "table9.csv")
             md += ["### Table 9: training cost (ours vs the paper; different hardware and data sizes)", "", to_markdown(rows), ""]
-        md += _probe_sections(recs, Path(src), out / sec, label, tables, metric, k, figures)
+        md += _probe_sections(recs, Path(src), out / sec, label, tables, metric, k, figures, fsd)
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return tables
 
@@ -1023,7 +1041,7 @@ def collect(out, csv_path=None, md_path=None, metric: str = "R@1") -> dict:
         synth = any(r["synthetic"] for r in summ)
         lines.append(f"## {exp}" + (" (synthetic data)" if synth else f" ({summ[0]['dataset']})"))
         if base and exp not in ("e06", "e08", "e09", "e11"):  # marked per dataset, fraction or x: see build_report
-            marked = mark_agreement(summ, prow, base, metric, aliases=al)
+            marked = mark_agreement(summ, prow, base, metric, aliases=al, fallback_sd=study_seed_sd(out, metric))
             lines += [to_markdown(marked, ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]),
                       "", noise_statement(marked, metric)]
         else:

@@ -370,3 +370,24 @@ def test_a_kept_checkpoint_stands_in_for_an_identical_run_and_only_a_kept_one(tm
     c = run_once("e10", "y", "clip", other, 0, "smoke", tmp_path, keep_checkpoint=True)
     assert not c.get("reused_from") and (run_dir_of(tmp_path, "e10", "y", 0) / "checkpoint.pt").is_file()
     assert run_once("e01", "z", "clip", other, 0, "smoke", tmp_path)["reused_from"] == "e06/x"  # records are reused as before
+
+
+def test_one_seed_tables_borrow_the_studys_pooled_seed_sd(tmp_path):
+    "Rows of one seed each get a noise threshold from the study's multi-seed rows, counted once, and say where it came from."
+    rec = lambda exp, name, seed, r1, **kw: dict(exp=exp, name=name, seed=seed, scale="study", dataset="synthpedes",
+                                                  synthetic=True, metrics={"R@1": r1, "mAP": r1}, **kw)
+    multi = [rec("e06", "clip", s, v) for s, v in ((0, 10.0), (1, 11.0), (2, 12.0))]  # sd 1.0
+    multi += [rec("e01", "clip", s, v, reused_from="e06/clip") for s, v in ((0, 10.0), (1, 11.0), (2, 12.0))]  # not counted again
+    multi += [rec("e06", "tbps", s, v) for s, v in ((0, 5.0), (1, 5.0))]  # sd 0.0
+    from tbps_clip.core import atomic_write_json
+    from tbps_clip.study import study_seed_sd
+    for r in multi: atomic_write_json(record_path(tmp_path, r["exp"], r["name"], r["seed"]), r)
+    assert abs(study_seed_sd(tmp_path) - (2 * 1.0 / 3) ** 0.5) < 1e-9  # (2 x 1^2 + 1 x 0^2) / 3 degrees of freedom
+    e05 = [rec("e05", "itc", 0, 10.0), rec("e05", "nitc", 0, 10.5), rec("e05", "ss_i", 0, 7.0)]
+    marked = {r["name"]: r for r in table_report(e05, "table5", tmp_path)}
+    noise = 2 * (2 / 3) ** 0.5 * 2 ** 0.5
+    assert abs(marked["nitc"]["noise"] - noise) < 1e-9 and marked["nitc"]["mark"] == "within seed noise"
+    assert marked["ss_i"]["mark"] == "disagrees" and marked["ss_i"]["sd_from"] == "study"
+    assert "pooled over the study's rows" in noise_statement(list(marked.values()))
+    alone = table_report(e05, "table5", tmp_path / "empty")  # no records there: the noise stays unknown
+    assert alone[1]["mark"].endswith("(noise unknown: one seed)")
