@@ -605,6 +605,8 @@ def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
     "One sentence on how the noise threshold was derived for a marked table."
     ns = [r["n"] for r in marked]
     noise = [r["noise"] for r in marked if r["noise"] is not None]
+    if not any(r.get("ours_effect") is not None for r in marked):
+        return f"Seeds per row: {min(ns)}-{max(ns)}; no row has an effect to mark yet (only the baseline row has run, or the baseline has not), so there is nothing to mark."
     if not noise:
         return f"Seeds per row: {min(ns)}-{max(ns)}; with one seed per row the seed noise is unknown, so marks give the direction only."
     marked = list(marked)

@@ -391,3 +391,10 @@ def test_one_seed_tables_borrow_the_studys_pooled_seed_sd(tmp_path):
     assert "pooled over the study's rows" in noise_statement(list(marked.values()))
     alone = table_report(e05, "table5", tmp_path / "empty")  # no records there: the noise stays unknown
     assert alone[1]["mark"].endswith("(noise unknown: one seed)")
+
+
+def test_a_table_of_only_its_baseline_says_there_is_nothing_to_mark():
+    rec = lambda name, seed, r1: dict(exp="e02", name=name, seed=seed, scale="study", dataset="synthpedes", synthetic=True,
+                                      metrics={"R@1": r1, "mAP": r1})
+    marked = mark_agreement(summarise([rec("clip_star", s, 8.0 + s) for s in range(3)]), PAPER["table2"]["rows"], "clip_star")
+    assert "nothing to mark" in noise_statement(marked) and "one seed" not in noise_statement(marked)
