@@ -256,14 +256,18 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         finally: self.slots.release()
 
     def refuse(self, request):
-        "Answer 503 from the accepting thread, which never waits long (short timeouts, at most 64 KiB of the request read)."
+        "Answer 503 from the accepting thread, which never waits long (0.2 s in all, at most 64 KiB of the request read)."
+        deadline = time.monotonic() + 0.2  # one budget for the whole refusal: a trickling client cannot stretch it
         try:
             request.settimeout(0.2)
             request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
             request.shutdown(socket.SHUT_WR)
             got = 0  # read what the client sent: closing with unread bytes resets the connection, and the 503 is lost
-            while got < 65536 and (chunk := request.recv(65536)): got += len(chunk)
+            while got < 65536 and (left := deadline - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not (chunk := request.recv(65536)): break
+                got += len(chunk)
         except OSError: pass
         finally: self.close_request(request)
 

@@ -28,11 +28,11 @@ __all__ = ['SCALES', 'IRRA_INITS', 'FEWSHOT_METHODS', 'TABLE12_IDS', 'SWEEPS', '
            'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint', 'find_same_run',
            'share_checkpoint', 'record_path', 'run_dir_of', 'read_record', 'count_parameters', 'run_once', 'run_rows',
            'paper_table', 'dataset_paper_rows', 'e06_paper_rows', 'load_records', 'flat_rows', 'summarise',
-           'to_markdown', 'write_csv', 'pooled_sd', 'study_seed_sd', 'mark_agreement', 'agreement_counts',
-           'noise_statement', 'effects_long', 'plot_effects', 'data_label', 'table_report', 'e06_rows', 'e06_marks',
-           'paper_dataset', 'irra_init_runs', 'e09_marks', 'importance_path', 'score_modules', 'importance_run',
-           'compression_layers', 'compression_table', 'table_records', 'cost_rows', 'build_report', 'params_key',
-           'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
+           'to_markdown', 'write_csv', 'pooled_sd', 'records_seed_sd', 'study_seed_sd', 'mark_agreement',
+           'agreement_counts', 'noise_statement', 'effects_long', 'plot_effects', 'data_label', 'table_report',
+           'e06_rows', 'e06_marks', 'paper_dataset', 'irra_init_runs', 'e09_marks', 'importance_path', 'score_modules',
+           'importance_run', 'compression_layers', 'compression_table', 'table_records', 'cost_rows', 'build_report',
+           'params_key', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
 
 # %% ../nbs/30_study.ipynb #b3dc747c
 SCALES: dict[str, dict] = {
@@ -557,10 +557,20 @@ def pooled_sd(rows, metric: str = "R@1") -> float | None:
     dof = sum(r["n"] - 1 for r in rows if r["n"] > 1 and r.get(f"{metric}_sd") is not None)
     return math.sqrt(num / dof) if dof else None
 
-def study_seed_sd(out, metric: str = "R@1") -> float | None:
-    "The seed sd of `metric` pooled over every row under `out` with several seeds (each run counted once: reuses skipped)."
-    recs = [r for r in load_records(out) if not r.get("reused_from")] if (Path(out) / "records").is_dir() else []
+def records_seed_sd(records, metric: str = "R@1") -> float | None:
+    "The seed sd of `metric` pooled over every row of `records` with several seeds (each run counted once: reuses skipped)."
+    recs = [r for r in records if not r.get("reused_from")]
     return pooled_sd(summarise(recs), metric) if recs else None
+
+def study_seed_sd(out, metric: str = "R@1") -> float | None:
+    "`records_seed_sd` of every record under `out` (None when it holds none)."
+    return records_seed_sd(load_records(out), metric)
+
+def _seed_sd(rows, metric: str, fallback_sd: float | None) -> tuple:
+    "(s, where it comes from): the table's pooled seed sd, else `fallback_sd` (the study's), else (None, None)."
+    s = pooled_sd(rows, metric)
+    if s is not None: return s, "table"
+    return (fallback_sd, "study") if fallback_sd is not None else (None, None)
 
 def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None,
                    fallback_sd: float | None = None) -> list:
@@ -568,9 +578,7 @@ def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k
     aliases = aliases or {}
     by = {r["name"]: r for r in rows}
     base = by.get(baseline)
-    s = pooled_sd(rows, metric)
-    sd_from = "table" if s is not None else "study" if fallback_sd is not None else None
-    s = s if s is not None else fallback_sd
+    s, sd_from = _seed_sd(rows, metric, fallback_sd)
     pbase = paper_rows.get(baseline, {}).get(metric)
     out = []
     for r in rows:
@@ -603,13 +611,13 @@ def agreement_counts(marked) -> dict:
 
 def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
     "One sentence on how the noise threshold was derived for a marked table."
+    marked = list(marked)
     ns = [r["n"] for r in marked]
     noise = [r["noise"] for r in marked if r["noise"] is not None]
     if not any(r.get("ours_effect") is not None for r in marked):
         return f"Seeds per row: {min(ns)}-{max(ns)}; no row has an effect to mark yet (only the baseline row has run, or the baseline has not), so there is nothing to mark."
     if not noise:
         return f"Seeds per row: {min(ns)}-{max(ns)}; with one seed per row the seed noise is unknown, so marks give the direction only."
-    marked = list(marked)
     sd = next((r for r in marked if r.get("sd") is not None), {})
     src = (f"seed sd {sd['sd']:.2f} pooled over the study's rows with several seeds, since this table has none"
            if sd.get("sd_from") == "study" else "pooled seed sd")
@@ -677,6 +685,7 @@ def e06_rows(presets, backbones: dict) -> dict:
 
 def e06_marks(records, out, paper_dataset: str, paper_backbones: dict, metric: str = "R@1", fallback_sd="auto") -> list:
     "Per backbone, the presets marked against the paper's rows of `paper_dataset` and the mapped paper backbone."
+    if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # once, not per backbone
     marked = []
     for arch in dict.fromkeys(r["config"]["model"]["arch"] for r in records):
         sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["config"]["model"]["arch"] == arch]
@@ -720,6 +729,7 @@ def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1
 def e09_marks(records, out, metric: str = "R@1", k: float = 2.0, fallback_sd="auto") -> list:
     "Per few-shot fraction, each method marked against CLIP fine-tuning on that fraction (Table 11); tables per fraction."
     paper = PAPER["table11"]["rows"]
+    if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # once, not per fraction
     marked = []
     for f in dict.fromkeys(r["name"].split("@")[1] for r in records):
         sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["name"].split("@")[1] == f]
@@ -801,9 +811,7 @@ def compression_table(records, metric: str = "R@1", k: float = 2.0, fallback_sd:
     from tbps_clip.config import config_from_dict
     from tbps_clip.probes import trainable_parameters
     summ = {r["name"]: r for r in summarise(records)}
-    s = pooled_sd(list(summ.values()), metric)
-    sd_from = "table" if s is not None else "study" if fallback_sd is not None else None
-    s = s if s is not None else fallback_sd
+    s, sd_from = _seed_sd(list(summ.values()), metric, fallback_sd)
     by = {r["name"]: r for r in records}
     full = summ.get("full")
     out = []
@@ -897,7 +905,7 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
         if not recs: continue
         label = data_label(recs)
         sec = Path(src).name
-        fsd = study_seed_sd(src, metric)  # the noise of tables whose rows all have one seed
+        fsd = records_seed_sd(recs, metric)  # the noise of tables whose rows all have one seed
         md += [f"## {src}: {label}, scale {', '.join(sorted({str(r.get('scale')) for r in recs}))}", ""]
         for exp, table in REPORT_TABLES:
             sub = table_records(recs, table)
@@ -1036,6 +1044,7 @@ def collect(out, csv_path=None, md_path=None, metric: str = "R@1") -> dict:
     "All records under `out` as one table: runs (CSV) and a summary with paper values and marks (markdown)."
     recs = load_records(out)
     runs = flat_rows(recs)
+    fsd = records_seed_sd(recs, metric)  # the noise of tables whose rows all have one seed
     lines = []
     for exp in dict.fromkeys(r["exp"] for r in recs):
         summ = summarise([r for r in recs if r["exp"] == exp])
@@ -1043,7 +1052,7 @@ def collect(out, csv_path=None, md_path=None, metric: str = "R@1") -> dict:
         synth = any(r["synthetic"] for r in summ)
         lines.append(f"## {exp}" + (" (synthetic data)" if synth else f" ({summ[0]['dataset']})"))
         if base and exp not in ("e06", "e08", "e09", "e11"):  # marked per dataset, fraction or x: see build_report
-            marked = mark_agreement(summ, prow, base, metric, aliases=al, fallback_sd=study_seed_sd(out, metric))
+            marked = mark_agreement(summ, prow, base, metric, aliases=al, fallback_sd=fsd)
             lines += [to_markdown(marked, ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]),
                       "", noise_statement(marked, metric)]
         else:

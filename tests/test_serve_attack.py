@@ -189,3 +189,29 @@ def test_connections_beyond_the_limit_get_503_and_slots_come_back(site):
         srv.shutdown(); srv.server_close()
     with pytest.raises(serve_mod.TBPSError, match="max_connections must be at least 1"):
         serve_mod.make_server(site["app"], port=0, max_connections=0)
+
+
+def test_a_refused_client_that_trickles_bytes_does_not_hold_the_accepting_thread(site):
+    "The 503 path runs on the accepting thread: a client sending a byte at a time must not keep others waiting."
+    import threading
+    srv, url = serve_mod.start_in_thread(site["app"], max_connections=1)
+    host, port = url.removeprefix("http://").split(":")
+    stop = threading.Event()
+    def trickle():
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            while not stop.is_set():
+                try: s.sendall(b"x")
+                except OSError: return  # the server closed it: what should happen
+                time.sleep(0.05)
+    try:
+        held = socket.create_connection((host, int(port)), timeout=20)
+        held.sendall(b"GET /api/info HTTP/1.0\r\nX-Slow: ")  # the only slot is busy
+        time.sleep(0.3)
+        t = threading.Thread(target=trickle, daemon=True); t.start()
+        time.sleep(0.5)  # the trickler is being refused now
+        t0 = time.perf_counter()
+        answer = raw(dict(url=url), b"GET /api/info HTTP/1.0\r\n\r\n")
+        assert status_of(answer) == 503 and time.perf_counter() - t0 < 2, time.perf_counter() - t0
+        held.close()
+    finally:
+        stop.set(); srv.shutdown(); srv.server_close()
