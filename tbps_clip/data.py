@@ -129,6 +129,7 @@ class TrainPairs(Dataset):
         self.transform = transform or test_transform((224, 224))
         self.caption_aug, self.context_length, self.max_words, self.seed = caption_aug, context_length, max_words, seed
         self.epoch = 0
+        self._image_paths: dict = {}  # record index -> checked path: the check resolves links, too slow to repeat per item
         self.extra_views: dict[str, Callable] = {}  # name -> transform on the PIL image (e.g. second augmented view)
         self.extra_texts: dict[str, CaptionAug] = {}  # name -> caption transform giving another tokenised caption view
         self.text_fields: dict[str, Callable] = {}  # name -> fn(tokens, random.Random) -> dict of fields (e.g. MLM masking)
@@ -150,10 +151,12 @@ class TrainPairs(Dataset):
     def __getitem__(self, i: int) -> dict:
         ri, ci = self.pairs[i]
         r = self.records[ri]
-        img = load_image(self.ann.image_path(r))
+        if ri not in self._image_paths: self._image_paths[ri] = self.ann.image_path(r)
+        img = load_image(self._image_paths[ri])
         s = derive_seed(self.seed, "item", self.epoch, i)
         with torch.random.fork_rng(devices=[]):  # torchvision's random ops draw from torch's global RNG
-            torch.manual_seed(s)
+            # the CPU generator only: torch.manual_seed also queues GPU seeding with a stack trace, a third of an item's time
+            torch.default_generator.manual_seed(s)
             rng = random.Random(s)
             out = dict(image=self.transform(img), text=tokenize(self.caption(i, rng), self.context_length)[0],
                        pid=self.pid_index[r.pid], index=i)
