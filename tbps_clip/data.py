@@ -155,7 +155,7 @@ class TrainPairs(Dataset):
         img = load_image(self._image_paths[ri])
         s = derive_seed(self.seed, "item", self.epoch, i)
         with torch.random.fork_rng(devices=[]):  # torchvision's random ops draw from torch's global RNG
-            # the CPU generator only: torch.manual_seed also queues GPU seeding with a stack trace, a third of an item's time
+            # the CPU generator only: torch.manual_seed also queues GPU seeding with a stack trace (0.32 ms a call)
             torch.default_generator.manual_seed(s)
             rng = random.Random(s)
             out = dict(image=self.transform(img), text=tokenize(self.caption(i, rng), self.context_length)[0],
