@@ -53,7 +53,8 @@ def same_results(a: dict, b: dict) -> bool:
 #   write:K:F    inside the K-th write of checkpoint.pt, after a fraction F of the bytes reached the temporary file
 #   replace:K    just after the K-th checkpoint.pt was renamed into place, before history.json is written
 #   step:N       inside the N-th optimisation step of this process, after backward, before the optimizer step
-# ("external" trials are killed by the test itself at a seeded random moment.)
+#   slow:S       no kill: every step sleeps S seconds, so that an external kill lands inside the run on any machine
+# ("external" trials are killed by the test itself at a seeded random moment of such a slowed run.)
 CHILD = r"""
 import os, signal, sys
 spec = os.environ.get("KILL_AT", "")
@@ -96,6 +97,14 @@ elif kind == "step":
         n[0] += 1
         if n[0] == k: die()
     tr.Trainer.backward = backward
+elif kind == "slow":
+    import time
+    import tbps_clip.train as tr
+    pause, real_backward = float(arg[0]), tr.Trainer.backward
+    def backward(self):
+        real_backward(self)
+        time.sleep(pause)
+    tr.Trainer.backward = backward
 from tbps_clip.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -130,14 +139,19 @@ def check_latest_checkpoint(out):
     return obj["state"]["step"]
 
 
+SLOW = 0.2  # seconds a step of an externally killed run: 9 steps after the first save outlast the 1 s longest delay
+
+
 def trials(seed=0):
-    "The seeded kill plan: one trial per kind of moment, the last one killed twice (the resumed run dies too)."
+    """The seeded kill plan: one trial per kind of moment, the last one killed twice (the resumed run dies too).
+    The external kill comes at most 1 s (5 slowed steps) after the first save (step 1), so the resumed run still has at
+    least 4 checkpoint writes to make and its `write:K` (K <= 3) always happens, however fast the machine."""
     rng = random.Random(seed)
     steps = EXTRA["train.max_steps"]
     return [[f"write:{rng.randint(2, steps - 2)}:{rng.uniform(0.05, 0.95):.2f}"],
             [f"replace:{rng.randint(2, steps - 2)}"],
             [f"step:{rng.randint(2, steps - 1)}"],
-            [f"external:{rng.uniform(0.0, 2.0):.2f}", f"write:{rng.randint(1, 3)}:{rng.uniform(0.05, 0.95):.2f}"]]
+            [f"external:{rng.uniform(0.0, 1.0):.2f}", f"write:{rng.randint(1, 3)}:{rng.uniform(0.05, 0.95):.2f}"]]
 
 
 def test_sigkill_and_resume_give_the_uninterrupted_result(toy, tmp_path, record_property):
@@ -149,7 +163,7 @@ def test_sigkill_and_resume_give_the_uninterrupted_result(toy, tmp_path, record_
         out = tmp_path / f"trial{t}"
         for j, point in enumerate(points):
             kind, _, arg = point.partition(":")
-            p = child(toy, out, "" if kind == "external" else point, resume=j > 0)
+            p = child(toy, out, f"slow:{SLOW}" if kind == "external" else point, resume=j > 0)
             if kind == "external": kill_after_first_save(p, out, float(arg))
             _, err = p.communicate(timeout=600)
             assert p.returncode == -signal.SIGKILL, f"trial {t} ({point}) was not killed: exit {p.returncode}\n{err[-2000:]}"
