@@ -24,15 +24,15 @@ from .core import TBPSError, atomic_write_json, atomic_write_text, environment_i
 
 # %% auto #0
 __all__ = ['SCALES', 'IRRA_INITS', 'FEWSHOT_METHODS', 'TABLE12_IDS', 'SWEEPS', 'ALIASES', 'RECORD_SCHEMA', 'PAPER', 'COST',
-           'METRICS', 'PAPER_DATASETS', 'REPORT_TABLES', 'scale_overrides', 'fewshot_rows', 'compression_rows',
-           'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint', 'find_same_run',
-           'share_checkpoint', 'record_path', 'run_dir_of', 'read_record', 'count_parameters', 'run_once', 'run_rows',
-           'paper_table', 'dataset_paper_rows', 'e06_paper_rows', 'load_records', 'flat_rows', 'summarise',
-           'to_markdown', 'write_csv', 'pooled_sd', 'records_seed_sd', 'study_seed_sd', 'mark_agreement',
-           'agreement_counts', 'noise_statement', 'effects_long', 'plot_effects', 'data_label', 'table_report',
-           'e06_rows', 'e06_marks', 'paper_dataset', 'irra_init_runs', 'e09_marks', 'importance_path', 'score_modules',
-           'importance_run', 'compression_layers', 'compression_table', 'table_records', 'cost_rows', 'build_report',
-           'params_key', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
+           'METRICS', 'MIN_SD_DOF', 'PAPER_DATASETS', 'REPORT_TABLES', 'scale_overrides', 'fewshot_rows',
+           'compression_rows', 'batch_size_rows', 'select_rows', 'config_difference', 'config_fingerprint',
+           'find_same_run', 'share_checkpoint', 'record_path', 'run_dir_of', 'read_record', 'count_parameters',
+           'run_once', 'run_rows', 'paper_table', 'dataset_paper_rows', 'e06_paper_rows', 'load_records', 'flat_rows',
+           'summarise', 'to_markdown', 'write_csv', 'pooled_sd_dof', 'pooled_sd', 'records_seed_sd', 'study_seed_sd',
+           'mark_agreement', 'agreement_counts', 'noise_statement', 'effects_long', 'plot_effects', 'data_label',
+           'table_report', 'e06_rows', 'e06_marks', 'paper_dataset', 'irra_init_runs', 'e09_marks', 'importance_path',
+           'score_modules', 'importance_run', 'compression_layers', 'compression_table', 'table_records', 'cost_rows',
+           'build_report', 'params_key', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status', 'collect']
 
 # %% ../nbs/30_study.ipynb #b3dc747c
 SCALES: dict[str, dict] = {
@@ -551,11 +551,17 @@ def write_csv(rows, path, columns=None) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 # %% ../nbs/30_study.ipynb #6780b767
+MIN_SD_DOF = 4  # degrees of freedom a table's own pooled seed sd needs before it is used instead of the study's
+
+def pooled_sd_dof(rows, metric: str = "R@1") -> tuple:
+    "(seed sd of `metric` pooled over the summary `rows` with two or more seeds, its degrees of freedom); (None, 0) if none."
+    multi = [r for r in rows if r["n"] > 1 and r.get(f"{metric}_sd") is not None]
+    dof = sum(r["n"] - 1 for r in multi)
+    return (math.sqrt(sum((r["n"] - 1) * r[f"{metric}_sd"] ** 2 for r in multi) / dof), dof) if dof else (None, 0)
+
 def pooled_sd(rows, metric: str = "R@1") -> float | None:
     "The seed standard deviation of `metric` pooled over the summary `rows` with two or more seeds."
-    num = sum((r["n"] - 1) * r[f"{metric}_sd"] ** 2 for r in rows if r["n"] > 1 and r.get(f"{metric}_sd") is not None)
-    dof = sum(r["n"] - 1 for r in rows if r["n"] > 1 and r.get(f"{metric}_sd") is not None)
-    return math.sqrt(num / dof) if dof else None
+    return pooled_sd_dof(rows, metric)[0]
 
 def records_seed_sd(records, metric: str = "R@1") -> float | None:
     "The seed sd of `metric` pooled over every row of `records` with several seeds (each run counted once: reuses skipped)."
@@ -567,10 +573,11 @@ def study_seed_sd(out, metric: str = "R@1") -> float | None:
     return records_seed_sd(load_records(out), metric)
 
 def _seed_sd(rows, metric: str, fallback_sd: float | None) -> tuple:
-    "(s, where it comes from): the table's pooled seed sd, else `fallback_sd` (the study's), else (None, None)."
-    s = pooled_sd(rows, metric)
-    if s is not None: return s, "table"
-    return (fallback_sd, "study") if fallback_sd is not None else (None, None)
+    """(s, where it comes from, the table's own degrees of freedom): the table's pooled seed sd when it has
+    `MIN_SD_DOF` degrees of freedom, else `fallback_sd` (the study's), else the table's own, else (None, None, 0)."""
+    s, dof = pooled_sd_dof(rows, metric)
+    if s is not None and (dof >= MIN_SD_DOF or fallback_sd is None): return s, "table", dof
+    return (fallback_sd, "study", dof) if fallback_sd is not None else (None, None, 0)
 
 def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None,
                    fallback_sd: float | None = None) -> list:
@@ -578,7 +585,7 @@ def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k
     aliases = aliases or {}
     by = {r["name"]: r for r in rows}
     base = by.get(baseline)
-    s, sd_from = _seed_sd(rows, metric, fallback_sd)
+    s, sd_from, sd_dof = _seed_sd(rows, metric, fallback_sd)
     pbase = paper_rows.get(baseline, {}).get(metric)
     out = []
     for r in rows:
@@ -586,7 +593,7 @@ def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k
         p = paper_rows.get(name) or next((paper_rows[a] for a, n in aliases.items() if n == name and a in paper_rows), None)
         pv = p.get(metric) if p else None
         row = dict(name=name, label=p["label"] if p else name, n=r["n"], ours=r[metric], ours_sd=r.get(f"{metric}_sd"),
-                   paper=pv, ours_effect=None, paper_effect=None, noise=None, mark="", sd=s, sd_from=sd_from)
+                   paper=pv, ours_effect=None, paper_effect=None, noise=None, mark="", sd=s, sd_from=sd_from, sd_dof=sd_dof)
         if name == baseline: row["mark"] = "baseline"
         elif base is None: row["mark"] = "no baseline run"
         elif pv is None or pbase is None: row["mark"] = "not in the paper"
@@ -619,8 +626,11 @@ def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
     if not noise:
         return f"Seeds per row: {min(ns)}-{max(ns)}; with one seed per row the seed noise is unknown, so marks give the direction only."
     sd = next((r for r in marked if r.get("sd") is not None), {})
-    src = (f"seed sd {sd['sd']:.2f} pooled over the study's rows with several seeds, since this table has none"
-           if sd.get("sd_from") == "study" else "pooled seed sd")
+    own = sd.get("sd_dof", 0)
+    why = ("this table has none" if not own else
+           f"this table's own give only {own} degree{'s' if own > 1 else ''} of freedom (fewer than {MIN_SD_DOF})")
+    src = (f"seed sd {sd['sd']:.2f} pooled over the study's rows with several seeds, since {why}"
+           if sd.get("sd_from") == "study" else f"seed sd {sd['sd']:.2f} pooled over this table's rows, {own} degrees of freedom")
     return (f"Seeds per row: {min(ns)}-{max(ns)}; a {metric} difference is 'within seed noise' when it is at most {k:g} "
             f"standard errors of a difference of seed means ({src}; threshold {min(noise):.2f}-{max(noise):.2f} points).")
 
@@ -811,7 +821,7 @@ def compression_table(records, metric: str = "R@1", k: float = 2.0, fallback_sd:
     from tbps_clip.config import config_from_dict
     from tbps_clip.probes import trainable_parameters
     summ = {r["name"]: r for r in summarise(records)}
-    s, sd_from = _seed_sd(list(summ.values()), metric, fallback_sd)
+    s, sd_from, sd_dof = _seed_sd(list(summ.values()), metric, fallback_sd)
     by = {r["name"]: r for r in records}
     full = summ.get("full")
     out = []
@@ -821,7 +831,7 @@ def compression_table(records, metric: str = "R@1", k: float = 2.0, fallback_sd:
         ids = list(cfg.model.drop_text_layers or cfg.train.freeze_text_layers)
         row = dict(name=name, label=f"{strategy} {ids}" if ids else "full (x = 0)", strategy=strategy, x=x, layers=ids, n=r["n"],
                    ours=r[metric], ours_sd=r.get(f"{metric}_sd"), trainable=trainable_parameters(cfg, by[name]["train_ids"])["trainable"],
-                   ours_effect=None, paper_effect=None, vs=None, noise=None, mark="", sd=s, sd_from=sd_from)
+                   ours_effect=None, paper_effect=None, vs=None, noise=None, mark="", sd=s, sd_from=sd_from, sd_dof=sd_dof)
         other = summ.get(f"drop@{x}") if strategy == "freeze" else full
         if name == "full": row["mark"] = "baseline"
         elif other is None: row["mark"] = "no baseline run"

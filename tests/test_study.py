@@ -398,3 +398,17 @@ def test_a_table_of_only_its_baseline_says_there_is_nothing_to_mark():
                                       metrics={"R@1": r1, "mAP": r1})
     marked = mark_agreement(summarise([rec("clip_star", s, 8.0 + s) for s in range(3)]), PAPER["table2"]["rows"], "clip_star")
     assert "nothing to mark" in noise_statement(marked) and "one seed" not in noise_statement(marked)
+
+
+def test_a_table_sd_of_few_degrees_of_freedom_gives_way_to_the_studys():
+    "A table whose only multi-seed row is its 3-seed baseline (2 dof) is marked with the study's seed sd, and says why."
+    from tbps_clip.study import PAPER, mark_agreement, summarise
+    rec = lambda name, seed, r1: dict(exp="e05", name=name, seed=seed, scale="study", dataset="synthpedes",
+                                      synthetic=True, metrics={"R@1": r1, "mAP": r1})
+    rows = summarise([rec("itc", s, v) for s, v in ((0, 10.0), (1, 10.1), (2, 10.2))] + [rec("nitc", 0, 11.0)])
+    marked = mark_agreement(rows, PAPER["table5"]["rows"], "itc", fallback_sd=0.5)
+    assert marked[1]["name"] == "nitc" and marked[1]["sd_from"] == "study" and marked[1]["sd_dof"] == 2
+    assert abs(marked[1]["noise"] - 2 * 0.5 * (1 + 1 / 3) ** 0.5) < 1e-9 and marked[1]["mark"] == "within seed noise"
+    assert "only 2 degrees of freedom" in noise_statement(marked)
+    own = mark_agreement(rows, PAPER["table5"]["rows"], "itc", fallback_sd=None)  # nothing better: its own sd, 0.1
+    assert own[1]["sd_from"] == "table" and own[1]["mark"] == "agrees"  # +1.0 is over 2 x 0.1 x 1.15; the paper's is +0.13
