@@ -628,7 +628,7 @@ def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
     sd = next((r for r in marked if r.get("sd") is not None), {})
     own = sd.get("sd_dof", 0)
     why = ("this table has none" if not own else
-           f"this table's own give only {own} degree{'s' if own > 1 else ''} of freedom (fewer than {MIN_SD_DOF})")
+           f"this table's own give only {own} degree{'s' if own > 1 else ''} of freedom, fewer than {MIN_SD_DOF}")
     src = (f"seed sd {sd['sd']:.2f} pooled over the study's rows with several seeds, since {why}"
            if sd.get("sd_from") == "study" else f"seed sd {sd['sd']:.2f} pooled over this table's rows, {own} degrees of freedom")
     return (f"Seeds per row: {min(ns)}-{max(ns)}; a {metric} difference is 'within seed noise' when it is at most {k:g} "
