@@ -18,8 +18,9 @@ from torch import nn
 from .core import TBPSError
 
 # %% auto #0
-__all__ = ['ARCHS', 'register_archs', 'arch_config', 'encode_text_trimmed', 'TBPSModel', 'create_model', 'text_blocks',
-           'image_blocks', 'set_text_attention_dropout', 'lock_patch_embedding']
+__all__ = ['ARCHS', 'CONV_STEMS', 'ConvStem', 'add_conv_stem', 'register_archs', 'arch_config', 'encode_text_trimmed',
+           'TBPSModel', 'create_model', 'text_blocks', 'image_blocks', 'set_text_attention_dropout',
+           'lock_patch_embedding']
 
 # %% ../nbs/06_model.ipynb #e6e9d2bb
 ARCHS = {
@@ -30,6 +31,24 @@ ARCHS = {
                        vision_cfg=dict(image_size=[32, 16], layers=2, width=32, head_width=16, patch_size=8),
                        text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2)),
 }
+ARCHS["tbps-tiny-cs"] = copy.deepcopy(ARCHS["tbps-tiny"])
+CONV_STEMS = {"tbps-tiny-cs": (16, 32, 64, 128)}  # arch -> channels of its stride-2 convolutions (stride 2**len = patch size)
+
+class ConvStem(nn.Sequential):
+    "A patch embedding of stride 2**len(channels): stride-2 3x3 convolutions with BatchNorm and ReLU, then a 1x1 projection."
+    def __init__(self, channels, width: int):
+        layers, c_in = [], 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in = c
+        super().__init__(*layers, nn.Conv2d(c_in, width, 1))
+
+def add_conv_stem(clip: nn.Module, arch: str) -> None:
+    "Replace the patchify layer of `clip`'s image tower by `arch`'s convolutional stem, if it has one."
+    if arch not in CONV_STEMS: return
+    ch, ps = CONV_STEMS[arch], ARCHS[arch]["vision_cfg"]["patch_size"]
+    if 2 ** len(ch) != ps: raise TBPSError(f"{arch}: a stem of {len(ch)} stride-2 convolutions does not make patch size {ps}")
+    clip.visual.conv1 = ConvStem(ch, clip.visual.conv1.out_channels).to(clip.visual.conv1.weight.device)
 
 def register_archs() -> None:
     "Make the project's architectures known to open_clip (idempotent; survives open_clip rescans)."
@@ -120,6 +139,7 @@ def create_model(arch: str, image_size=None, context_length: int = 0, quick_gelu
     with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
         clip = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick_gelu,
                                       force_context_length=ctx, device=device)
+        add_conv_stem(clip, arch)
     return TBPSModel(clip, arch, image_size, ctx)
 
 # %% ../nbs/06_model.ipynb #e83e623c

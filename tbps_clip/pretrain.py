@@ -17,16 +17,17 @@ from .data import test_transform
 from .model import arch_config, create_model
 from .synthpedes import PretrainCorpus
 from .text import clean_caption, tokenize
-from .train import Trainer
+from .train import Callback, Trainer
 
 # %% auto #0
-__all__ = ['PRETRAIN_DEFAULTS', 'CorpusPairs', 'pretrain_config', 'pretrain_synthclip', 'ensure_synthclip']
+__all__ = ['PRETRAIN_RECIPES', 'PRETRAIN_DEFAULTS', 'CorpusPairs', 'pretrain_recipe', 'pretrain_config', 'EveryNSteps',
+           'zero_shot_evaluator', 'pretrain_synthclip', 'ensure_synthclip']
 
 # %% ../nbs/12_pretrain.ipynb #e82df767
 class CorpusPairs(Dataset):
     "Pretraining pairs (image tensor, tokens) from the synthetic web-like corpus."
-    def __init__(self, n: int, image_size, context_length: int, seed: int = 0):
-        self.corpus = PretrainCorpus(n, seed=seed, image_size=tuple(image_size))
+    def __init__(self, n: int, image_size, context_length: int, seed: int = 0, version: int = 2):
+        self.corpus = PretrainCorpus(n, seed=seed, image_size=tuple(image_size), version=version)
         self.tf, self.ctx = test_transform(image_size, "clip"), context_length
     def __len__(self): return len(self.corpus)
     def set_epoch(self, epoch: int): pass  # the corpus is fixed; the sampler reshuffles per epoch
@@ -35,44 +36,77 @@ class CorpusPairs(Dataset):
         return dict(image=self.tf(img), text=tokenize(clean_caption(cap), self.ctx)[0], pid=i, index=i)
 
 # %% ../nbs/12_pretrain.ipynb #ad7ca48e
-PRETRAIN_DEFAULTS = dict(steps=600, batch_size=64, corpus_size=38_400, lr=5e-4, seed=0)
+# Each architecture's recipe. tbps-tiny is the first analogue's (600 steps); tbps-tiny-cs the second's: many
+# more identities (every item is new: the corpus is as long as the run), a larger batch, the corpus with longer
+# descriptions, rendered in a worker process while the model trains.
+PRETRAIN_RECIPES = {
+    "tbps-tiny": dict(steps=600, batch_size=64, corpus_size=38_400, lr=5e-4, seed=0, corpus_version=2,
+                      warmup_epochs=0.1, num_workers=0),
+    "tbps-tiny-cs": dict(steps=4000, batch_size=128, corpus_size=512_000, lr=1e-3, seed=0, corpus_version=3,
+                         warmup_epochs=0.05, num_workers=1),
+    "tbps-micro": dict(steps=600, batch_size=64, corpus_size=38_400, lr=5e-4, seed=0, corpus_version=2,
+                       warmup_epochs=0.1, num_workers=0),
+}
+PRETRAIN_DEFAULTS = PRETRAIN_RECIPES["tbps-tiny"]
 
-def pretrain_config(arch: str, steps: int, batch_size: int, lr: float, seed: int, out_dir, threads: int = 0):
+def pretrain_recipe(arch: str, **overrides) -> dict:
+    "The pretraining recipe of `arch` with `overrides` (None values are ignored)."
+    if arch not in PRETRAIN_RECIPES:
+        raise TBPSError(f"no pretraining recipe for {arch!r}; known: {', '.join(PRETRAIN_RECIPES)}")
+    return {**PRETRAIN_RECIPES[arch], **{k: v for k, v in overrides.items() if v is not None}}
+
+def pretrain_config(arch: str, steps: int, batch_size: int, lr: float, seed: int, out_dir, threads: int = 0,
+                    warmup_epochs: float = 0.1):
     "The training config of a pretraining run."
     image_size = tuple(arch_config(arch)["vision_cfg"]["image_size"])
     return make_config("clip", {"model.arch": arch, "model.pretrained": "none", "data.image_size": list(image_size),
                                 "data.batch_size": batch_size, "train.max_steps": steps, "train.seed": seed,
                                 "optim.lr": lr, "optim.warmup_lr": 1e-6, "optim.min_lr": lr / 50,
-                                "optim.warmup_epochs": 0.1, "optim.weight_decay": 0.1, "train.eval_every": 0,
+                                "optim.warmup_epochs": warmup_epochs, "optim.weight_decay": 0.1, "train.eval_every": 0,
                                 "train.ckpt_every": 100, "train.threads": threads, "out_dir": str(out_dir)})
+
+class EveryNSteps(Callback):
+    "Evaluate with the trainer's evaluator every `n` steps (a learning curve within one long epoch)."
+    def __init__(self, n: int): self.n = n
+    def after_batch(self, t):
+        if self.n and t.step % self.n == 0 and t.step < t.total_steps: t.run_eval(f"step {t.step}")
+
+def zero_shot_evaluator(split: str = "val"):
+    "An evaluator: metrics of the model on `split` of the embedded SynthPEDES (synthetic), as zero-shot retrieval."
+    from tbps_clip.config import DataConfig
+    from tbps_clip.evaluate import evaluate
+    from tbps_clip.synthpedes import read_synthpedes
+    ann = read_synthpedes()
+    return lambda m: evaluate(m, ann, split, DataConfig(image_size=m.image_size, num_workers=0))
 
 def pretrain_synthclip(arch: str = "tbps-tiny", steps: int | None = None, batch_size: int | None = None,
                        corpus_size: int | None = None, lr: float | None = None, seed: int | None = None,
                        out: str | Path | None = None, progress: bool = True, device: str = "auto",
-                       num_workers: int = 0) -> Path:
+                       num_workers: int | None = None, threads: int = 0, eval_every: int = 0) -> Path:
     "Pretrain `arch` on the synthetic corpus and save it (by default where `model.pretrained=synthclip` looks)."
-    d = PRETRAIN_DEFAULTS
-    steps, batch_size = steps or d["steps"], batch_size or d["batch_size"]
-    corpus_size, lr = corpus_size or d["corpus_size"], lr or d["lr"]
-    seed = d["seed"] if seed is None else seed
+    r = pretrain_recipe(arch, steps=steps, batch_size=batch_size, corpus_size=corpus_size, lr=lr, seed=seed,
+                        num_workers=num_workers)
     out = Path(out) if out else synthclip_path(arch)
     run_dir = cache_dir() / "synthclip" / f"run-{out.stem}"
-    cfg = pretrain_config(arch, steps, batch_size, lr, seed, run_dir)
-    cfg.train.device, cfg.data.num_workers = device, num_workers
-    seed_everything(seed)
+    cfg = pretrain_config(arch, r["steps"], r["batch_size"], r["lr"], r["seed"], run_dir, threads, r["warmup_epochs"])
+    cfg.train.device, cfg.data.num_workers = device, r["num_workers"]
+    if threads: torch.set_num_threads(threads)
+    seed_everything(r["seed"])
     model = create_model(arch)
-    ds = CorpusPairs(corpus_size, model.image_size, model.context_length, seed=seed)
-    trainer = Trainer(cfg, model, ds, progress=progress)
+    ds = CorpusPairs(r["corpus_size"], model.image_size, model.context_length, seed=r["seed"], version=r["corpus_version"])
+    ev = zero_shot_evaluator() if eval_every else None  # the curve is recorded, never used to choose anything
+    trainer = Trainer(cfg, model, ds, evaluator=ev, callbacks=[EveryNSteps(eval_every)] if eval_every else [],
+                      progress=progress)
     trainer.fit(resume=True)  # an interrupted pretraining continues where it stopped
-    meta = dict(steps=steps, batch_size=batch_size, corpus_size=corpus_size, lr=lr, seed=seed)
-    save_checkpoint(out, model.cpu(), cfg, state=dict(pretraining=meta, history=trainer.history))
+    if ev: trainer.run_eval("final")
+    save_checkpoint(out, model.cpu(), cfg, state=dict(pretraining=dict(arch=arch, **r), history=trainer.history))
     return out
 
 def ensure_synthclip(arch: str = "tbps-tiny", progress: bool = True) -> Path:
     "The cached small pretrained CLIP for `arch`, built first if missing."
     p = synthclip_path(arch)
     if not p.is_file():
-        if arch not in ("tbps-tiny", "tbps-micro"):
+        if arch not in PRETRAIN_RECIPES:
             raise TBPSError(f"no embedded pretrained weights for {arch!r}: set model.pretrained to a checkpoint path")
         print(f"Building the small pretrained CLIP for {arch} (once; cached at {p}) ...")
         pretrain_synthclip(arch, progress=progress)

@@ -21,10 +21,10 @@ from .records import Record, read_annotations, register_reader, write_annotation
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'COLORS', 'HAIR_COLORS', 'SKIN_TONES', 'VIEWS', 'ATTRIBUTES', 'STYLES', 'FAMILIES',
-           'JPEG_QUALITY', 'IMAGES_PER_PRETRAIN_ID', 'sample_identity', 'attr_distance', 'mutate_identity',
-           'make_identities', 'visible_attributes', 'render_person', 'caption_pair', 'caption', 'synthpedes_settings',
-           'make_synthpedes', 'default_synthpedes_root', 'ensure_synthpedes', 'read_synthpedes', 'web_caption',
-           'pretrain_item', 'PretrainCorpus', 'sample_grid', 'difficulty_report']
+           'JPEG_QUALITY', 'IMAGES_PER_PRETRAIN_ID', 'PRETRAIN_CORPUS_VERSIONS', 'sample_identity', 'attr_distance',
+           'mutate_identity', 'make_identities', 'visible_attributes', 'render_person', 'caption_pair', 'caption',
+           'synthpedes_settings', 'make_synthpedes', 'default_synthpedes_root', 'ensure_synthpedes', 'read_synthpedes',
+           'web_caption', 'pretrain_item', 'PretrainCorpus', 'sample_grid', 'difficulty_report']
 
 # %% ../nbs/03_synthpedes.ipynb #89a3b265
 GENERATOR_VERSION = 2
@@ -977,10 +977,11 @@ def _web_items(a: dict, vis: dict, w: _Words) -> list:
     if vis.get("glasses"): out.append("glasses")
     return out
 
-def web_caption(attrs: dict, view: str, rng) -> str:
-    "A short web-like caption naming two to four visible things of `attrs`."
+def web_caption(attrs: dict, view: str, rng, version: int = 2) -> str:
+    "A web-like caption naming two to four visible things of `attrs` (version 3: one in four names up to all of them)."
     w = _Words(rng)
     items = _web_items(attrs, visible_attributes(attrs, view), w)
+    if version >= 3 and w.p(0.25): return _web_description(attrs, items, w, rng)
     items = [items[i] for i in rng.permutation(len(items))[: int(rng.choice([2, 3, 3, 4]))]]
     subj, ctx = w.pick(["man", "guy"] if attrs["gender"] == "man" else ["woman", "girl"]) if w.p(0.7) else "person", w.pick(_WEB_CTX)
     worn = [x for x in items if not x.endswith(" hair")]
@@ -993,23 +994,34 @@ def web_caption(attrs: dict, view: str, rng) -> str:
     if t == 4: return f"{ctx}: {subj}, {', '.join(items)}"
     return ", ".join(items)
 
-def pretrain_item(index: int, seed: int = 0, image_size=(128, 64)) -> tuple:
-    "(image, caption) number `index` of the web-like pretraining corpus; identity = index // 4."
+def _web_description(attrs: dict, items: list, w: _Words, rng) -> str:
+    "A longer alt-text: the person, then three to all of the visible things, in random order."
+    items = [items[i] for i in rng.permutation(len(items))[: max(3, int(rng.integers(3, len(items) + 1)))]]
+    subj = w.pick(["man", "guy", "young man"] if attrs["gender"] == "man" else ["woman", "girl", "young woman"])
+    worn, had = [x for x in items if not x.endswith(" hair")], [x for x in items if x.endswith(" hair")]
+    s = _art(subj) + "".join(f" with {x}" for x in had) + (f" wearing {_join(worn)}" if worn else "")
+    return s + (f", {w.pick(_WEB_CTX)}" if w.p(0.5) else "")
+
+PRETRAIN_CORPUS_VERSIONS = (2, 3)  # 3 adds the longer descriptions (the corpus of the second analogue)
+
+def pretrain_item(index: int, seed: int = 0, image_size=(128, 64), version: int = 2) -> tuple:
+    "(image, caption) number `index` of the web-like pretraining corpus of `version`; identity = index // 4."
+    if version not in PRETRAIN_CORPUS_VERSIONS: raise TBPSError(f"unknown pretraining corpus version {version}")
     ident = index // IMAGES_PER_PRETRAIN_ID
     a = sample_identity(np.random.default_rng(derive_seed(seed, "pretrain", GENERATOR_VERSION, "identity", ident)))
     rng = np.random.default_rng(derive_seed(seed, "pretrain", GENERATOR_VERSION, "image", index))
     view = VIEWS[int(rng.integers(3))]
-    return render_person(a, rng, tuple(image_size), view, style="web"), web_caption(a, view, rng)
+    return render_person(a, rng, tuple(image_size), view, style="web"), web_caption(a, view, rng, version)
 
 class PretrainCorpus:
-    "The first `n` items of the pretraining corpus, as a sequence of (PIL image, caption)."
-    def __init__(self, n: int, seed: int = 0, image_size=(128, 64)):
-        self.n, self.seed, self.image_size = int(n), seed, tuple(image_size)
+    "The first `n` items of the pretraining corpus of `version`, as a sequence of (PIL image, caption)."
+    def __init__(self, n: int, seed: int = 0, image_size=(128, 64), version: int = 2):
+        self.n, self.seed, self.image_size, self.version = int(n), seed, tuple(image_size), version
     def __len__(self) -> int: return self.n
     def __getitem__(self, i: int) -> tuple:
         if i < 0: i += self.n
         if not 0 <= i < self.n: raise IndexError(f"PretrainCorpus index {i} out of range for {self.n} items")
-        return pretrain_item(i, self.seed, self.image_size)
+        return pretrain_item(i, self.seed, self.image_size, self.version)
 
 # %% ../nbs/03_synthpedes.ipynb #1456ef82
 def sample_grid(ann, n: int = 8, split: str = "train", seed: int = 0, cols: int = 4, zoom: int = 2) -> Image.Image:
