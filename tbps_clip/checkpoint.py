@@ -19,7 +19,7 @@ from .model import TBPSModel, create_model
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'CKPT_VERSION', 'CHECKPOINT_READERS', 'SYNTHCLIP_VERSION', 'WEIGHT_LOADERS', 'save_checkpoint',
            'read_checkpoint_file', 'is_project_checkpoint', 'check_identity', 'load_state_strict', 'synthclip_path',
-           'tower_state', 'load_weights', 'build_model']
+           'shipped_synthclip', 'synthclip_source', 'tower_state', 'load_weights', 'build_model']
 
 # %% ../nbs/09_checkpoint.ipynb #99ed9fcd
 CKPT_FORMAT, CKPT_VERSION = "tbps-clip-checkpoint", 1
@@ -94,8 +94,17 @@ def load_state_strict(model: TBPSModel, sd: dict, source: str) -> None:
 SYNTHCLIP_VERSION = 2
 
 def synthclip_path(arch: str = "tbps-tiny") -> Path:
-    "Where the embedded small pretrained CLIP for `arch` is cached."
+    "Where a small pretrained CLIP for `arch` built on this machine (`tbps-clip pretrain`) is cached."
     return cache_dir() / "synthclip" / f"{arch}-v{SYNTHCLIP_VERSION}.pt"
+
+def shipped_synthclip(arch: str) -> Path | None:
+    "The small pretrained CLIP for `arch` shipped inside the package (fp16 safetensors), if there is one."
+    p = Path(__file__).parent / "assets" / f"synthclip-{arch}.safetensors"
+    return p if p.is_file() else None
+
+def synthclip_source(arch: str) -> Path:
+    "The weights `model.pretrained=synthclip` loads for `arch`: the shipped file if any, else the one built here."
+    return shipped_synthclip(arch) or synthclip_path(arch)
 
 def tower_state(sd: dict) -> dict:
     "The two towers' weights of a state dict: training-only heads (`heads.*`) are left out, as each run makes its own."
@@ -143,7 +152,7 @@ def _initial_model(cfg: Config, trust: bool = False) -> TBPSModel:
     if src in ("", "none"):
         return model
     if src == "synthclip":
-        p = synthclip_path(m.arch)
+        p = synthclip_source(m.arch)
         if not p.is_file():
             raise TBPSError(f"the small pretrained CLIP for {m.arch} is not built yet ({p}); run `tbps-clip pretrain --arch {m.arch}`")
         load_weights(model, p)

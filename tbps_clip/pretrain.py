@@ -5,23 +5,29 @@
 # %% ../nbs/12_pretrain.ipynb #dfc736d2
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import save_checkpoint, synthclip_path
+from .checkpoint import (CKPT_FORMAT, load_weights, read_checkpoint_file, save_checkpoint, shipped_synthclip,
+                                  synthclip_path, tower_state)
 from .config import make_config
-from .core import TBPSError, cache_dir, derive_seed, seed_everything
+from .core import TBPSError, cache_dir, derive_seed, environment_info, seed_everything
 from .data import test_transform
-from .model import arch_config, create_model
-from .synthpedes import PretrainCorpus
+from .model import TBPSModel, arch_config, create_model
+from .synthpedes import IMAGES_PER_PRETRAIN_ID, PretrainCorpus
 from .text import clean_caption, tokenize
 from .train import Callback, Trainer
 
 # %% auto #0
 __all__ = ['PRETRAIN_RECIPES', 'PRETRAIN_DEFAULTS', 'CorpusPairs', 'pretrain_recipe', 'pretrain_config', 'EveryNSteps',
-           'zero_shot_evaluator', 'pretrain_synthclip', 'ensure_synthclip']
+           'zero_shot_evaluator', 'pretrain_synthclip', 'ensure_synthclip', 'write_safetensors_checkpoint', 'sha256',
+           'ship_synthclip']
 
 # %% ../nbs/12_pretrain.ipynb #e82df767
 class CorpusPairs(Dataset):
@@ -97,17 +103,60 @@ def pretrain_synthclip(arch: str = "tbps-tiny", steps: int | None = None, batch_
     ev = zero_shot_evaluator() if eval_every else None  # the curve is recorded, never used to choose anything
     trainer = Trainer(cfg, model, ds, evaluator=ev, callbacks=[EveryNSteps(eval_every)] if eval_every else [],
                       progress=progress)
+    t0 = time.time()
     trainer.fit(resume=True)  # an interrupted pretraining continues where it stopped
     if ev: trainer.run_eval("final")
-    save_checkpoint(out, model.cpu(), cfg, state=dict(pretraining=dict(arch=arch, **r), history=trainer.history))
+    meta = dict(arch=arch, **r, last_session_seconds=round(time.time() - t0), threads=torch.get_num_threads())
+    save_checkpoint(out, model.cpu(), cfg, state=dict(pretraining=meta, history=trainer.history))
     return out
 
 def ensure_synthclip(arch: str = "tbps-tiny", progress: bool = True) -> Path:
     "The cached small pretrained CLIP for `arch`, built first if missing."
-    p = synthclip_path(arch)
+    p = shipped_synthclip(arch) or synthclip_path(arch)
     if not p.is_file():
         if arch not in PRETRAIN_RECIPES:
             raise TBPSError(f"no embedded pretrained weights for {arch!r}: set model.pretrained to a checkpoint path")
         print(f"Building the small pretrained CLIP for {arch} (once; cached at {p}) ...")
         pretrain_synthclip(arch, progress=progress)
     return p
+
+# %% ../nbs/12_pretrain.ipynb #49362946
+def write_safetensors_checkpoint(path, model: TBPSModel, card: dict) -> Path:
+    "Atomically write `model`'s towers in fp16 safetensors, with its identity and `card` as metadata."
+    from safetensors.torch import save_file
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tower_state(model.state_dict()).items()}
+    meta = dict(format=CKPT_FORMAT, identity=json.dumps(model.identity()), card=json.dumps(card))
+    path = Path(path); tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+def sha256(path) -> str:
+    "The sha256 of a file."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    return h.hexdigest()
+
+def ship_synthclip(arch: str, built=None, out=None, wall_seconds: float | None = None, hardware: str = "") -> dict:
+    "Write the built small CLIP of `arch` (fp16 safetensors) and its model card under `out` (default: the package's assets)."
+    built = Path(built or synthclip_path(arch))
+    ck = read_checkpoint_file(built)
+    pre = ck["state"]["pretraining"]
+    out = Path(out or Path(__file__).parent / "assets")
+    model = create_model(arch)
+    load_weights(model, built)
+    for t in model.state_dict().values():  # measure what ships: the fp16-rounded weights
+        if t.is_floating_point(): t.copy_(t.half().float())
+    card = dict(arch=arch, parameters=sum(p.numel() for p in model.parameters()), identity=model.identity(),
+                pretraining=pre, corpus=f"synthetic web-like corpus v{pre['corpus_version']}: {pre['corpus_size']:,} items of "
+                f"{pre['corpus_size'] // IMAGES_PER_PRETRAIN_ID:,} identities disjoint from SynthPEDES, each item seen once",
+                wall_seconds=wall_seconds or pre.get("last_session_seconds"), hardware=hardware or environment_info(),
+                curve=[dict(step=e["step"], val_r1=round(e["R@1"], 2)) for e in ck["state"]["history"]["eval"]],
+                zero_shot={s: {k: round(v, 2) for k, v in zero_shot_evaluator(s)(model).items() if k in ("R@1", "R@5", "R@10", "mAP", "mINP")}
+                           for s in ("val", "test")}, synthetic=True)
+    st = write_safetensors_checkpoint(out / f"synthclip-{arch}.safetensors", model, card)
+    card["file"], card["sha256"], card["bytes"] = st.name, sha256(st), st.stat().st_size
+    (out / f"synthclip-{arch}.json").write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    return card

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import pickle
 import sys
@@ -20,7 +21,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CHECKPOINT_READERS, WEIGHT_LOADERS, load_state_strict
+from .checkpoint import CHECKPOINT_READERS, CKPT_FORMAT, CKPT_VERSION, WEIGHT_LOADERS, load_state_strict
 from .core import TBPSError
 from .model import ARCHS, TBPSModel, arch_config
 
@@ -56,12 +57,21 @@ def read_torchscript(path, trust: bool = False):
     return dict(format="openai-torchscript", state_dict=sd, meta=meta)
 
 def read_safetensors(path, trust: bool = False):
-    "The tensors of a `.safetensors` file; None for other files."
+    "The tensors of a `.safetensors` file (a project checkpoint when its metadata says it is one); None for other files."
     if Path(path).suffix != ".safetensors": return None
+    from safetensors import safe_open
     from safetensors.torch import load_file
-    try: return load_file(str(path), device="cpu")
+    try:
+        with safe_open(str(path), framework="pt") as f: meta = f.metadata() or {}
+        sd = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types
         raise TBPSError(f"{path}: not a readable safetensors file: {type(e).__name__}: {str(e)[:300]}") from None
+    if meta.get("format") != CKPT_FORMAT: return sd
+    try: identity, card = json.loads(meta["identity"]), json.loads(meta.get("card", "{}"))
+    except (KeyError, ValueError) as e:
+        raise TBPSError(f"{path}: a tbps-clip safetensors file with unreadable metadata ({type(e).__name__}: {e})") from None
+    # stored in fp16 to keep the package small; the model's own dtype is restored by load_state_dict's copy
+    return dict(format=CKPT_FORMAT, version=CKPT_VERSION, identity=identity, model=sd, card=card)
 
 # %% ../nbs/16_weights.ipynb #185dc6a4
 FOREIGN_CONTAINERS = ("easydict.EasyDict", "argparse.Namespace")  # classes read as plain dicts
