@@ -4,6 +4,7 @@ Each test writes the rule from its definition (the paper, the formula, or what t
 words), never from the official code itself. docs/fidelity.md lists every component and the test that pins it.
 """
 import math
+import random
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from conftest import micro_overrides
-from tbps_clip.augment import KEPT_OPS, Pool, PILGaussianBlur, image_transform, simclr_transform
-from tbps_clip.config import LossConfig, OptimConfig, make_config
+from tbps_clip.augment import KEPT_OPS, CaptionAugmenter, Pool, PILGaussianBlur, image_transform, simclr_transform
+from tbps_clip.config import AugConfig, LossConfig, OptimConfig, make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.data import NORMALIZE
 from tbps_clip.data import test_transform as eval_transform
@@ -242,3 +243,41 @@ def test_captions_are_cleaned_and_tokenised_as_the_officials():
     tok = tokenize(["a man", " ".join(["red"] * 100)], 77)
     assert tok[0, 0] == SOT_TOKEN and tok[0, 3] == EOT_TOKEN and not tok[0, 4:].any()
     assert tok[1, 0] == SOT_TOKEN and tok[1, -1] == EOT_TOKEN and (tok[1, 1:-1] == tok[1, 1]).all()  # truncated, EOT kept
+
+
+def test_back_translation_comes_before_random_deletion():
+    "Official order per caption: BT (p 0.1) replaces the caption, then RD (p 0.05) drops words of the result."
+    aug = CaptionAugmenter(AugConfig(bt=1.0, rd=0.5))
+    bt = "someone wearing a crimson top and dark jeans"
+    for s in range(50):
+        out = aug("a man in a red shirt", bt, random.Random(s)).split()
+        it = iter(bt.split())
+        assert out and all(w in it for w in out)  # a non-empty subsequence of the back-translation
+
+
+# ---- the presets and defaults the paper and the official code use -----------------------------------------
+
+def test_presets_and_defaults_carry_the_official_settings():
+    sp, tb = make_config("simplified"), make_config("tbps")
+    for c in (sp, tb):  # CLIP* + augmentation pool + BT + RD
+        assert (c.trick.global_grad, c.trick.text_dropout, c.trick.lock_patch_embed, c.trick.soft_label) == (True, 0.05, True, 0.5)
+        assert (c.trick.soft_label_warmup, c.trick.soft_label_source) == (1.0, "nograd")
+        assert (c.aug.image, c.aug.pool_k, c.aug.bt, c.aug.rd) == ("pool", 2, 0.1, 0.05)
+    assert (sp.loss.itc, sp.loss.nitc, sp.loss.ritc, sp.loss.ritc_eps) == (0.0, 1.0, 1.0, 0.01)
+    lc = tb.loss  # N-ITC 1.0 as (I, T) + (I~, T) halves, SS-I 0.4 (tau 0.1), R-ITC 1.0, C-ITC 0.1 x (0.25 + 0.25)
+    assert (lc.nitc, lc.mvs_i, lc.ss_i, lc.ss_tau, lc.ritc, lc.citc, lc.citc_inmodal, lc.citc_crossmodal) == \
+        (0.5, 0.5, 0.4, 0.1, 1.0, 0.1, 0.25, 0.25)
+    ss = attach_heads(create_model("ViT-B-16", device="meta"), tb, 10).heads["ss_image"]
+    assert [(l.in_features, l.out_features) for l in ss if isinstance(l, torch.nn.Linear)] == [(512, 128), (128, 512)]
+    oc = OptimConfig()
+    assert (oc.lr, oc.warmup_lr, oc.min_lr, oc.warmup_epochs, oc.weight_decay, oc.betas, oc.eps, oc.head_lr_mult) == \
+        (1e-4, 1e-6, 5e-6, 1.0, 0.02, (0.9, 0.98), 1e-8, 5.0)
+    assert make_config("clip").train.epochs == 5 and make_config("clip").data.max_words == 77
+
+
+def test_operations_outside_the_pool_have_the_appendix_settings():
+    "Blur kernel 3 sigma 0.1-2, hue 0.1, vertical flip p 0.5 (the appendix); not in the official code's pool."
+    cfg = make_config("clip_star", {"data.image_size": [32, 16]})
+    ops = {name: image_transform(cfg, name).transforms[2] for name in ("blur", "hue", "vflip")}
+    assert ops["blur"].kernel_size == (3, 3) and ops["blur"].sigma == (0.1, 2.0)
+    assert ops["hue"].hue == (-0.1, 0.1) and ops["hue"].brightness is None and ops["vflip"].p == 0.5
