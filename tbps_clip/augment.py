@@ -16,14 +16,15 @@ from torchvision.transforms import InterpolationMode
 
 from .config import loss_on
 from .core import TBPSError
-from .data import TRAIN_TRANSFORMS, TrainPairs, normalize_transform, test_transform
+from .data import TRAIN_TRANSFORMS, TrainPairs, normalize_transform
 from .text import EOT_TOKEN, SOT_TOKEN, clean_caption
 
 # %% auto #0
-__all__ = ['IMAGE_OPS', 'KEPT_OPS', 'PIL_POLICIES', 'POLICIES', 'LEXICON_GROUPS', 'LEXICON', 'STOPWORDS', 'MASK_TOKEN',
-           'image_op', 'Pool', 'image_transform', 'PILGaussianBlur', 'simclr_transform', 'synonym_source', 'synonyms',
-           'n_changes', 'random_deletion', 'synonym_replacement', 'random_insertion', 'random_swap', 'eda',
-           'CaptionAugmenter', 'caption_augmenter', 'mlm_mask', 'configure_pairs']
+__all__ = ['IMAGE_OPS', 'KEPT_OPS', 'PIL_POLICIES', 'POLICIES', 'TRAIN_INTERPOLATIONS', 'LEXICON_GROUPS', 'LEXICON', 'STOPWORDS',
+           'MASK_TOKEN', 'image_op', 'Pool', 'train_interpolation', 'image_transform', 'PILGaussianBlur',
+           'simclr_transform', 'synonym_source', 'synonyms', 'n_changes', 'random_deletion', 'synonym_replacement',
+           'random_insertion', 'random_swap', 'eda', 'CaptionAugmenter', 'caption_augmenter', 'mlm_mask',
+           'configure_pairs']
 
 # %% ../nbs/05a_augment.ipynb #1ba704fc
 IMAGE_OPS = ("rrc", "erase", "gray", "blur", "jitter", "hue", "hflip", "vflip", "rotate")
@@ -71,16 +72,25 @@ def _pil_policy(name: str, ac) -> Callable:
     if name == "randaugment": return T.RandAugment(num_ops=ac.randaug_n, magnitude=ac.randaug_m)
     return T.TrivialAugmentWide()
 
+TRAIN_INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+
+def train_interpolation(cfg) -> InterpolationMode:
+    "The resize interpolation of the training transforms, `data.train_interpolation`."
+    name = cfg.data.train_interpolation
+    if name not in TRAIN_INTERPOLATIONS:
+        raise TBPSError(f"data.train_interpolation={name!r}: choose {' or '.join(TRAIN_INTERPOLATIONS)}")
+    return TRAIN_INTERPOLATIONS[name]
+
 def image_transform(cfg, policy: str | None = None) -> Callable:
     "The training transform of `cfg` (policy `cfg.aug.image` unless given): PIL image -> normalised tensor."
     ac, size = cfg.aug, tuple(cfg.data.image_size)
     policy = policy or ac.image
     if policy not in POLICIES:
         raise TBPSError(f"aug.image={policy!r} is not a policy; choose from {', '.join(POLICIES)}")
-    if policy == "none":
-        return test_transform(size, cfg.data.normalize)
-    resize = T.Resize(size, interpolation=InterpolationMode.BICUBIC)
+    resize = T.Resize(size, interpolation=train_interpolation(cfg))
     norm = normalize_transform(cfg.data.normalize)
+    if policy == "none":
+        return T.Compose([resize, T.ToTensor(), norm])
     if policy in PIL_POLICIES:
         return T.Compose([resize, _pil_policy(policy, ac), T.ToTensor(), norm])
     if policy in ("pool", "stack"):
@@ -107,7 +117,7 @@ def simclr_transform(cfg) -> Callable:
     "SimCLR's strong augmentation for SS-I: PIL image -> normalised tensor."
     size = tuple(cfg.data.image_size)
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=train_interpolation(cfg)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5),

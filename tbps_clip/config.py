@@ -28,6 +28,7 @@ class DataConfig:
     root: str = ""  # dataset folder; empty means the embedded SynthPEDES in the cache
     annotations: str = ""  # a normalised annotation file; overrides the reader when set
     image_size: tuple = (128, 64)  # (height, width) of the model input
+    train_interpolation: str = "bilinear"  # resize of the training transforms: 'bilinear' (the official code's) or 'bicubic'; the test transform is always bicubic
     normalize: str = "clip"  # normalisation constants: 'clip' (CLIP's own) or 'imagenet' (the official code's)
     batch_size: int = 64  # training batch per process
     eval_batch_size: int = 256  # images or captions per encoding batch at evaluation
@@ -127,15 +128,15 @@ def loss_on(loss_cfg: LossConfig, *terms) -> bool:
 @dataclass
 class OptimConfig:
     "AdamW and the per-iteration warm-up + cosine schedule of the official code."
-    lr: float = 1e-4  # peak learning rate, reached at the end of warm-up
+    lr: float = 1e-4  # peak learning rate, reached at the last warm-up step
     warmup_lr: float = 1e-6  # learning rate at step 0
-    min_lr: float = 5e-6  # learning rate at the last step
+    min_lr: float = 5e-6  # floor of the cosine decay (the last step is one cosine step above it, as in the official code)
     warmup_epochs: float = 1.0  # length of the linear warm-up, in epochs
-    weight_decay: float = 0.02  # decoupled weight decay, not applied to biases, norms, embeddings and 1-D tensors
+    weight_decay: float = 0.02  # decoupled weight decay on matrices (token and positional embeddings too, as the official code); not on biases, norms and other 1-D tensors
     betas: tuple = (0.9, 0.98)  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
-    head_lr_mult: float = 5.0  # learning-rate multiple of new heads (ID classifier, MLM), as the official code's 5
+    head_lr_mult: float = 5.0  # learning-rate multiple of the new heads (ID classifier; MLM's cross-attention, transformer and vocabulary head), as the official code's 5
     fused: bool = True  # torch's fused AdamW kernel (CUDA and CPU; on the CPU ~8x faster than the per-tensor loop); False = the per-tensor loop
 
 @dataclass

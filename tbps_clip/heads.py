@@ -42,7 +42,9 @@ def image_token_feats(model: TBPSModel, images: torch.Tensor) -> tuple:
     return pooled, torch.cat([pooled[:, None], tokens], 1)
 
 # %% ../nbs/07a_heads.ipynb #d7adf91f
-HEAD_LR = ("classifier", "mlm")
+# parameters at `optim.head_lr_mult` x the lr: the official code's names with 'cross', 'classifier' or 'mlm_head'
+# (cross_attn, cross_modal_transformer, classifier, mlm_head), not MLM's layer norms ln_pre_t, ln_pre_i, ln_post
+HEAD_LR = ("heads.classifier.", "heads.mlm.cross_attn.", "heads.mlm.transformer.", "heads.mlm.head.")
 
 class QuickGELU(nn.Module):
     "x * sigmoid(1.702 x), CLIP's activation."
@@ -65,7 +67,7 @@ class MLMHead(nn.Module):
         super().__init__()
         heads = max(1, width // 64)
         self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.transformer = Transformer(width, depth, heads, batch_first=True)
+        self.transformer = Transformer(width, depth, heads, act_layer=QuickGELU, batch_first=True)  # official: QuickGELU blocks
         self.ln_pre_t, self.ln_pre_i, self.ln_post = LayerNorm(width), LayerNorm(width), LayerNorm(width)
         self.head = nn.Sequential(OrderedDict(dense=nn.Linear(width, width), gelu=QuickGELU(), ln=LayerNorm(width),
                                               fc=nn.Linear(width, vocab_size)))

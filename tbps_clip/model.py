@@ -106,8 +106,11 @@ class TBPSModel(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        "exp(learnable log-scale), clamped to at most 100."
-        return self.clip.logit_scale.exp().clamp(max=100)
+        "exp(learnable log-scale), at most 100 in value; its gradient is the used value, as in the official code."
+        t = self.clip.logit_scale
+        s = t.exp().clamp(max=100).detach()
+        # value s, d/dt = s: a plain clamp has no gradient above 100, and OpenAI's weights load exp(t) = 100.003
+        return s * (1 + t - t.detach())
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
         "Features of a batch of images and captions."

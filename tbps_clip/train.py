@@ -29,12 +29,12 @@ __all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'SOFT_KEYS', 'param_groups', 'make_
 
 # %% ../nbs/11_train.ipynb #906cca4b
 def param_groups(model: torch.nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list:
-    "AdamW groups: decayed matrices and undecayed biases, norms and 1-D tensors; new heads at `head_lr_mult` x the lr."
+    "AdamW groups: decayed matrices and undecayed biases, norms and 1-D tensors; `HEAD_LR` parameters at `head_lr_mult` x the lr."
     groups: dict = {}
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
         decay = not (p.ndim < 2 or n.endswith(".bias"))
-        mult = head_lr_mult if any(n.startswith(f"heads.{h}.") for h in HEAD_LR) else 1.0
+        mult = head_lr_mult if n.startswith(HEAD_LR) else 1.0
         groups.setdefault((mult, decay), []).append(p)
     return [dict(params=ps, weight_decay=weight_decay if decay else 0.0, lr_mult=mult)
             for (mult, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
@@ -48,10 +48,12 @@ def make_optimizer(model: torch.nn.Module, oc) -> torch.optim.AdamW:
                              eps=oc.eps, fused=fused or None)
 
 def lr_at(step: int, total: int, warmup: int, oc) -> float:
-    "Learning rate at iteration `step` of `total` with `warmup` warm-up iterations."
-    if step < warmup:
-        return oc.warmup_lr + (oc.lr - oc.warmup_lr) * step / max(warmup, 1)
-    frac = (step - warmup) / max(total - warmup - 1, 1)
+    "Learning rate at iteration `step` of `total` with `warmup` warm-up iterations (the official schedule)."
+    if step < warmup:  # numpy.linspace(warmup_lr, lr, warmup): step 0 at warmup_lr, step warmup - 1 at lr
+        t = step / max(warmup - 1, 1)
+        return (1 - t) * oc.warmup_lr + t * oc.lr
+    # cosine over the total - warmup steps left; the last step is one step short of min_lr, as in the official code
+    frac = (step - warmup) / max(total - warmup, 1)
     return oc.min_lr + 0.5 * (oc.lr - oc.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 # %% ../nbs/11_train.ipynb #906cb76f

@@ -139,10 +139,13 @@ def test_checkpoint_with_heads_evaluates_and_initialises_other_runs(toy, tmp_pat
 
 
 def test_heads_get_the_larger_learning_rate(toy, tmp_path):
+    "The classifier and MLM's cross-attention, transformer and vocabulary head; not MLM's layer norms (as the official)."
     cfg = micro("irra", toy, tmp_path, **{"optim.head_lr_mult": 5.0})
     model = attach_heads(prepare_model(cfg), cfg, 8)
     tr = Trainer(cfg, model, list(range(64)), progress=False)
-    heads = {id(p) for p in model.heads.parameters()}
+    mlm = model.heads["mlm"]
+    heads = {id(p) for m in (model.heads["classifier"], mlm.cross_attn, mlm.transformer, mlm.head) for p in m.parameters()}
+    assert len(heads) == len(list(model.heads.parameters())) - 6  # ln_pre_t, ln_pre_i, ln_post: weight and bias
     for g in tr.opt.param_groups:
         assert g["lr_mult"] == (5.0 if id(g["params"][0]) in heads else 1.0)
         assert all((id(p) in heads) == (g["lr_mult"] == 5.0) for p in g["params"])
