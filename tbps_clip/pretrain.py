@@ -27,7 +27,7 @@ from .train import Callback, Trainer
 # %% auto #0
 __all__ = ['PRETRAIN_RECIPES', 'PRETRAIN_DEFAULTS', 'CorpusPairs', 'pretrain_recipe', 'pretrain_config', 'EveryNSteps',
            'zero_shot_evaluator', 'pretrain_synthclip', 'ensure_synthclip', 'write_safetensors_checkpoint', 'sha256',
-           'ship_synthclip']
+           'ship_synthclip', 'model_card_markdown']
 
 # %% ../nbs/12_pretrain.ipynb #e82df767
 class CorpusPairs(Dataset):
@@ -129,6 +129,7 @@ def write_safetensors_checkpoint(path, model: TBPSModel, card: dict) -> Path:
     path = Path(path); tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # a package file: readable by everyone who installs it
     os.replace(tmp, path)
     return path
 
@@ -159,4 +160,31 @@ def ship_synthclip(arch: str, built=None, out=None, wall_seconds: float | None =
     st = write_safetensors_checkpoint(out / f"synthclip-{arch}.safetensors", model, card)
     card["file"], card["sha256"], card["bytes"] = st.name, sha256(st), st.stat().st_size
     (out / f"synthclip-{arch}.json").write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    (out / f"synthclip-{arch}.md").write_text(model_card_markdown(card), encoding="utf-8")
     return card
+
+def model_card_markdown(card: dict) -> str:
+    "The model card as Markdown."
+    pre, zs = card["pretraining"], card["zero_shot"]
+    rows = "\n".join(f"| {s} | " + " | ".join(f"{zs[s][k]:.2f}" for k in ("R@1", "R@5", "R@10", "mAP", "mINP")) + " |" for s in zs)
+    hw = card["hardware"] if isinstance(card["hardware"], str) else json.dumps(card["hardware"])
+    return f"""# Model card: the small pretrained CLIP `{card['arch']}` (synthetic)
+
+- **What**: the small CLIP of tbps-clip's embedded default, the analogue of OpenAI's CLIP for the synthetic study.
+  Trained only on synthetic data; never a stand-in for a real CLIP or for the paper's benchmarks.
+- **Architecture**: `{card['arch']}`, {card['parameters']:,} parameters; identity {json.dumps(card['identity'])}.
+- **Corpus**: {card['corpus']}.
+- **Recipe**: ITC from random weights, {pre['steps']:,} steps of batch {pre['batch_size']}, AdamW, lr {pre['lr']:g} with
+  warm-up ({pre['warmup_epochs']:g} of the corpus) and cosine decay, seed {pre['seed']}.
+- **Wall time**: {card['wall_seconds']} s; **hardware**: {hw}.
+- **File**: `{card['file']}`, {card['bytes']:,} bytes, fp16 safetensors, sha256 `{card['sha256']}`.
+- **Rebuild**: `tbps-clip pretrain --arch {card['arch']} --force` (same recipe; writes to the cache, not the package).
+
+Zero-shot text-to-image retrieval on SynthPEDES (synthetic), measured on the fp16 weights as shipped:
+
+| split | R@1 | R@5 | R@10 | mAP | mINP |
+|---|---|---|---|---|---|
+{rows}
+
+Zero-shot val R@1 during pretraining (fp32 weights): {', '.join(f"{c['step']}: {c['val_r1']}" for c in card['curve'])}.
+"""
