@@ -5,7 +5,11 @@
 # %% ../nbs/09_checkpoint.ipynb #9e692480
 from __future__ import annotations
 
+import io
+import json
 import pickle
+import pickletools
+import re
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -18,8 +22,8 @@ from .model import TBPSModel, create_model
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'CKPT_VERSION', 'CHECKPOINT_READERS', 'SYNTHCLIP_VERSION', 'WEIGHT_LOADERS', 'save_checkpoint',
-           'read_checkpoint_file', 'is_project_checkpoint', 'check_identity', 'load_state_strict', 'synthclip_path',
-           'shipped_synthclip', 'synthclip_source', 'tower_state', 'load_weights', 'build_model']
+           'not_a_checkpoint', 'read_checkpoint_file', 'is_project_checkpoint', 'check_identity', 'load_state_strict',
+           'synthclip_path', 'shipped_synthclip', 'synthclip_source', 'tower_state', 'load_weights', 'build_model']
 
 # %% ../nbs/09_checkpoint.ipynb #99ed9fcd
 CKPT_FORMAT, CKPT_VERSION = "tbps-clip-checkpoint", 1
@@ -33,15 +37,72 @@ def save_checkpoint(path, model: TBPSModel, cfg: Config | None = None, optimizer
     return atomic_torch_save(obj, path)
 
 # %% ../nbs/09_checkpoint.ipynb #73bb2389
+# (magic bytes at the start, what the file looks like) for common files that are not checkpoints
+_NOT_CHECKPOINTS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"GIF8", "a GIF image"),
+                    (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"\x93NUMPY", "a NumPy array file"))
+
+def _complete_pickle(head: bytes) -> bool:
+    "Whether `head` starts with a whole pickle of 4 or more opcodes (protocols 0 and 1 look like text); nothing is run."
+    try:
+        for n, (op, _, _) in enumerate(pickletools.genops(io.BytesIO(head)), 1):
+            if op.name == "STOP": return n >= 4  # random bytes end a valid 1-3 opcode 'pickle' 1 time in 200
+    except Exception: pass  # genops raises ValueError and others on bytes that are not a pickle
+    return False
+
+def _text_kind(head: bytes, whole: bool) -> str | None:
+    "'a JSON file' or 'a text file' if `head` is UTF-8 text (a character cut at the end is allowed unless `whole`)."
+    if b"\x00" in head: return None
+    try: text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if whole or e.start < len(head) - 3: return None
+        text = head[:e.start].decode("utf-8")
+    if whole and text.lstrip()[:1] in ("{", "["):
+        try: json.loads(text); return "a JSON file"
+        except ValueError: pass
+    return "a text file"
+
+def not_a_checkpoint(path) -> str | None:
+    "What the file at `path` looks like if it cannot be a checkpoint (no pickle, zip or safetensors); None if it can."
+    with open(path, "rb") as f: head = f.read(1 << 20)
+    whole = len(head) < 1 << 20
+    if not head: return "it is empty"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"): return None  # a binary pickle
+    if head[:4] == b"PK\x03\x04":  # torch.save's and TorchScript's container; a damaged one is left to the loaders
+        try:
+            with zipfile.ZipFile(path) as z: names = z.namelist()
+        except (zipfile.BadZipFile, OSError): return None
+        return None if any(n.endswith(".pkl") for n in names) else "it is a ZIP archive with no PyTorch data in it"
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0  # safetensors: header length, then a JSON header
+    if head[8:9] == b"{" and 0 < n < Path(path).stat().st_size: return None
+    if _complete_pickle(head): return None
+    for magic, kind in _NOT_CHECKPOINTS:
+        if head.startswith(magic): return f"it looks like {kind}"
+    kind = _text_kind(head, whole)
+    return f"it looks like {kind}" if kind else "it is binary data in no format a checkpoint is saved in"
+
 # A checkpoint reader: (path, trust) -> the loaded object, or None when the file is not in its format. Readers
 # for formats `torch.load` cannot read safely (TorchScript archives, safetensors, ...) register here.
 CHECKPOINT_READERS: list[Callable] = []
 
+def _refusal(path: Path, e: Exception) -> TBPSError:
+    "The error for a pickle that `weights_only` loading refused: unsafe (naming what it would import) or damaged."
+    msg = str(e)
+    detail = next((l.strip() for l in msg.split("WeightsUnpickler error:", 1)[-1].splitlines() if l.strip()), "")[:200]
+    unsafe = re.search(r"GLOBAL (\S+)|Unsupported operand|Can only (build|create)", msg)  # torch's words for them
+    if not unsafe:
+        return TBPSError(f"{path}: not a readable checkpoint (truncated or corrupt?): {detail}")
+    why = f"it would import {unsafe.group(1)}" if unsafe.group(1) else detail
+    return TBPSError(f"{path}: refused to load: the file contains pickled Python objects that could run code when loaded "
+                     f"({why}). Load it only if you trust where it came from: pass trust=True (command line: --trust).")
+
 def read_checkpoint_file(path, trust: bool = False):
-    "Load `path` with `weights_only=True`, or fully when `trust`; clear errors for missing, corrupt or unsafe files."
+    "Load `path` with `weights_only=True`, or fully when `trust`; clear errors for missing, corrupt, unsafe or non-checkpoint files."
     path = Path(path)
     if not path.is_file():
         raise TBPSError(f"{path}: checkpoint not found")
+    if why := not_a_checkpoint(path):
+        raise TBPSError(f"{path} is not a checkpoint ({why}); expected a file saved by torch.save, a TorchScript "
+                        "archive or a .safetensors file")
     for reader in CHECKPOINT_READERS:
         obj = reader(path, trust)
         if obj is not None:
@@ -49,11 +110,10 @@ def read_checkpoint_file(path, trust: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        raise TBPSError(
-            f"{path}: refused to load: the file contains pickled Python objects that could run code when loaded "
-            f"({str(e).splitlines()[0][:200]}). Load it only if you trust where it came from: pass trust=True "
-            "(command line: --trust).") from None
-    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
+        if not trust: raise _refusal(path, e) from None
+        raise TBPSError(f"{path}: not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0][:300]}") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, ImportError) as e:  # the last ones: a trusted pickle naming classes that do not exist here
         raise TBPSError(f"{path}: not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {str(e)[:300]}") from None
 
 def is_project_checkpoint(obj) -> bool:

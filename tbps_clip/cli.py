@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,11 +38,22 @@ def _cmd_pretrain(a):
         print(f"already built: {p} (use --force to rebuild)"); return
     print(f"pretrained small CLIP written to {pretrain_synthclip(a.arch, steps=a.steps, seed=a.seed, out=p, device=a.device)}")
 
+def _train_config(a):
+    "The configuration `train` runs: a new one from preset and overrides, or with --resume the run folder's own."
+    from tbps_clip.config import make_config, parse_overrides
+    from tbps_clip.run import resume_config
+    if not a.resume:
+        return make_config(a.preset or "clip", list(a.overrides) + ([f"out_dir={a.out}"] if a.out else []))
+    run = a.out or parse_overrides(a.overrides).get("out_dir")  # out_dir=RUN names the folder too
+    if not run: raise TBPSError("--resume needs the run folder: tbps-clip train --out RUN --resume")
+    cfg = resume_config(run, a.overrides, a.preset)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"resuming {run} as its config.yaml says: preset {cfg.preset}, model {cfg.model.arch}")
+    return cfg
+
 def _cmd_train(a):
-    from tbps_clip.config import make_config
     from tbps_clip.run import train, results_table
-    overrides = list(a.overrides) + ([f"out_dir={a.out}"] if a.out else [])
-    rec = train(make_config(a.preset, overrides), resume=a.resume)
+    rec = train(_train_config(a), resume=a.resume)
     if rec.get("rank", 0) != 0: return  # torchrun: rank 0 reports
     tag = " (synthetic)" if rec["synthetic"] else ""
     print(f"{rec['dataset']}{tag} {rec['split']}, preset {rec['preset']}, {rec['steps']} steps:")
@@ -79,6 +92,7 @@ def _gallery_items(path):
         lines = [(i + 1, s.strip()) for i, s in enumerate(p.read_text(encoding="utf-8").splitlines())]
         empty = [n for n, s in lines if not s]
         if empty: raise TBPSError(f"{p}: line {empty[0]} is empty; list one image path per line")
+        if not lines: raise TBPSError(f"{p}: lists no images; list one image path per line")
         return [Path(s) if Path(s).is_absolute() else p.parent / s for _, s in lines]
     return p
 
@@ -98,8 +112,19 @@ def _cmd_index(a):
         if world > 1: print(f"encoded by {world} ranks")
         print(f"index: {a.out} ({len(idx)} images, {idx.dtype}, model {idx.model['arch']}, {enc.source})")
 
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")  # a dotted configuration key and '=': never a description
+
+def _split_queries(words) -> tuple[list, list]:
+    "(descriptions, key=value overrides) of `search`'s positional arguments."
+    return [w for w in words if not _OVERRIDE.match(w)], [w for w in words if _OVERRIDE.match(w)]
+
+def _deprecated_set(items, instead: str = "write overrides as key=value arguments") -> list:
+    "What was given with the deprecated --set, after a warning saying what to write instead."
+    if items: print(f"tbps-clip: warning: --set is deprecated; {instead}", file=sys.stderr)
+    return list(items)
+
 def _query_list(a) -> list:
-    qs = list(a.queries)
+    qs = _split_queries(a.queries)[0]
     if a.queries_file:
         f = Path(a.queries_file)
         if not f.is_file(): raise TBPSError(f"{f}: queries file not found")
@@ -109,17 +134,26 @@ def _query_list(a) -> list:
     if not qs: raise TBPSError("give a description to search for, e.g. tbps-clip search \"a man in a black jacket\" --index IDX")
     return qs
 
-def _search_encoder(a, idx):
+def _search_overrides(a) -> list:
+    "`search`'s key=value overrides (and the deprecated --set ones), which only apply to a --checkpoint."
+    overrides = _split_queries(a.queries)[1] + _deprecated_set(a.old_set)
+    if overrides and not a.checkpoint:
+        raise TBPSError(f"{overrides[0]}: overrides need --checkpoint; without it the model is the one that built "
+                        f"{Path(a.index) / 'index.json'}, as it was")
+    return overrides
+
+def _search_encoder(a, idx, overrides):
     from tbps_clip.search import Encoder
-    if a.checkpoint: return Encoder.from_checkpoint(a.checkpoint, a.set, trust=a.trust, device=a.device)
+    if a.checkpoint: return Encoder.from_checkpoint(a.checkpoint, overrides, trust=a.trust, device=a.device)
     return Encoder.from_config(idx.config, trust=a.trust, source=str(Path(a.index) / "index.json"), device=a.device)
 
 def _cmd_search(a):
     import dataclasses
     from tbps_clip.search import GalleryIndex, contact_sheet, html_report
+    overrides = _search_overrides(a)
     idx = GalleryIndex.load(a.index, root=a.root)
     queries = _query_list(a)
-    results = idx.search(_search_encoder(a, idx), queries, k=a.k, offset=a.offset)
+    results = idx.search(_search_encoder(a, idx, overrides), queries, k=a.k, offset=a.offset)
     def where(h):
         try: f = idx.file(h.index)
         except TBPSError as e: return f"{h.path} (unavailable: {e})"
@@ -141,54 +175,57 @@ def _cmd_search(a):
 
 def _cmd_serve(a):
     from tbps_clip.serve import serve
-    serve(a.index, host=a.host, port=a.port, checkpoint=a.checkpoint, overrides=a.set, trust=a.trust, device=a.device,
+    overrides = list(a.overrides) + _deprecated_set(a.old_set)
+    if overrides and not a.checkpoint: raise TBPSError(f"{overrides[0]}: overrides need --checkpoint (the model to search with)")
+    serve(a.index, host=a.host, port=a.port, checkpoint=a.checkpoint, overrides=overrides, trust=a.trust, device=a.device,
           max_connections=a.max_connections)
 
-def _add_search_commands(sub) -> None:
-    "The `index`, `search` and `serve` subcommands."
-    def model(sp, positional_overrides=False):
-        sp.add_argument("--checkpoint", help="checkpoint to embed with (index: default the configured model.pretrained; "
-                                             "search/serve: default the model that built the index)")
+def _add_search_commands(sub, overrides) -> None:
+    "The `index`, `search` and `serve` subcommands; `overrides(parser)` adds the trailing key=value arguments."
+    def model(sp, checkpoint: str):
+        sp.add_argument("--checkpoint", help=f"checkpoint to embed with (default: {checkpoint})")
         sp.add_argument("--trust", action="store_true", help="allow unpickling arbitrary objects (trusted files only)")
         sp.add_argument("--device", help="torch device (default: the config's train.device)")
-        if positional_overrides: sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
-        else: sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="configuration override (repeatable)")
+    def old_set(sp):  # the spelling before key=value arguments, kept with a warning
+        sp.add_argument("--set", dest="old_set", action="append", default=[], help=argparse.SUPPRESS)
 
     s = sub.add_parser("index", help="embed a gallery of person images into a searchable index")
     s.add_argument("gallery", help="gallery folder (searched recursively) or a .txt file listing image paths")
     s.add_argument("--out", required=True, help="index folder to write")
     s.add_argument("--add", action="store_true", help="add the images not yet in an existing index at --out")
-    s.add_argument("--dtype", choices=["float32", "float16"], help="stored embedding precision (new index: default float32)")
-    s.add_argument("--batch-size", type=int, help="images per encoding batch (default data.eval_batch_size)")
-    s.add_argument("--workers", type=int, help="image-loading worker processes (default data.num_workers)")
+    s.add_argument("--dtype", choices=["float32", "float16"], help="stored embedding precision (default: float32, or the existing index's)")
+    s.add_argument("--batch-size", type=int, help="images per encoding batch (default: data.eval_batch_size)")
+    s.add_argument("--workers", type=int, help="image-loading worker processes (default: data.num_workers)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--verbose", action="store_true", help="list every skipped file")
-    model(s, positional_overrides=True)
+    s.add_argument("--verbose", action="store_true", help="list every skipped file (default: the first 20)")
+    model(s, "the configured model.pretrained"); overrides(s)
     s.set_defaults(func=_cmd_index)
 
     s = sub.add_parser("search", help="rank the indexed images for a text description")
-    s.add_argument("queries", nargs="*", metavar="DESCRIPTION", help="one or more descriptions")
+    s.add_argument("queries", nargs="*", metavar="DESCRIPTION or key=value",
+                   help="one or more descriptions; arguments like model.arch=ViT-B-16 are configuration overrides (with --checkpoint)")
     s.add_argument("--index", required=True, help="index folder (from `tbps-clip index`)")
-    s.add_argument("--queries-file", help="also search each line of this file")
-    s.add_argument("-k", type=int, default=10, help="results per query"); s.add_argument("--offset", type=int, default=0)
-    s.add_argument("--root", help="where the indexed images are now, if the gallery folder moved")
-    s.add_argument("--sheet", metavar="PNG", help="write a contact sheet of the hits (one per query)")
-    s.add_argument("--html", metavar="HTML", help="write a self-contained HTML report")
+    s.add_argument("--queries-file", help="also search each line of this file (default: none)")
+    s.add_argument("-k", type=int, default=10, help="results per query")
+    s.add_argument("--offset", type=int, default=0, help="skip this many results first (the next page)")
+    s.add_argument("--root", help="where the indexed images are now, if the gallery folder moved (default: as indexed)")
+    s.add_argument("--sheet", metavar="PNG", help="write a contact sheet of the hits, one per query (default: none)")
+    s.add_argument("--html", metavar="HTML", help="write a self-contained HTML report (default: none)")
     s.add_argument("--json", action="store_true", help="one JSON line per query instead of text")
-    model(s)
+    model(s, "the model that built the index"); old_set(s)
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("serve", help="a local web page to search indexes by text")
     s.add_argument("--index", required=True, action="append", help="index folder (repeat for several)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    s.add_argument("--port", type=int, default=8765)
-    s.add_argument("--max-connections", type=int, default=32, help="connections served at once; more get 503 (default 32)")
-    model(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8765, help="port to listen on")
+    s.add_argument("--max-connections", type=int, default=32, help="connections served at once; more get 503")
+    model(s, "the model that built each index"); overrides(s); old_set(s)
     s.set_defaults(func=_cmd_serve)
 
 # %% ../nbs/14_cli.ipynb #98789c4e
 def _study_params(items) -> dict:
-    "KEY=VALUE notebook parameters; values are read as YAML (seeds=[0,1], steps=300, root=/data/x)."
+    "NAME=VALUE notebook parameters; values are read as YAML (seeds=[0,1], steps=300, root=/data/x)."
     import yaml
     from tbps_clip.config import parse_overrides
     out = {}
@@ -199,7 +236,7 @@ def _study_params(items) -> dict:
 
 def _cmd_study_run(a):
     from tbps_clip.study import run_notebook, run_sweep
-    params = _study_params(a.set)
+    params = _study_params(a.params + _deprecated_set(a.old_set, "write notebook parameters as -p NAME=VALUE"))
     if Path(a.target).suffix == ".ipynb":
         if not a.out: raise TBPSError("give --out for a single notebook (where its records go)")
         results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout)]
@@ -232,54 +269,89 @@ def _add_study_commands(sub) -> None:
     ss = s.add_subparsers(dest="study_cmd", required=True)
     r = ss.add_parser("run", help="run a sweep parameter file or one notebook, serially and resumably")
     r.add_argument("target", help="a sweep file (experiments/params/*.yaml) or a notebook (.ipynb)")
-    r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks of the sweep")
+    r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks of the sweep (default: all)")
     r.add_argument("--out", help="results folder (default: the sweep file's `out`; required for one notebook)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="notebook parameter for every notebook (repeatable)")
+    r.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                   help="notebook parameter for every notebook, read as YAML (repeatable; default: the sweep file's)")
+    r.add_argument("--set", dest="old_set", action="append", default=[], help=argparse.SUPPRESS)  # the old spelling of -p
     r.add_argument("--force", action="store_true", help="run notebooks again even if they finished (recorded runs are still reused)")
-    r.add_argument("--timeout", type=int, help="seconds a notebook cell may run")
+    r.add_argument("--timeout", type=int, help="seconds a notebook cell may run (default: no limit)")
     r.set_defaults(func=_cmd_study_run)
     c = ss.add_parser("collect", help="gather every record under a results folder into one table")
     c.add_argument("results", help="results folder (a sweep's out)")
-    c.add_argument("--csv", help="all runs as CSV (default RESULTS/runs.csv)")
-    c.add_argument("--md", help="summary with the paper's values and agreement marks (default RESULTS/summary.md)")
+    c.add_argument("--csv", help="all runs as CSV (default: RESULTS/runs.csv)")
+    c.add_argument("--md", help="summary with the paper's values and agreement marks (default: RESULTS/summary.md)")
     c.add_argument("--metric", default="R@1", help="metric whose effects are marked")
     c.set_defaults(func=_cmd_study_collect)
     t = ss.add_parser("status", help="list the notebook runs of a results folder")
-    t.add_argument("results"); t.set_defaults(func=_cmd_study_status)
+    t.add_argument("results", help="results folder (a sweep's out)"); t.set_defaults(func=_cmd_study_status)
 
 # %% ../nbs/14_cli.ipynb #ae22179c
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Adds '(default: X)' to an option's help unless the help already states it or there is nothing to show (flags)."
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is None or action.default is False or action.default in ("", []): return h
+        return super()._get_help_string(action)
+
+class _Parser(argparse.ArgumentParser):
+    "An argument parser whose subcommands (same class) all show their defaults and take options among positionals."
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # a subcommand's trailing key=value overrides after its options (`index G --out I k=v`): plain parsing gives
+        # the overrides nothing once it has passed them, so a command without subcommands parses intermixed
+        if self._subparsers is None and not getattr(self, "_intermixed", False):
+            self._intermixed = True
+            try: return self.parse_known_intermixed_args(args, namespace)
+            finally: self._intermixed = False
+        return super().parse_known_args(args, namespace)
+
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `tbps-clip`."
-    p = argparse.ArgumentParser(prog="tbps-clip", description="TBPS-CLIP: text-based person search with CLIP.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    def ov(sp): sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+    from tbps_clip import __version__
+    p = _Parser(prog="tbps-clip", description="TBPS-CLIP: text-based person search with CLIP.",
+                epilog="Configuration overrides are trailing key=value arguments, e.g. data.batch_size=32 optim.lr=5e-5.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    def ov(sp): sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides, e.g. data.batch_size=32")
     from tbps_clip.config import PRESETS
     def preset(sp, default="clip"):
-        sp.add_argument("--preset", default=default, help=f"configuration preset: {', '.join(PRESETS)} (default {default})")
+        sp.add_argument("--preset", default=default, help=f"configuration preset: {', '.join(PRESETS)}")
 
     s = sub.add_parser("synth", help="generate SynthPEDES (synthetic text-person data)")
     s.add_argument("--out", help="output folder (default: the cache's default SynthPEDES)")
-    s.add_argument("--train-ids", type=int, default=1000); s.add_argument("--val-ids", type=int, default=100)
-    s.add_argument("--test-ids", type=int, default=300); s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-ids", type=int, default=1000, help="training identities")
+    s.add_argument("--val-ids", type=int, default=100, help="validation identities")
+    s.add_argument("--test-ids", type=int, default=300, help="test identities")
+    s.add_argument("--seed", type=int, default=0, help="generator seed")
     s.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
-    s.add_argument("--show", metavar="PNG", help="also write a grid of samples with captions")
-    s.add_argument("--show-n", type=int, default=8)
+    s.add_argument("--show", metavar="PNG", help="also write a grid of samples with captions (default: none)")
+    s.add_argument("--show-n", type=int, default=8, help="samples in the --show grid")
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("pretrain", help="pretrain the small CLIP on the synthetic web-like corpus")
-    s.add_argument("--arch", default="tbps-tiny"); s.add_argument("--steps", type=int)
-    s.add_argument("--seed", type=int, default=0); s.add_argument("--out", help="output checkpoint (default: cache)")
-    s.add_argument("--device", default="auto"); s.add_argument("--force", action="store_true")
+    s.add_argument("--arch", default="tbps-tiny", help="architecture to pretrain")
+    s.add_argument("--steps", type=int, help="training steps (default: 600, PRETRAIN_DEFAULTS in tbps_clip.pretrain)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the corpus and the training")
+    s.add_argument("--out", help="output checkpoint (default: the cache, where model.pretrained=synthclip finds it)")
+    s.add_argument("--device", default="auto", help="torch device")
+    s.add_argument("--force", action="store_true", help="rebuild even if it is already built")
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("train", help="train and evaluate a configured run (several processes: torchrun --nproc_per_node N -m tbps_clip.cli train ...)")
-    preset(s); s.add_argument("--out", help="run folder (sets out_dir)")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted run in the run folder"); ov(s)
+    s.add_argument("--preset", help=f"configuration preset: {', '.join(PRESETS)} (default: clip; with --resume: the run's)")
+    s.add_argument("--out", help="run folder (sets out_dir; default: the config's out_dir, runs/default)")
+    s.add_argument("--resume", action="store_true", help="continue the interrupted run in --out as its config.yaml says")
+    ov(s)
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint on one split")
-    s.add_argument("checkpoint", help="checkpoint file"); s.add_argument("--split", default="test")
-    s.add_argument("--out", help="write the result record (JSON) here")
+    s.add_argument("checkpoint", help="checkpoint file")
+    s.add_argument("--split", default="test", help="split to evaluate")
+    s.add_argument("--out", help="write the result record (JSON) here (default: not written)")
     s.add_argument("--trust", action="store_true", help="allow unpickling arbitrary objects (trusted files only)"); ov(s)
     s.set_defaults(func=_cmd_eval)
 
@@ -288,19 +360,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_prep_commands(s); s.set_defaults(func=_cmd_prep)
 
     s = sub.add_parser("demo", help="the main job on the embedded default: zero-shot vs fine-tuned on SynthPEDES")
-    preset(s); s.add_argument("--out", default="runs/demo"); ov(s)
+    preset(s); s.add_argument("--out", default="runs/demo", help="run folder of the demo"); ov(s)
     s.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("config", help="print the resolved configuration")
+    s = sub.add_parser("config", help="print the resolved configuration (checked as train would check it)")
     preset(s); ov(s)
     s.set_defaults(func=_cmd_config)
-    _add_search_commands(sub)
+    _add_search_commands(sub, ov)
     _add_study_commands(sub)
     return p
 
 def main(argv=None) -> int:
     "Entry point of the `tbps-clip` command."
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare `tbps-clip`: the help, not an error
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except TBPSError as e:

@@ -16,9 +16,9 @@ import yaml
 from .core import TBPSError, atomic_write_text
 
 # %% auto #0
-__all__ = ['SETTING', 'PRESETS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on', 'OptimConfig',
-           'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'set_key', 'parse_overrides', 'make_config',
-           'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
+__all__ = ['SETTING', 'PRESETS', 'CHECKS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on',
+           'OptimConfig', 'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'check_config', 'set_key',
+           'parse_overrides', 'make_config', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
 
 # %% ../nbs/01_config.ipynb #94c57872
 @dataclass
@@ -199,6 +199,68 @@ register_preset("tbps", {"loss.nitc": 0.5, "loss.mvs_i": 0.5, "loss.ss_i": 0.4, 
 register_preset("irra", {"loss.itc": 0.0, "loss.sdm": 1.0, "loss.mlm": 1.0, "loss.id": 1.0, "loss.sdm_tau": 0.02,
                          "optim.head_lr_mult": 5.0}, base="clip")
 
+# %% ../nbs/01_config.ipynb #c0f1a7e3
+def _at_least(lo): return (lambda v: v >= lo, f"must be at least {lo}")
+def _between(lo, hi): return (lambda v: lo <= v <= hi, f"must lie between {lo} and {hi}")
+def _below_one(): return (lambda v: 0 <= v < 1, "must lie in [0, 1)")
+def _one_of(*xs): return (lambda v: v in xs, f"must be one of {', '.join(xs)}")
+def _pair(test, what): return (lambda v: len(v) == 2 and all(test(x) for x in v), f"must be two {what}")
+def _items(test, what): return (lambda v: all(test(x) for x in v), f"must list {what}")
+_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
+
+# key -> (test, what the value must be); a key not listed only has its type checked (by `set_key`)
+CHECKS: dict = {
+    "data.image_size": _pair(lambda x: _int(x) and x > 0, "positive integers (height, width)"),
+    "data.normalize": _one_of("clip", "imagenet"),
+    **{f"data.{k}": _at_least(1) for k in ("batch_size", "eval_batch_size", "prefetch_factor", "max_words")},
+    "data.num_workers": _at_least(0), "data.fewshot": _between(0, 1),
+    "model.context_length": _at_least(0), "model.probe": _one_of("none", "coop", "adapter"),
+    "model.coop_n_ctx": _at_least(0), "model.adapter_alpha": _between(0, 1), "model.adapter_reduction": _at_least(1),
+    "model.drop_text_layers": _items(lambda x: _int(x) and x >= 0, "layer numbers (0 or more)"),
+    **{f"aug.{k}": _between(0, 1) for k in ("erase_p", "gray_p", "hflip_p", "vflip_p", "bt", "rd", "sr", "ri", "rs", "eda")},
+    **{f"aug.{k}": _at_least(0) for k in ("pool_k", "jitter", "hue", "rotate", "randaug_n", "randaug_m")},
+    "aug.blur_kernel": (lambda v: v > 0 and v % 2 == 1, "must be a positive odd number"),
+    "trick.text_dropout": _below_one(), "trick.soft_label": _between(0, 1), "trick.soft_label_warmup": _at_least(0),
+    "trick.soft_label_source": _one_of("nograd", "detached"),
+    **{f"loss.{f.name}": _at_least(0) for f in dataclasses.fields(LossConfig) if not f.metadata.get("setting")},
+    "loss.ss_tau": (lambda v: v > 0, "must be positive"), "loss.sdm_tau": (lambda v: v > 0, "must be positive"),
+    "loss.ritc_eps": (lambda v: v > 0, "must be positive"), "loss.mlm_prob": (lambda v: 0 < v < 1, "must lie in (0, 1)"),
+    "loss.mlm_depth": _at_least(1), "loss.ss_hidden": _at_least(0),
+    **{f"optim.{k}": _at_least(0) for k in ("lr", "warmup_lr", "min_lr", "warmup_epochs", "weight_decay", "grad_clip", "head_lr_mult")},
+    "optim.betas": _pair(lambda x: isinstance(x, (int, float)) and 0 <= x < 1, "numbers in [0, 1)"),
+    "optim.eps": (lambda v: v > 0, "must be positive"),
+    "train.epochs": _at_least(1), "train.log_every": _at_least(1),
+    **{f"train.{k}": _at_least(0) for k in ("max_steps", "eval_every", "ckpt_every", "threads", "grad_cache_chunk")},
+    "train.precision": _one_of("amp", "bf16", "fp16", "fp32"),
+    "train.compile": _one_of("off", "default", "reduce-overhead", "max-autotune"),
+    "train.dist_backend": _one_of("auto", "nccl", "gloo"),
+    "train.freeze_text_layers": _items(lambda x: _int(x) and x >= 0, "layer numbers (0 or more)"),
+    "eval.chunk_size": _at_least(1),
+}
+
+def _get(cfg, key: str):
+    for p in key.split("."): cfg = getattr(cfg, p)
+    return cfg
+
+def _shown(v) -> str: return repr(list(v) if isinstance(v, tuple) else v)
+
+def check_config(cfg: Config, source: str = "") -> Config:
+    "Refuse a value outside its valid range (or an unknown architecture) with the key and value; returns `cfg`."
+    where = f"{source}: " if source else ""
+    for key, (test, must) in CHECKS.items():
+        v = _get(cfg, key)
+        try: ok = test(v)
+        except TypeError: ok = False  # e.g. image_size=['abc']: a string compared with a number
+        if not ok: raise TBPSError(f"{where}{key}={_shown(v)}: {must}")
+    from tbps_clip.model import arch_config  # imported here: the model module builds on this one
+    try: arch = arch_config(cfg.model.arch)
+    except TBPSError as e: raise TBPSError(f"{where}model.arch={cfg.model.arch!r}: {e}") from None
+    ps = arch["vision_cfg"].get("patch_size", 16)
+    if any(s % ps for s in cfg.data.image_size):
+        raise TBPSError(f"{where}data.image_size={_shown(cfg.data.image_size)}: both sides must be multiples of "
+                        f"{cfg.model.arch}'s patch size {ps}")
+    return cfg
+
 # %% ../nbs/01_config.ipynb #4c5351ab
 def _field_types(cls) -> dict:
     return typing.get_type_hints(cls)
@@ -277,7 +339,7 @@ def make_config(preset: str = "clip", overrides=None) -> Config:
     cfg = Config(preset=preset)
     for k, v in {**PRESETS[preset], **parse_overrides(overrides)}.items():
         set_key(cfg, k, v)
-    return cfg
+    return check_config(cfg)
 
 # %% ../nbs/01_config.ipynb #d3899f87
 def config_to_dict(cfg: Config) -> dict:
@@ -301,7 +363,7 @@ def config_from_dict(d: dict, source: str = "config") -> Config:
                 try: set_key(cfg, key, v)
                 except TBPSError as e: raise TBPSError(f"{source}: {e}") from None
     walk("", d)
-    return cfg
+    return check_config(cfg, source)
 
 def save_config(cfg: Config, path) -> Path:
     "Write the resolved config as YAML, atomically."

@@ -607,7 +607,7 @@ def add_prep_commands(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=desc, description=desc)
         s.add_argument("root", help="the dataset folder")
         s.add_argument("--out", help="annotation file to write (default: ROOT/annotations.json)")
-        s.add_argument("--drop", default="", help=f"comma-separated issue kinds to drop ({', '.join(DROPPABLE)}), or 'errors' or 'all'")
+        s.add_argument("--drop", default="", help=f"comma-separated issue kinds to drop ({', '.join(DROPPABLE)}), or 'errors' or 'all' (default: none)")
         s.add_argument("--check-images", default="decode", choices=("decode", "exists", "none"), help="how to check image files")
         s.add_argument("--report", help="where to write the JSON report (default: next to --out)")
         s.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem")
@@ -615,7 +615,7 @@ def add_prep_commands(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("annotations", help="annotation file written by `tbps-clip prep`")
     s.add_argument("official", help="folder with the authors' train_reid.json (and val/test files)")
     s.add_argument("--out", help="annotation file to write (default: ANNOTATIONS with _bt before .json)")
-    s.add_argument("--examples", type=int, default=5)
+    s.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem")
     return p
 
 def run_prep(a) -> int:

@@ -5,13 +5,15 @@
 # %% ../nbs/13_run.ipynb #756b2249
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import torch
 
 from .checkpoint import build_model, read_checkpoint_file, is_project_checkpoint
-from .config import Config, config_from_dict, config_to_dict, make_config, parse_overrides, set_key
+from .config import (Config, check_config, config_from_dict, config_to_dict, load_config, make_config, parse_overrides,
+                              set_key)
 from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
                             seed_everything)
 from .augment import configure_pairs, synonym_source  # also registers the training image transform
@@ -27,8 +29,9 @@ from .train import SoftLabels, Trainer
 from . import datasets, weights  # noqa: F401 (registers the real-data readers, checkpoint readers and weight loaders)
 
 # %% auto #0
-__all__ = ['METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record', 'run_log',
-           'train_dataset', 'train', 'eval_config', 'evaluate_checkpoint', 'results_table', 'plot_results', 'demo']
+__all__ = ['RESUME_KEYS', 'METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record',
+           'run_log', 'train_dataset', 'train', 'resume_config', 'eval_config', 'evaluate_checkpoint', 'results_table',
+           'plot_results', 'demo']
 
 # %% ../nbs/13_run.ipynb #6750e830
 def load_data(cfg: Config) -> Annotations:
@@ -132,6 +135,36 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
     atomic_write_json(Path(cfg.out_dir) / "results.json", rec)
     return rec
 
+# %% ../nbs/13_run.ipynb #7a3c9e02
+# What a resumed run may change: where and how fast it runs, never what it computes (per-item seeds make the
+# data independent of the number of loader workers)
+RESUME_KEYS = ("train.device", "train.threads", "data.num_workers", "data.prefetch_factor", "data.pin_memory")
+
+def _value(cfg: Config, key: str):
+    for part in key.split("."): cfg = getattr(cfg, part)
+    return cfg
+
+def resume_config(run_dir, overrides=None, preset: str | None = None) -> Config:
+    "The configuration of the run in `run_dir` (its `config.yaml`); overrides may only repeat it, or change `RESUME_KEYS`."
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        why = "no such folder" if not run_dir.exists() else f"no {path.name} in it"
+        raise TBPSError(f"{run_dir}: no run to resume ({why}); start one with `tbps-clip train --out {run_dir}` without --resume")
+    cfg = load_config(path)
+    cfg.out_dir = str(run_dir)  # the folder may have been moved since
+    if preset is not None and preset != cfg.preset:
+        raise TBPSError(f"--preset {preset}: the run in {run_dir} has preset {cfg.preset} ({path}); a resumed run keeps it")
+    for k, v in parse_overrides(overrides).items():
+        if k == "out_dir" and Path(str(v)).resolve() == run_dir.resolve(): continue  # the run folder itself
+        new = copy.deepcopy(cfg)
+        set_key(new, k, v)
+        if k not in RESUME_KEYS and new != cfg:  # the same value as the run's (the original command again) is fine
+            raise TBPSError(f"{k}={v}: the run in {run_dir} has {k}={_value(cfg, k)!r} ({path}); a resumed run cannot "
+                            f"change it, only {', '.join(RESUME_KEYS)}")
+        cfg = new
+    return check_config(cfg, str(path))
+
 # %% ../nbs/13_run.ipynb #49a7d35d
 def eval_config(checkpoint: str | None, overrides=None, preset: str = "clip", trust: bool = False) -> Config:
     "The config for evaluating `checkpoint`: its saved config (if any) with `overrides` applied."
@@ -143,15 +176,15 @@ def eval_config(checkpoint: str | None, overrides=None, preset: str = "clip", tr
         cfg.model.pretrained = str(checkpoint)
     for k, v in parse_overrides(overrides).items():
         set_key(cfg, k, v)
-    return cfg
+    return check_config(cfg)
 
 def evaluate_checkpoint(checkpoint: str | None, overrides=None, split: str = "test", out: str | None = None,
                         trust: bool = False) -> dict:
     "Evaluate `checkpoint` (None: the configured `model.pretrained`) on `split`; save the record to `out` if given."
     cfg = eval_config(checkpoint, overrides, trust=trust)
     set_threads(cfg)
+    model = prepare_model(cfg, trust=trust).to(resolve_device(cfg.train.device))  # before the data: a bad file fails at once
     ann = load_data(cfg)
-    model = prepare_model(cfg, trust=trust).to(resolve_device(cfg.train.device))
     t0 = time.perf_counter()
     m = evaluate(model, ann, split, cfg.data, cfg.eval.chunk_size, precision=cfg.train.precision)
     rec = run_record(cfg, ann, kind="eval", split=split, checkpoint=str(checkpoint) if checkpoint else cfg.model.pretrained,

@@ -337,6 +337,7 @@ def _save(self, folder=None) -> Path:
     "Write the parts not yet in `folder` and then `index.json`, each atomically; returns the folder."
     if folder is None and self.folder is None: raise TBPSError("GalleryIndex.save: give a folder to save the index in")
     folder = Path(folder if folder is not None else self.folder)
+    if not len(self): raise TBPSError(f"{folder}: refused to save an index with no images (add images first)")
     if folder.exists() and not folder.is_dir(): raise TBPSError(f"{folder}: exists and is not a folder")
     same = self.folder is not None and folder.resolve() == self.folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -385,6 +386,7 @@ def _load(cls, folder, root=None, verify: bool = False, mmap: bool = True) -> "G
     if model.get("embed_dim") != dim: raise TBPSError(f"{meta}: model embed_dim {model.get('embed_dim')!r} differs from dim {dim}")
     if len(paths) != count or not all(isinstance(p, str) and p for p in paths):
         raise TBPSError(f"{meta}: 'paths' must hold {count} non-empty strings (has {len(paths)} entries)")
+    if count == 0: raise TBPSError(f"{meta}: the index holds no images; build it again from a gallery with readable images")
     idx = cls(model, d.get("config") or {}, d["dtype"], root or d.get("root"), d.get("source") or {})
     idx.created, idx.updated, idx.folder, idx.paths = d.get("created", ""), d.get("updated", ""), folder, paths
     for j, p in enumerate(parts):
@@ -446,7 +448,7 @@ def _free_part_name(folder: Path) -> str:
     while (folder / f"embeddings-{n:04d}.npy").exists(): n += 1
     return f"embeddings-{n:04d}.npy"
 
-def merge_shards(index: GalleryIndex, folder, world: int) -> IndexReport:
+def merge_shards(index: GalleryIndex, folder, world: int, gallery=None) -> IndexReport:
     "Append the shards of ranks 0..world-1 in `folder` to `index` as parts (by renaming them) and save it there."
     folder, rep = Path(folder), IndexReport()
     for r in range(world):
@@ -466,9 +468,20 @@ def merge_shards(index: GalleryIndex, folder, world: int) -> IndexReport:
             index._saved.append(dict(file=name, rows=a.shape[0], blake2b=info["blake2b"]))
         else: npy.unlink()
         js.unlink()
+    if not len(index): raise _nothing_indexed(gallery if gallery is not None else folder, rep.skipped)
     index.save(folder)
     index.last_report = rep
     return rep
+
+def _nothing_indexed(items, skipped: list) -> TBPSError:
+    "The error for a gallery of which no image could be indexed: none found, or none readable (the first one says why)."
+    where = f"{items}: " if isinstance(items, (str, Path)) else "the listed images: "
+    bad = [s for s in skipped if s.reason != "not an image file (extension)"]
+    if not bad:
+        return TBPSError(f"{where}no image files to index" + (f" (only {len(skipped)} other file(s), e.g. {skipped[0].path})"
+                                                            if skipped else "") + "; no index written")
+    first = bad[0].reason if Path(bad[0].path).name in bad[0].reason else f"{bad[0].path}: {bad[0].reason}"
+    return TBPSError(f"{where}none of the {len(bad)} image file(s) could be read (first: {first}); no index written")
 
 def _barrier() -> None:
     "A barrier across torchrun's ranks (a CPU 'gloo' group is started if none is)."
@@ -488,23 +501,27 @@ def index_gallery(encoder: Encoder, items, out, dtype: str | None = None, add: b
         if dtype and dtype != idx.dtype: raise TBPSError(f"{out}: the index stores {idx.dtype}; cannot add {dtype} embeddings to it")
     else: idx = GalleryIndex.empty(encoder, dtype or "float32", default_root(items)); idx.folder = out
     idx.check_model(encoder)
-    if world == 1:
-        rep = idx.add(encoder, items, progress=progress); idx.save(out)
-        return idx, rep
     t0 = time.perf_counter()
     todo, stored, pre = idx.prepare(items)
+    if not todo and not len(idx): raise _nothing_indexed(items, pre)  # before any work; every rank knows
+    if world == 1:
+        rep = idx.add(encoder, items, progress=progress)
+        if not len(idx): raise _nothing_indexed(items, rep.skipped)
+        idx.save(out)
+        return idx, rep
     sl = shard_range(len(todo), rank, world)
     feats, ok, bad = encoder.embed_images([todo[i] for i in sl], [stored[i] for i in sl], progress=progress and rank == 0,
                                           desc=f"index (rank {rank}/{world})")
     out.mkdir(parents=True, exist_ok=True)
     write_shard(out, rank, feats.astype(idx.dtype), [stored[sl[i]] for i in ok], bad)
     barrier()
-    rep = None
+    rep = err = None
     if rank == 0:
-        rep = merge_shards(idx, out, world)
-        rep.skipped = pre + rep.skipped
-        rep.seconds = time.perf_counter() - t0
+        try: rep = merge_shards(idx, out, world, items)
+        except TBPSError as e: err = e  # raised after the barrier, so that the other ranks are not left waiting
+        else: rep.skipped, rep.seconds = pre + rep.skipped, time.perf_counter() - t0
     barrier()
+    if err: raise err
     return (idx if rank == 0 else None), rep
 
 # %% ../nbs/20_search.ipynb #1fe47556
