@@ -153,7 +153,7 @@ def load_state_strict(model: TBPSModel, sd: dict, source: str) -> None:
 # %% ../nbs/09_checkpoint.ipynb #647a3874
 SYNTHCLIP_VERSION = 2
 
-def synthclip_path(arch: str = "tbps-tiny") -> Path:
+def synthclip_path(arch: str = "tbps-tiny-cs") -> Path:
     "Where a small pretrained CLIP for `arch` built on this machine (`tbps-clip pretrain`) is cached."
     return cache_dir() / "synthclip" / f"{arch}-v{SYNTHCLIP_VERSION}.pt"
 

@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("pretrain", help="pretrain the small CLIP on the synthetic web-like corpus")
-    s.add_argument("--arch", default="tbps-tiny", help="architecture to pretrain")
+    s.add_argument("--arch", default="tbps-tiny-cs", help="architecture to pretrain")
     s.add_argument("--steps", type=int, help="training steps (default: 600, PRETRAIN_DEFAULTS in tbps_clip.pretrain)")
     s.add_argument("--seed", type=int, default=0, help="seed of the corpus and the training")
     s.add_argument("--out", help="output checkpoint (default: the cache, where model.pretrained=synthclip finds it)")

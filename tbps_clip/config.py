@@ -43,7 +43,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     "The CLIP towers and where their weights come from."
-    arch: str = "tbps-tiny"  # open_clip architecture name (tbps-tiny, ViT-B-16, ViT-B-32, ...)
+    arch: str = "tbps-tiny-cs"  # open_clip architecture name (tbps-tiny-cs: the embedded small CLIP; tbps-tiny, ViT-B-16, ViT-B-32, ...)
     pretrained: str = "synthclip"  # 'synthclip' (embedded small CLIP), 'none', a checkpoint path, or an open_clip tag
     context_length: int = 0  # text tokens; 0 keeps the architecture's own
     quick_gelu: bool = False  # QuickGELU activations, as OpenAI's CLIP weights need

@@ -53,7 +53,7 @@ PRETRAIN_RECIPES = {
     "tbps-micro": dict(steps=600, batch_size=64, corpus_size=38_400, lr=5e-4, seed=0, corpus_version=2,
                        warmup_epochs=0.1, num_workers=0),
 }
-PRETRAIN_DEFAULTS = PRETRAIN_RECIPES["tbps-tiny"]
+PRETRAIN_DEFAULTS = PRETRAIN_RECIPES["tbps-tiny-cs"]
 
 def pretrain_recipe(arch: str, **overrides) -> dict:
     "The pretraining recipe of `arch` with `overrides` (None values are ignored)."
@@ -85,7 +85,7 @@ def zero_shot_evaluator(split: str = "val"):
     ann = read_synthpedes()
     return lambda m: evaluate(m, ann, split, DataConfig(image_size=m.image_size, num_workers=0))
 
-def pretrain_synthclip(arch: str = "tbps-tiny", steps: int | None = None, batch_size: int | None = None,
+def pretrain_synthclip(arch: str = "tbps-tiny-cs", steps: int | None = None, batch_size: int | None = None,
                        corpus_size: int | None = None, lr: float | None = None, seed: int | None = None,
                        out: str | Path | None = None, progress: bool = True, device: str = "auto",
                        num_workers: int | None = None, threads: int = 0, eval_every: int = 0) -> Path:
@@ -110,7 +110,7 @@ def pretrain_synthclip(arch: str = "tbps-tiny", steps: int | None = None, batch_
     save_checkpoint(out, model.cpu(), cfg, state=dict(pretraining=meta, history=trainer.history))
     return out
 
-def ensure_synthclip(arch: str = "tbps-tiny", progress: bool = True) -> Path:
+def ensure_synthclip(arch: str = "tbps-tiny-cs", progress: bool = True) -> Path:
     "The cached small pretrained CLIP for `arch`, built first if missing."
     p = shipped_synthclip(arch) or synthclip_path(arch)
     if not p.is_file():
