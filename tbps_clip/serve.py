@@ -227,6 +227,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(404, f"no such page: {url.path[:100]}")
         except RequestError as e:
             return self._json(e.status, dict(error=str(e)))
+        except ConnectionError: raise  # the client hung up: nobody to answer (the server drops it quietly)
         except Exception as e:  # a bug must not kill the thread silently: answer 500 and say what happened
             self.log_error("internal error: %s: %s", type(e).__name__, e)
             return self._json(500, dict(error=f"internal error: {type(e).__name__}"))
@@ -254,6 +255,11 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def process_request_thread(self, request, client_address):
         try: super().process_request_thread(request, client_address)
         finally: self.slots.release()
+
+    def handle_error(self, request, client_address):
+        "A client that hangs up (broken pipe, reset) is ordinary on the web: drop it quietly; anything else is reported."
+        if isinstance(sys.exc_info()[1], ConnectionError): return
+        super().handle_error(request, client_address)
 
     def refuse(self, request):
         "Answer 503 from the accepting thread, which never waits long (0.2 s in all, at most 64 KiB of the request read)."
