@@ -272,7 +272,7 @@ class GalleryIndex:
 
     def __len__(self) -> int: return len(self.paths)
     def __repr__(self) -> str:
-        at = f", saved in {self.folder}" if self.folder else ", not saved"
+        at = f", saved in {self.folder.resolve()}" if self.folder else ", not saved"
         return f"GalleryIndex({len(self)} images of {self.root or 'memory'}, {self.model.get('arch')}, dim {self.dim}, {self.dtype}{at})"
 
     def full_path(self, i: int) -> str | None:
