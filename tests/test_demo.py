@@ -33,6 +33,9 @@ def test_demo_saves_the_retrieval_figure_next_to_its_results(tiny_demo):
     n_queries = sum(len(r.captions) for r in load_data(cfg).split("test"))
     assert [e["query"] for e in shown["examples"]] == spread_queries(4, n_queries)  # spread, not picked by outcome
     assert all(len(p) == 5 for e in shown["examples"] for p in e["top_pids"].values())
+    head, table = rec["summary"].split("\n", 1)  # what the README's demo table is copied from
+    assert table == rec["table"] and head.startswith("SynthPEDES (synthetic) test, ")
+    assert f"{rec['metrics']['queries']} queries x {rec['metrics']['gallery']} images, 20 fine-tuning steps, seed 0:" in head
 
 
 def test_the_figure_shows_the_models_of_the_table(tiny_demo):
