@@ -5,20 +5,24 @@
 # %% ../nbs/10_evaluate.ipynb #31218104
 from __future__ import annotations
 
+import textwrap
 import time
+from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch.utils.data import DataLoader
 
 from .core import autocast
-from .data import ImageSet, eval_split, test_transform
+from .data import ImageSet, eval_split, load_image, test_transform
 from .metrics import rank_metrics
 from .model import TBPSModel
 from .records import Annotations
 from .text import tokenize
 
 # %% auto #0
-__all__ = ['encode_texts', 'encode_images', 'evaluate']
+__all__ = ['encode_texts', 'encode_images', 'evaluate', 'top_k', 'spread_queries', 'retrieval_figure']
 
 # %% ../nbs/10_evaluate.ipynb #9975ea33
 @torch.no_grad()
@@ -64,3 +68,57 @@ def evaluate(model: TBPSModel, ann: Annotations, split: str = "test", data_cfg=N
                rank_s=round(time.perf_counter() - t1, 3))
     model.train(was_training)
     return res
+
+# %% ../nbs/10_evaluate.ipynb #396158b5
+def top_k(model: TBPSModel, ann: Annotations, split: str, queries: list, k: int = 5, data_cfg=None, device=None,
+          precision: str = "amp") -> torch.Tensor:
+    "Gallery positions (len(queries), k) of the top-`k` images of `split` for query numbers `queries` (the evaluator's order)."
+    from tbps_clip.config import DataConfig
+    dc = data_cfg or DataConfig(image_size=model.image_size)
+    was_training = model.training
+    model.eval()
+    es = eval_split(ann, split, dc.max_words)
+    q = encode_texts(model, [es.captions[i] for i in queries], dc.eval_batch_size, device, precision)
+    g = encode_images(model, ImageSet(ann, es.records, test_transform(model.image_size, dc.normalize)),
+                      dc.eval_batch_size, device, precision, dc.num_workers)
+    model.train(was_training)
+    return (q @ g.t()).sort(dim=1, descending=True, stable=True).indices[:, :k]  # stable: ties to the lower position
+
+def spread_queries(n_queries: int, n: int) -> list:
+    "`n_queries` query numbers spread evenly over `n` queries, first and last included."
+    return sorted({round(i * (n - 1) / max(n_queries - 1, 1)) for i in range(min(n_queries, n))})
+
+def retrieval_figure(models: dict, ann: Annotations, split: str, path, table: str = "", n_queries: int = 4, k: int = 5,
+                     data_cfg=None, device=None, precision: str = "amp", title: str = "") -> dict:
+    "Each model's top-`k` images of `split` for captions spread over its queries, the described person framed, beside `table`; a PNG at `path`."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    es = eval_split(ann, split, (data_cfg.max_words if data_cfg else 77))
+    pairs = [(r, c) for r in es.records for c in r.captions]  # query number -> (record, raw caption): eval_split's order
+    qs = spread_queries(n_queries, len(pairs))
+    tops = {name: top_k(m, ann, split, qs, k, data_cfg, device, precision) for name, m in models.items()}
+    side = table + f"\n\nframed: the described person\n{len(es.captions)} queries x {len(es.records)} images" if table else ""
+    w_img, w_tab = 0.85 * k + 1.3, max(map(len, side.splitlines()), default=0) * 7.5 * 0.62 / 72 + 0.3  # inches
+    fig = plt.figure(figsize=(w_img + w_tab, len(qs) * (1.55 * len(models) + 0.5) + (0.4 if title else 0)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[w_img, w_tab]) if side else (fig, None)
+    shown = []
+    for n, (sub, qi) in enumerate(zip(np.atleast_1d(left.subfigures(len(qs), 1)), qs)):
+        rec, cap = pairs[qi]
+        sub.suptitle("\n".join(textwrap.wrap(f"\u201c{cap}\u201d", 14 * k)), fontsize=8, x=0.02, ha="left")
+        axes = np.asarray(sub.subplots(len(models), k, squeeze=False))
+        for row, (name, top) in zip(axes, tops.items()):
+            for r, (ax, j) in enumerate(zip(row, top[n].tolist())):
+                ax.imshow(load_image(ann.image_path(es.records[j])))
+                ax.set_xticks([]); ax.set_yticks([])
+                hit = es.records[j].pid == rec.pid
+                for s in ax.spines.values(): s.set_color("#1b9e4b" if hit else "#bbbbbb"); s.set_linewidth(4 if hit else 0.8)
+                ax.set_title(f"#{r + 1}", fontsize=7, pad=2)
+            row[0].set_ylabel("\n".join(textwrap.wrap(name, 14)), fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
+        shown.append(dict(query=qi, caption=cap, pid=rec.pid, top_pids={name: [es.records[j].pid for j in top[n].tolist()]
+                                                                        for name, top in tops.items()}))
+    if right is not None: right.text(0.02, 0.98, side, family="monospace", fontsize=7.5, va="top", ha="left")
+    if title: fig.suptitle(title, fontsize=10)
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110); plt.close(fig)
+    return dict(figure=str(path), split=split, k=k, examples=shown)

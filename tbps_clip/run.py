@@ -19,7 +19,7 @@ from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, 
 from .augment import configure_pairs, synonym_source  # also registers the training image transform
 from .data import TrainPairs, train_transform
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
-from .evaluate import evaluate
+from .evaluate import evaluate, retrieval_figure
 from .heads import attach_heads
 from .model import TBPSModel, set_text_attention_dropout
 from .probes import apply_freezes, count_parameters, fewshot_subset
@@ -231,6 +231,15 @@ def demo(preset: str = "clip", out: str = "runs/demo", overrides=None, progress:
     rows = {"zero-shot (small pretrained CLIP)": rec["zero_shot"], f"fine-tuned ({preset})": rec["metrics"]}
     label = "SynthPEDES (synthetic)" if rec["synthetic"] else rec["dataset"]
     fig = plot_results(rows, Path(out) / "demo.png", f"{label} test, text-to-image; {rec['steps']} steps, seed {cfg.train.seed}")
-    rec.update(demo_seconds=round(time.perf_counter() - t0, 1), figure=str(fig), table=results_table(rows))
+    seed_everything(cfg.train.seed)  # as `train` did before building it: the same zero-shot model, even from random weights
+    before_after = dict(zip(rows, (prepare_model(cfg), prepare_model(eval_config(str(Path(out) / "checkpoint.pt"))))))
+    shown = retrieval_figure({n: m.to(resolve_device(cfg.train.device)) for n, m in before_after.items()}, load_data(cfg),
+                             cfg.eval.split, Path(out) / "retrievals.png", results_table(rows), data_cfg=cfg.data,
+                             precision=cfg.train.precision, title=f"{label} {cfg.eval.split}: top 5 before and after fine-tuning")
+    m = rec["metrics"]  # the table with its heading, as the README shows it: from this record, so the two always agree
+    summary = (f"{label} {cfg.eval.split}, {m['queries']} queries x {m['gallery']} images, {rec['steps']} fine-tuning steps, "
+               f"seed {cfg.train.seed}:\n{results_table(rows)}")
+    rec.update(demo_seconds=round(time.perf_counter() - t0, 1), figure=str(fig), table=results_table(rows), summary=summary,
+               retrievals=shown)
     atomic_write_json(Path(out) / "results.json", rec)
     return rec

@@ -109,6 +109,11 @@ class Encoder:
         self.transform = test_transform(model.image_size, cfg.data.normalize)
         self.fingerprint = model_fingerprint(model, cfg.data.normalize)
 
+    def __repr__(self) -> str:
+        fp = self.fingerprint
+        return (f"Encoder({fp['arch']}, {'x'.join(map(str, fp['image_size']))} input, dim {fp['embed_dim']}, "
+                f"on {self.device}, from {self.source or 'a model in memory'})")
+
     @classmethod
     def from_checkpoint(cls, checkpoint=None, overrides=None, trust: bool = False, **kw) -> "Encoder":
         "The encoder of `checkpoint` (None: the configured `model.pretrained`) with `key=value` overrides."
@@ -211,6 +216,10 @@ class Hit:
     index: int  # position in the index
     path: str  # stored path (relative to the index root, absolute, or memory:NAME)
     score: float  # cosine similarity
+    file: str | None = None  # the image's full path (None for an in-memory image)
+
+    def __repr__(self) -> str:
+        return f"Hit(#{self.rank}, score {self.score:.4f}, {self.file or self.path}, entry {self.index})"
 
 @dataclass
 class IndexReport:
@@ -263,7 +272,14 @@ class GalleryIndex:
 
     def __len__(self) -> int: return len(self.paths)
     def __repr__(self) -> str:
-        return f"GalleryIndex({len(self)} images, {self.model.get('arch')}, dim {self.dim}, {self.dtype}, root={self.root})"
+        at = f", saved in {self.folder.resolve()}" if self.folder else ", not saved"
+        return f"GalleryIndex({len(self)} images of {self.root or 'memory'}, {self.model.get('arch')}, dim {self.dim}, {self.dtype}{at})"
+
+    def full_path(self, i: int) -> str | None:
+        "The full path of entry `i`'s image, or None (an in-memory image, or an entry that may not be opened)."
+        try: f = self.file(i)
+        except TBPSError: return None
+        return None if f is None else str(f)
 
     @classmethod
     def empty(cls, encoder: Encoder, dtype: str = "float32", root=None) -> "GalleryIndex":
@@ -415,7 +431,7 @@ def _search_embeddings(self, queries: torch.Tensor, k: int = 10, offset: int = 0
     if queries.ndim != 2 or queries.shape[1] != self.dim:
         raise TBPSError(f"search: query features of shape {tuple(queries.shape)} do not fit an index of dim {self.dim}")
     vals, idx = topk_search(self.parts, queries, offset + k, block_rows)
-    return [[Hit(offset + j + 1, int(i), self.paths[int(i)], float(v)) for j, (v, i) in enumerate(zip(vr[offset:], ir[offset:]))]
+    return [[Hit(offset + j + 1, int(i), self.paths[int(i)], float(v), self.full_path(int(i))) for j, (v, i) in enumerate(zip(vr[offset:], ir[offset:]))]
             for vr, ir in zip(vals, idx)]
 
 def _search(self, encoder: Encoder, queries, k: int = 10, offset: int = 0, block_rows: int = 262144):

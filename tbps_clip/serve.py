@@ -165,9 +165,15 @@ function render(d, rtt) {
   $('pageinfo').textContent = 'page ' + d.page + ' of ' + d.pages;
   $('prev').disabled = d.page <= 1; $('next').disabled = d.page >= d.pages;
 }
-async function run(p) {
+function choose(sel, v) {  // select value v, adding it when the list lacks it (the server then says what is wrong)
+  if (![...sel.options].some(o => o.value === v)) { const o = document.createElement('option'); o.value = o.textContent = v; sel.appendChild(o); }
+  sel.value = v;
+}
+async function run(p, how) {  // how: 'push' a new history entry (default), 'replace' it, or 'none' (back / forward)
   const q = $('q').value;
   const params = new URLSearchParams({q: q, index: $('index').value, page: p, per_page: $('per_page').value});
+  const here = '?' + params;  // the address of this search: bookmark it, share it, go back to it
+  if (how !== 'none' && location.search !== here) history[how === 'replace' ? 'replaceState' : 'pushState'](null, '', here);
   $('error').textContent = ''; $('status').textContent = 'searching\\u2026';
   const t0 = performance.now();
   let r, d;
@@ -175,13 +181,23 @@ async function run(p) {
   catch (e) { $('error').textContent = 'The server did not answer: ' + e; $('status').textContent = ''; return; }
   if (!r.ok) { $('error').textContent = d.error; $('status').textContent = ''; $('results').replaceChildren();
                $('prev').disabled = $('next').disabled = true; $('pageinfo').textContent = ''; return; }
-  page = p; last = d; render(d, performance.now() - t0);
+  page = d.page; last = d; render(d, performance.now() - t0);
 }
 $('form').addEventListener('submit', e => { e.preventDefault(); run(1); });
 $('prev').addEventListener('click', () => run(page - 1));
 $('next').addEventListener('click', () => run(page + 1));
 $('per_page').addEventListener('change', () => { if (last) run(1); });
-info();
+function fromAddress(how) {  // a search in the address (/?q=...&per_page=...&page=...&index=...) is run as if typed
+  const u = new URLSearchParams(location.search);
+  if (u.has('index')) choose($('index'), u.get('index'));
+  if (u.has('per_page')) choose($('per_page'), u.get('per_page'));
+  $('q').value = u.get('q') || '';
+  if ($('q').value.trim()) run(u.has('page') ? u.get('page') : 1, how);
+  else { last = null; $('results').replaceChildren(); $('status').textContent = $('error').textContent = $('pageinfo').textContent = '';
+         $('prev').disabled = $('next').disabled = true; }
+}
+window.addEventListener('popstate', () => fromAddress('none'));
+info().then(() => fromAddress('replace'));
 """
 
 # %% ../nbs/21_serve.ipynb #585c8f6a
@@ -227,6 +243,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(404, f"no such page: {url.path[:100]}")
         except RequestError as e:
             return self._json(e.status, dict(error=str(e)))
+        except ConnectionError: raise  # the client hung up: nobody to answer (the server drops it quietly)
         except Exception as e:  # a bug must not kill the thread silently: answer 500 and say what happened
             self.log_error("internal error: %s: %s", type(e).__name__, e)
             return self._json(500, dict(error=f"internal error: {type(e).__name__}"))
@@ -254,6 +271,11 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def process_request_thread(self, request, client_address):
         try: super().process_request_thread(request, client_address)
         finally: self.slots.release()
+
+    def handle_error(self, request, client_address):
+        "A client that hangs up (broken pipe, reset) is ordinary on the web: drop it quietly; anything else is reported."
+        if isinstance(sys.exc_info()[1], ConnectionError): return
+        super().handle_error(request, client_address)
 
     def refuse(self, request):
         "Answer 503 from the accepting thread, which never waits long (0.2 s in all, at most 64 KiB of the request read)."

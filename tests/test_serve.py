@@ -115,23 +115,27 @@ def _chromium():
     return (b, d) if b and d else None
 
 
-def test_page_in_headless_chromium(site, tmp_path):
+def headless_chromium():
+    "A selenium driver of headless Debian chromium (the caller quits it); skips the test when either is missing."
     found = _chromium()
     if not found:
         pytest.skip("chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
-
     opts = webdriver.ChromeOptions()
     opts.binary_location = found[0]
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
               "--disable-component-update", "--disable-dev-shm-usage", "--window-size=1280,900"):
         opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(found[1]), options=opts)
+    return webdriver.Chrome(service=Service(found[1]), options=opts)
+
+
+def test_page_in_headless_chromium(site, tmp_path):
+    drv = headless_chromium()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
     try:
         wait = WebDriverWait(drv, 60)
         drv.get(site["url"] + "/")
@@ -161,5 +165,44 @@ def test_page_in_headless_chromium(site, tmp_path):
         wait.until(EC.text_to_be_present_in_element((By.ID, "error"), "is empty"))
         assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit")
         assert int(box.get_attribute("maxlength")) == MAX_QUERY_CHARS
+    finally:
+        drv.quit()
+
+
+def test_a_search_is_an_address(site, tmp_path):
+    "/?q=...&per_page=...&page=... runs that search on load; each search writes its address; Back returns to the last."
+    drv = headless_chromium()
+    from urllib.parse import parse_qs, quote, urlsplit
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+    idx, enc = site["app"].indexes["gallery"], site["app"].encoders["gallery"]
+    q1, q2 = "a person in a red top and blue trousers", "green pants with a white shirt"
+    shown = lambda d: [h.get_attribute("data-path") for h in d.find_elements(By.CSS_SELECTOR, "figure.hit")]
+    address = lambda d: {k: v[0] for k, v in parse_qs(urlsplit(d.current_url).query).items()}
+    try:
+        wait = WebDriverWait(drv, 60)
+        drv.get(site["url"] + f"/?q={quote(q1)}&per_page=10&page=2")  # a bookmarked search: page 2 of 3, ten a page
+        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 2 of 3"))
+        assert shown(drv) == [h.path for h in idx.search(enc, q1, k=10, offset=10)]
+        assert drv.find_element(By.ID, "q").get_attribute("value") == q1
+        assert drv.find_element(By.ID, "per_page").get_attribute("value") == "10"
+        assert "Results 11\u201320 of 24" in drv.find_element(By.ID, "status").text
+        wait.until(lambda d: d.execute_script("return [...document.querySelectorAll('figure.hit img')].every(i => i.complete && i.naturalWidth > 0)"))
+        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_Q") or str(tmp_path / "page_q.png"))
+        assert address(drv) == dict(q=q1, index="gallery", page="2", per_page="10")  # completed, not a new history entry
+        box = drv.find_element(By.ID, "q")
+        box.clear(); box.send_keys(q2, Keys.ENTER)  # a new search writes its own address
+        wait.until(lambda d: address(d).get("q") == q2)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 1 of 3"))
+        assert address(drv) == dict(q=q2, index="gallery", page="1", per_page="10")
+        assert shown(drv) == [h.path for h in idx.search(enc, q2, k=10)]
+        drv.back()  # the previous search comes back, results and all
+        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 2 of 3"))
+        assert drv.find_element(By.ID, "q").get_attribute("value") == q1 and shown(drv) == [h.path for h in idx.search(enc, q1, k=10, offset=10)]
+        drv.get(site["url"] + "/?q=red&per_page=7&page=x")  # a bad address gets the server's message, not results
+        wait.until(EC.text_to_be_present_in_element((By.ID, "error"), "'page' must be a whole number"))
+        assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit")
     finally:
         drv.quit()

@@ -215,3 +215,24 @@ def test_a_refused_client_that_trickles_bytes_does_not_hold_the_accepting_thread
         held.close()
     finally:
         stop.set(); srv.shutdown(); srv.server_close()
+
+
+def test_clients_that_hang_up_leave_no_traceback(site, capfd):
+    "A client that resets the connection mid-request or mid-answer (a closed tab) is dropped quietly, and others are served."
+    import struct
+    srv, url = serve_mod.start_in_thread(site["app"], quiet=False)  # not quiet: whatever the server prints is seen
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        for i in range(20):
+            s = socket.create_connection((host, int(port)), timeout=20)
+            s.sendall([b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /api/search?q=red+top&per_page=100 HTTP/1.1\r\nHost: x\r\n\r\n",
+                       b"GET /image/gallery/3 HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /api/sea"][i % 4])
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends a reset at once
+            s.close()
+        assert status_of(raw(dict(url=url), b"GET /api/info HTTP/1.0\r\n\r\n")) == 200
+        time.sleep(1)  # the handler threads of the hung-up clients finish
+    finally:
+        srv.shutdown(); srv.server_close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err[-2000:]
+    assert err.count("[tbps-clip serve]") >= 1  # the server did log (so the capture works): only requests, no errors
