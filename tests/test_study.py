@@ -286,7 +286,20 @@ def test_collect_gathers_records_into_one_table(tmp_path):
     res = collect(tmp_path, csv_path=tmp_path / "runs.csv", md_path=tmp_path / "summary.md")
     assert len(res["runs"]) == 4 and (tmp_path / "runs.csv").read_text().count("\n") == 5
     md = (tmp_path / "summary.md").read_text()
-    assert "## e04 (synthetic data)" in md and "| both | both | 2 | 24.50" in md and "agrees" in md
+    assert "## e04 (synthetic data; scale study)" in md and "| both | both | 2 | 24.50" in md and "agrees" in md
+
+
+def test_collect_refuses_a_missing_folder_and_a_smoke_summary_says_smoke(tmp_path, capsys):
+    from tbps_clip.cli import main
+    from tbps_clip.core import atomic_write_json
+    assert main(["study", "collect", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope: no such results folder" in err and not (tmp_path / "nope").exists()
+    for r in [dict(rec("e01", n, 0, v), scale="smoke") for n, v in (("clip", 1.0), ("dropout", 2.0))]:
+        atomic_write_json(record_path(tmp_path / "s", r["exp"], r["name"], r["seed"]), r)
+    assert main(["study", "collect", str(tmp_path / "s")]) == 0
+    head = (tmp_path / "s" / "summary.md").read_text().splitlines()[0]
+    assert head == "## e01 (synthetic data; scale smoke; smoke: the numbers mean nothing)"
 
 
 @pytest.mark.parametrize("name", ["cuhk-pedes-paper", "icfg-pedes-paper", "rstpreid-paper"])

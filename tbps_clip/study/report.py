@@ -12,7 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..core import atomic_write_text
+from ..core import TBPSError, atomic_write_text
 from .grid import ALIASES
 from .marks import agreement_counts, mark_agreement, noise_statement, records_seed_sd, study_seed_sd, summarise
 from .paper import PAPER, paper_table
@@ -142,8 +142,16 @@ def _paper_for(exp: str) -> tuple:
     for t in tabs: rows.update(t["rows"])
     return rows, tabs[0]["baseline"], ALIASES.get(exp, {})
 
+def _heading(exp: str, summ: list) -> str:
+    "An experiment's heading in the summary: its data and scale; a smoke run says that its numbers mean nothing."
+    data = "synthetic data" if any(r["synthetic"] for r in summ) else summ[0]["dataset"]
+    scales = sorted({str(r["scale"]) for r in summ})
+    smoke = "; smoke: the numbers mean nothing" if "smoke" in scales else ""
+    return f"## {exp} ({data}; scale {', '.join(scales)}{smoke})"
+
 def collect(out, csv_path=None, md_path=None, metric: str = "R@1") -> dict:
     "All records under `out` as one table: runs (CSV) and a summary with paper values and marks (markdown)."
+    if not Path(out).is_dir(): raise TBPSError(f"{out}: no such results folder (give a sweep's out folder, which holds records/)")
     recs = load_records(out)
     runs = flat_rows(recs)
     fsd = records_seed_sd(recs, metric)  # the noise of tables whose rows all have one seed
@@ -151,8 +159,7 @@ def collect(out, csv_path=None, md_path=None, metric: str = "R@1") -> dict:
     for exp in dict.fromkeys(r["exp"] for r in recs):
         summ = summarise([r for r in recs if r["exp"] == exp])
         prow, base, al = _paper_for(exp)
-        synth = any(r["synthetic"] for r in summ)
-        lines.append(f"## {exp}" + (" (synthetic data)" if synth else f" ({summ[0]['dataset']})"))
+        lines.append(_heading(exp, summ))
         if base:
             marked = mark_agreement(summ, prow, base, metric, aliases=al, fallback_sd=fsd)
             lines += [to_markdown(marked, ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]),
