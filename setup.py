@@ -25,7 +25,7 @@ setuptools.setup(
     python_requires=f">={cfg['min_python']}",
     packages=setuptools.find_packages(include=[cfg["lib_name"], f"{cfg['lib_name']}.*"]),
     include_package_data=True,
-    package_data={cfg["lib_name"]: ["assets/*"]},
+    package_data={cfg["lib_name"]: ["assets/*"], f"{cfg['lib_name']}.study": ["paper.yaml"]},  # the paper's numbers (study.paper)
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
     entry_points={"console_scripts": scripts, "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},

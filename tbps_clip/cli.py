@@ -235,7 +235,7 @@ def _study_params(items) -> dict:
     return out
 
 def _cmd_study_run(a):
-    from tbps_clip.study import run_notebook, run_sweep
+    from tbps_clip.study.driver import run_notebook, run_sweep
     params = _study_params(a.params + _deprecated_set(a.old_set, "write notebook parameters as -p NAME=VALUE"))
     if Path(a.target).suffix == ".ipynb":
         if not a.out: raise TBPSError("give --out for a single notebook (where its records go)")
@@ -250,14 +250,14 @@ def _cmd_study_run(a):
                         + f" (tracebacks in {where})")
 
 def _cmd_study_collect(a):
-    from tbps_clip.study import collect
+    from tbps_clip.study.report import collect
     res = collect(a.results, csv_path=a.csv or Path(a.results) / "runs.csv", md_path=a.md or Path(a.results) / "summary.md",
                   metric=a.metric)
     print(res["markdown"])
     print(f"\n{len(res['runs'])} runs; CSV: {a.csv or Path(a.results) / 'runs.csv'}; markdown: {a.md or Path(a.results) / 'summary.md'}")
 
 def _cmd_study_status(a):
-    from tbps_clip.study import sweep_status
+    from tbps_clip.study.driver import sweep_status
     rows = sweep_status(a.results)
     if not rows: print(f"no notebook runs under {a.results}"); return
     for r in rows:

@@ -27,7 +27,8 @@ def test_library_imports_without_dev_tools():
             "        raise ImportError('dev-only module imported: ' + name)\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "import tbps_clip.cli, tbps_clip.run, tbps_clip.synthpedes, tbps_clip.search, tbps_clip.serve, tbps_clip.study\n"
+            "import tbps_clip.cli, tbps_clip.run, tbps_clip.synthpedes, tbps_clip.search, tbps_clip.serve\n"
+            "import tbps_clip.study.driver, tbps_clip.study.report, tbps_clip.study.grid\n"
             "tbps_clip.cli.build_parser()\n"
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

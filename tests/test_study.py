@@ -10,11 +10,16 @@ from pathlib import Path
 import pytest
 
 from tbps_clip.core import TBPSError
-from tbps_clip.study import (PAPER, agreement_counts, collect, load_records, mark_agreement, noise_statement,
-                             read_record, record_path, run_once, run_sweep, scale_overrides, summarise, sweep_status,
-                             run_notebook, table_report)
+from tbps_clip.study.driver import load_sweep, run_notebook, run_sweep, sweep_status
+from tbps_clip.study.grid import batch_size_rows, e06_rows, scale_overrides, select_rows
+from tbps_clip.study.marks import agreement_counts, mark_agreement, noise_statement, study_seed_sd, summarise
+from tbps_clip.study.paper import PAPER
+from tbps_clip.study.report import collect, table_report
+from tbps_clip.study.runs import load_records, read_record, record_path, run_dir_of, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))  # the code that belongs to one experiment, as its notebooks import it
+import tbps_experiments  # noqa: E402
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("e*.ipynb"))
 FIGURES = {"e01_tricks": ["e01"], "e02_image_aug": ["e02", "e02_appendix"], "e03_text_aug": ["e03", "e03_appendix"],
            "e04_both_aug": ["e04"], "e05_losses": ["e05"], "e06_main": ["e06"], "e07_cost": ["e07"], "e08_irra_init": ["e08"],
@@ -48,7 +53,6 @@ def test_experiment_notebooks_are_clean_and_train_only_through_the_library(name)
 
 
 def test_smoke_sweep_lists_every_experiment_notebook():
-    from tbps_clip.study import load_sweep
     spec = load_sweep(ROOT / "experiments" / "params" / "synthpedes-smoke.yaml")
     assert sorted(Path(n).stem for n, _ in spec["runs"]) == EXPERIMENTS
     for f in (ROOT / "experiments" / "params").glob("*.yaml"):  # every parameter file reads and names existing notebooks
@@ -282,14 +286,26 @@ def test_collect_gathers_records_into_one_table(tmp_path):
     res = collect(tmp_path, csv_path=tmp_path / "runs.csv", md_path=tmp_path / "summary.md")
     assert len(res["runs"]) == 4 and (tmp_path / "runs.csv").read_text().count("\n") == 5
     md = (tmp_path / "summary.md").read_text()
-    assert "## e04 (synthetic data)" in md and "| both | both | 2 | 24.50" in md and "agrees" in md
+    assert "## e04 (synthetic data; scale study)" in md and "| both | both | 2 | 24.50" in md and "agrees" in md
+
+
+def test_collect_refuses_a_missing_folder_and_a_smoke_summary_says_smoke(tmp_path, capsys):
+    from tbps_clip.cli import main
+    from tbps_clip.core import atomic_write_json
+    assert main(["study", "collect", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope: no such results folder" in err and not (tmp_path / "nope").exists()
+    for r in [dict(rec("e01", n, 0, v), scale="smoke") for n, v in (("clip", 1.0), ("dropout", 2.0))]:
+        atomic_write_json(record_path(tmp_path / "s", r["exp"], r["name"], r["seed"]), r)
+    assert main(["study", "collect", str(tmp_path / "s")]) == 0
+    head = (tmp_path / "s" / "summary.md").read_text().splitlines()[0]
+    assert head == "## e01 (synthetic data; scale smoke; smoke: the numbers mean nothing)"
 
 
 @pytest.mark.parametrize("name", ["cuhk-pedes-paper", "icfg-pedes-paper", "rstpreid-paper"])
 def test_paper_parameter_files_give_the_papers_recipe(name):
     "Every run a paper-scale file asks for resolves to the paper's settings, with real data and OpenAI weights."
     from tbps_clip.config import make_config
-    from tbps_clip.study import batch_size_rows, e06_rows, load_sweep, select_rows
     spec = load_sweep(ROOT / "experiments" / "params" / f"{name}.yaml")
     n = 0
     for nb, p in spec["runs"]:
@@ -329,7 +345,7 @@ def test_run_once_with_several_processes_goes_through_torchrun(tmp_path):
 # ---- the probes' helpers: checkpoints they depend on, scores of other settings -------------------------------
 
 def test_probe_runs_refuse_gone_checkpoints_and_scores_of_other_settings(tmp_path):
-    from tbps_clip.study import importance_path, importance_run, irra_init_runs, run_dir_of
+    from tbps_experiments import importance_path, importance_run, irra_init_runs
     ov = scale_overrides("smoke")
     res = importance_run("clip", 0, "smoke", tmp_path, ov, split="test", grid=[0.0, 0.5, 1.0])
     assert len(res["rows"]) == 12 and res["settings"]["grid"] == [0.0, 0.5, 1.0]
@@ -361,7 +377,6 @@ def test_a_table_of_only_its_baseline_still_runs(tmp_path, kernel_env):
     assert [r["name"] for r in load_records(tmp_path)] == ["clip"]
 
 def test_a_kept_checkpoint_stands_in_for_an_identical_run_and_only_a_kept_one(tmp_path):
-    from tbps_clip.study import run_dir_of
     ov = scale_overrides("smoke")
     a = run_once("e10", "clip", "clip", ov, 0, "smoke", tmp_path, keep_checkpoint=True)
     b = run_once("e08", "source@clip", "clip", ov, 0, "smoke", tmp_path, keep_checkpoint=True)  # e08's source of e10's model
@@ -383,7 +398,6 @@ def test_one_seed_tables_borrow_the_studys_pooled_seed_sd(tmp_path):
     multi += [rec("e01", "clip", s, v, reused_from="e06/clip") for s, v in ((0, 10.0), (1, 11.0), (2, 12.0))]  # not counted again
     multi += [rec("e06", "tbps", s, v) for s, v in ((0, 5.0), (1, 5.0))]  # sd 0.0
     from tbps_clip.core import atomic_write_json
-    from tbps_clip.study import study_seed_sd
     for r in multi: atomic_write_json(record_path(tmp_path, r["exp"], r["name"], r["seed"]), r)
     assert abs(study_seed_sd(tmp_path) - (2 * 1.0 / 3) ** 0.5) < 1e-9  # (2 x 1^2 + 1 x 0^2) / 3 degrees of freedom
     e05 = [rec("e05", "itc", 0, 10.0), rec("e05", "nitc", 0, 10.5), rec("e05", "ss_i", 0, 7.0)]
@@ -405,7 +419,6 @@ def test_a_table_of_only_its_baseline_says_there_is_nothing_to_mark():
 
 def test_a_table_sd_of_few_degrees_of_freedom_gives_way_to_the_studys():
     "A table whose only multi-seed row is its 3-seed baseline (2 dof) is marked with the study's seed sd, and says why."
-    from tbps_clip.study import PAPER, mark_agreement, summarise
     rec = lambda name, seed, r1: dict(exp="e05", name=name, seed=seed, scale="study", dataset="synthpedes",
                                       synthetic=True, metrics={"R@1": r1, "mAP": r1})
     rows = summarise([rec("itc", s, v) for s, v in ((0, 10.0), (1, 10.1), (2, 10.2))] + [rec("nitc", 0, 11.0)])
@@ -415,3 +428,39 @@ def test_a_table_sd_of_few_degrees_of_freedom_gives_way_to_the_studys():
     assert "only 2 degrees of freedom" in noise_statement(marked)
     own = mark_agreement(rows, PAPER["table5"]["rows"], "itc", fallback_sd=None)  # nothing better: its own sd, 0.1
     assert own[1]["sd_from"] == "table" and own[1]["mark"] == "agrees"  # +1.0 is over 2 x 0.1 x 1.15; the paper's is +0.13
+
+
+# ---- the layout: records written before the split, the paper's numbers as package data --------------------------------
+
+V2 = ["results/study/synthpedes-v2", "results/study/synthpedes-v2-2000steps", "results/study/synthpedes-v2-fewshot-5epochs",
+      "results/study/synthpedes-v2-2proc"]
+
+
+def test_records_written_before_the_split_report_the_committed_tables(tmp_path, monkeypatch):
+    "The v2 study's records (written by the one-module study.py) give the committed e99 report and its tables, byte for byte."
+    from tbps_clip.study.report import build_report
+    monkeypatch.chdir(ROOT)  # the report names its sources as e99 was given them: relative to the checkout
+    committed = ROOT / "results/study/synthpedes-v2/report"
+    tables = build_report(V2, tmp_path, figures=False, sections=tbps_experiments.REPORT_SECTIONS)
+    files = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.suffix in (".md", ".csv"))
+    assert len(files) > 30 and Path("report.md") in files
+    assert {t for s, t in tables if s == V2[0]} >= {"table1", "table2_appendix", "table5", "table6_8", "table10", "table11", "table12"}
+    for f in files:
+        assert (tmp_path / f).read_text() == (committed / f).read_text(), f
+    marks = [r["mark"] for r in tables[(V2[0], "table5")]]
+    assert marks.count("baseline") == 1 and "disagrees" in marks  # the v2 findings, as the README tells them
+
+
+def test_the_papers_numbers_ship_with_the_package(tmp_path):
+    "`pip install .` (a wheel) carries tbps_clip/study/paper.yaml, and the installed module reads it."
+    pytest.importorskip("setuptools"); pytest.importorskip("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import zipfile
+    (whl,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    assert "tbps_clip/study/paper.yaml" in names and "tbps_clip/study/paper.py" in names
+    text = zipfile.ZipFile(whl).read("tbps_clip/study/paper.yaml").decode()
+    from tbps_clip.study.paper import read_paper
+    assert read_paper(text) == PAPER and PAPER["table1"]["source"].endswith("Table 1")

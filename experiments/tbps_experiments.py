@@ -1,0 +1,264 @@
+"""Code that belongs to one experiment, beside its notebook: e06's backbones, e07's cost table, e08's initialisations,
+e09's fractions, e10's module scores and e11's layers, each with the section it adds to the e99 report.
+
+The experiment notebooks import it (the driver makes this folder importable from their kernels, as JupyterLab does);
+the library (`tbps_clip.study.*`) knows nothing of it: e99 passes `REPORT_SECTIONS` to `build_report`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tbps_clip.config import PRESETS, config_from_dict, parse_overrides
+from tbps_clip.core import TBPSError, atomic_write_json, git_commit, resolve_device, seed_everything
+from tbps_clip.evaluate import evaluate
+from tbps_clip.importance import ALPHAS, TOWERS, layer_importance, least_important_layers, module_importance, module_refs
+from tbps_clip.probes import fewshot_subset, trainable_parameters
+from tbps_clip.run import eval_config, load_data, prepare_model, set_threads
+from tbps_clip.study.grid import IRRA_INITS
+from tbps_clip.study.marks import agreement_counts, noise_statement, study_seed_sd, summarise, table_seed_sd
+from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
+from tbps_clip.study.report import data_label, plot_effects, table_report, to_markdown, write_csv
+from tbps_clip.study.runs import record_path, run_dir_of, run_once, run_rows
+
+MARKED_COLUMNS = ["label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]
+
+
+# ---- e06: main results, presets x backbones (Tables 6-8) ------------------------------------------------------------
+
+def e06_paper_rows(dataset: str, backbone: str) -> dict:
+    "The Tables 6-8 rows of `dataset` and `backbone` (paper names), keyed by preset."
+    rows = PAPER["table6_8"]["rows"]
+    out = {k.split("/")[1]: v for k, v in rows.items() if k.startswith(f"{dataset}/") and k.endswith(f"/{backbone}")}
+    if not out: raise TBPSError(f"Tables 6-8 have no rows for {dataset} {backbone}; datasets cuhk-pedes, icfg-pedes, rstpreid; "
+                                "backbones ViT-B-32, ViT-B-16")
+    return out
+
+def e06_marks(records, out, paper_dataset: str, paper_backbones: dict, metric: str = "R@1", fallback_sd="auto", k: float = 2.0) -> list:
+    "Per backbone, the presets marked against the paper's rows of `paper_dataset` and the mapped paper backbone."
+    if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # once, not per backbone
+    marked = []
+    for arch in dict.fromkeys(r["config"]["model"]["arch"] for r in records):
+        sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["config"]["model"]["arch"] == arch]
+        pb = paper_backbones.get(arch, arch)
+        rows = table_report(sub, "table6_8", out, metric, k, paper_rows=e06_paper_rows(paper_dataset, pb), baseline="clip",
+                            stem=f"table6_8-{arch}", fallback_sd=fallback_sd)
+        marked += [dict(r, backbone=arch, paper_backbone=pb, label=f"{r['name']} {arch} (paper {pb})") for r in rows]
+    return marked
+
+def e06_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
+    "The report's Tables 6-8: our backbones compared with ViT-B/16 (ours are smaller), or a ViT-B with itself."
+    e06 = [r for r in recs if r["exp"] == "e06"]
+    if not e06: return [], {}
+    pds = paper_dataset(e06[0]["dataset"])
+    archs = {r["config"]["model"]["arch"] for r in e06}
+    marked = e06_marks(e06, out, pds, {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}, metric, fallback_sd, k)
+    return [f"### Tables 6-8: main results (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), ""], \
+           {"table6_8": marked}
+
+
+# ---- e07: training cost (Table 9) -------------------------------------------------------------------------------------
+
+def cost_rows(records) -> list:
+    "e07 rows (ours, then the paper's Table 9) with parameters, epochs, train and test time, hardware."
+    ours = []
+    for r in records:
+        env = r.get("environment") or {}
+        hw = env.get("cuda") or f"CPU, {env.get('cpu_count')} cores, {env.get('torch_threads')} threads"
+        ours.append(dict(method=f"{r['name']} ({data_label([r])}, seed {r['seed']})", params_m=r.get("params_m"),
+                         trainable_m=r.get("trainable_m"), epochs=r.get("epochs"), steps=r.get("steps"),
+                         train_seconds=r.get("train_seconds"), test_seconds=r.get("test_seconds"), hardware=hw))
+    return ours + [dict(method=f"{m} (paper)", hardware="paper (TBPS-CLIP: 4 GPUs)" if m == "TBPS-CLIP" else "paper", **v)
+                   for m, v in PAPER["table9"]["rows"].items()]
+
+def e07_section(recs, out, src, label, **kw) -> tuple:
+    "The report's Table 9: our cost beside the paper's (different hardware and data sizes)."
+    e07 = [r for r in recs if r["exp"] == "e07"]
+    if not e07: return [], {}
+    rows = cost_rows(e07)
+    write_csv(rows, out / "tables" / "table9.csv")
+    return ["### Table 9: training cost (ours vs the paper; different hardware and data sizes)", "", to_markdown(rows), ""], {}
+
+
+# ---- e08: IRRA from three initialisations (Table 10) ------------------------------------------------------------------
+
+def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1, log=print) -> list:
+    "e08: the `irra` preset from each of `inits` ('clip': the scale's weights; a preset: its `source@preset` checkpoint) at each seed."
+    ov = dict(parse_overrides(overrides))
+    bad = [i for i in inits if i != "clip" and i not in PRESETS]
+    if bad: raise TBPSError(f"e08: unknown initialisation(s) {', '.join(map(str, bad))}; 'clip' or a preset: {', '.join(PRESETS)}")
+    recs = []
+    for seed in seeds:
+        for init in inits:
+            row = {}
+            if init != "clip":
+                src = f"source@{init}"
+                ckpt = run_dir_of(out, "e08", src, seed) / "checkpoint.pt"
+                if not record_path(out, "e08", init, seed).exists():  # the IRRA run still needs its initialisation
+                    s = run_once("e08", src, init, ov, seed, scale, out, nproc=nproc, keep_checkpoint=True)
+                    if log: log(f"e08 {src} seed {seed}: R@1 {s['metrics']['R@1']:.2f} (checkpoint {ckpt})")
+                    if not ckpt.is_file():
+                        raise TBPSError(f"{record_path(out, 'e08', src, seed)}: its checkpoint {ckpt} is gone; "
+                                        "delete that record to train the initialisation again")
+                row = {"model.pretrained": str(ckpt)}
+            recs += run_rows("e08", {init: ("irra", row)}, [seed], scale, out, ov, nproc=nproc, log=log)
+    return recs
+
+def e08_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
+    "The report's Table 10: IRRA from TBPS-CLIP and Simplified vs from CLIP, against the paper's dataset."
+    e08 = [r for r in recs if r["exp"] == "e08" and r["name"] in IRRA_INITS]
+    if not e08: return [], {}
+    pds = paper_dataset(e08[0]["dataset"])
+    marked = table_report(e08, "table10", out, metric, k, paper_rows=dataset_paper_rows("table10", pds), baseline="clip",
+                          fallback_sd=fallback_sd)
+    title = PAPER["table10"]["title"]
+    if figures: plot_effects(marked, out / "figures" / "table10.png", f"{title} (paper {pds})\nours: {label}", f"ours: {label}", metric)
+    return [f"### {title} (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "",
+            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""], {"table10": marked}
+
+
+# ---- e09: few-shot (Table 11) -----------------------------------------------------------------------------------------
+
+def e09_marks(records, out, metric: str = "R@1", k: float = 2.0, fallback_sd="auto") -> list:
+    "Per few-shot fraction, each method marked against CLIP fine-tuning on that fraction (Table 11); tables per fraction."
+    paper = PAPER["table11"]["rows"]
+    if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # once, not per fraction
+    marked = []
+    for f in dict.fromkeys(r["name"].split("@")[1] for r in records):
+        sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["name"].split("@")[1] == f]
+        prow = {n.split("@")[0]: v for n, v in paper.items() if n.split("@")[1] == f}
+        rows = table_report(sub, "table11", out, metric, k, paper_rows=prow, baseline="clip", stem=f"table11-{f}", fallback_sd=fallback_sd)
+        marked += [dict(r, fraction=float(f), row=f"{r['name']}@{f}",
+                        label=r["label"] if r["paper"] is not None else f"{r['name']} {float(f):.0%}") for r in rows]
+    return marked
+
+def e09_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
+    "The report's Table 11: each method vs CLIP fine-tuning on the same fraction of the training identities."
+    e09 = [r for r in recs if r["exp"] == "e09"]
+    if not e09: return [], {}
+    marked = e09_marks(e09, out, metric, k, fallback_sd)
+    title = PAPER["table11"]["title"]
+    if figures: plot_effects(marked, out / "figures" / "table11.png", f"{title}: each method vs CLIP at its fraction\nours: {label}", f"ours: {label}", metric)
+    return [f"### {title}: each method vs CLIP fine-tuning on the same fraction (ours {label})", "", to_markdown(marked, MARKED_COLUMNS), "",
+            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""], {"table11": marked}
+
+
+# ---- e10: module importance (C1, C2) ----------------------------------------------------------------------------------
+
+def importance_path(out, preset: str, seed: int) -> Path:
+    "Where e10 keeps the module scores of the fine-tuned `preset` at `seed`."
+    return Path(out) / "importance" / f"e10-{preset}-s{seed}.json"
+
+def score_modules(checkpoint, config: dict, split: str = "val", fraction: float = 1.0, eps: float = 3.0, grid=None,
+                  metric: str = "R@1") -> list:
+    "C1 and C2 of every module of the model in `checkpoint` against the weights its run (`config`) started from, on `split`."
+    cfg = config_from_dict(config)
+    set_threads(cfg)
+    ann = load_data(cfg)
+    seed_everything(cfg.train.seed)  # as run.train does right before building the model: the same theta_0, random or not
+    theta0 = {k: v.detach().clone() for k, v in prepare_model(cfg).state_dict().items()}
+    device = resolve_device(cfg.train.device)
+    model = prepare_model(eval_config(str(checkpoint))).to(device)
+    if not ann.split(split): raise TBPSError(f"{cfg.data.dataset} ({cfg.data.root}): split {split!r} is empty; choose another split")
+    if fraction < 1: ann, _ = fewshot_subset(ann, fraction, cfg.data.fewshot_seed, split=split)
+    ev = lambda m: evaluate(m, ann, split, cfg.data, cfg.eval.chunk_size, device, cfg.train.precision)
+    rows = []
+    for tower in TOWERS:  # C1 is normalised over the modules scored together: one tower, one heatmap
+        rows += module_importance(model, ev, theta0, module_refs(model, (tower,)), eps, ALPHAS if grid is None else grid, metric)
+    return rows
+
+def importance_run(preset: str, seed: int, scale: str, out, overrides=None, split: str = "val", fraction: float = 1.0,
+                   eps: float = 3.0, grid=None, metric: str = "R@1", nproc: int = 1, log=print) -> dict:
+    "e10: fine-tune `preset` (checkpoint kept) and score its modules; the saved scores (read back when already there)."
+    settings = dict(split=split, fraction=float(fraction), eps=float(eps), grid=[float(a) for a in (ALPHAS if grid is None else grid)],
+                    metric=metric)
+    rec = run_once("e10", preset, preset, overrides, seed, scale, out, nproc=nproc, keep_checkpoint=True)
+    path = importance_path(out, preset, seed)
+    if path.exists():
+        res = json.loads(path.read_text())
+        if res.get("settings") != settings or res.get("fingerprint") != rec["fingerprint"]:
+            raise TBPSError(f"{path}: scores of other settings or another run are there ({res.get('settings')}); "
+                            "delete the file or use another out folder")
+        return res
+    ckpt = run_dir_of(out, "e10", preset, seed) / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise TBPSError(f"{record_path(out, 'e10', preset, seed)}: its checkpoint {ckpt} is gone; delete that record to train it again")
+    t0 = time.perf_counter()
+    rows = score_modules(ckpt, rec["config"], split, fraction, eps, settings["grid"], metric)
+    res = dict(exp="e10", name=preset, seed=seed, scale=scale, dataset=rec["dataset"], synthetic=rec["synthetic"],
+               arch=rec["config"]["model"]["arch"], fingerprint=rec["fingerprint"], settings=settings, baseline=rows[0]["baseline"],
+               evaluations=sum(len(r["curve"]) for r in rows) + 2, seconds=round(time.perf_counter() - t0, 1), rows=rows,
+               git_commit=git_commit(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic_write_json(path, res)
+    if log: log(f"e10 {preset} seed {seed}: {len(rows)} modules scored on {split} in {res['seconds']:.0f} s ({res['evaluations']} evaluations)")
+    return res
+
+def e10_section(recs, out, src, label, **kw) -> tuple:
+    "The report's module importance: our text layers from least to most important, beside the paper's order."
+    md = []
+    for f in sorted((src / "importance").glob("e10-*.json")):
+        res = json.loads(f.read_text())
+        sc = layer_importance(res["rows"], "text")
+        order = sorted(sc, key=lambda l: (sc[l], l))
+        md += [f"### e10: module importance of {res['name']} seed {res['seed']} ({res['arch']}; ours {label}; {res['settings']['split']} split)", "",
+               f"Text layers from least to most important (summed C1 + C2 of SA, FF, layer; 0-based): {', '.join(map(str, order))}. "
+               f"The paper (ViT-B/16, 12 text layers) drops or freezes, in that order: 7, 8, 3, 5, 6 (Table 12).", ""]
+    return md, {}
+
+
+# ---- e11: text layers dropped or frozen (Table 12) --------------------------------------------------------------------
+
+def compression_layers(scores: dict, xs) -> tuple:
+    "({x: the x least important text layers} for each x of `xs` that leaves a layer, [the xs that do not])."
+    scores = {int(l): v for l, v in scores.items()}
+    ok = [int(x) for x in xs if 0 < int(x) < len(scores)]
+    return {x: least_important_layers(scores, x) for x in ok}, [x for x in xs if int(x) not in ok]
+
+def _mark(d: float, noise, want_positive: bool) -> str:
+    if noise is not None and abs(d) <= noise: return "within seed noise"
+    m = "no change" if d == 0 else "agrees" if (d > 0) == want_positive else "disagrees"
+    return m + ("" if noise is not None else " (noise unknown: one seed)")
+
+def compression_table(records, metric: str = "R@1", k: float = 2.0, fallback_sd: float | None = None) -> list:
+    """e11: per strategy and x, mean `metric`, effect vs `full`, exact trainable parameters and the mark: the paper shows
+    (in a figure) that dropping lowers R@1 and freezing barely changes it, so `drop@x` agrees when it is below `full`,
+    and `freeze@x` agrees when it is above `drop@x` (freezing costs less than dropping)."""
+    summ = {r["name"]: r for r in summarise(records)}
+    s, sd_from, sd_dof = table_seed_sd(list(summ.values()), metric, fallback_sd)
+    by = {r["name"]: r for r in records}
+    full = summ.get("full")
+    out = []
+    for name, r in sorted(summ.items(), key=lambda kv: (kv[0] != "full", int(kv[0].split("@")[1]) if "@" in kv[0] else 0, kv[0])):
+        cfg = config_from_dict(by[name]["config"])
+        strategy, x = (name.split("@")[0], int(name.split("@")[1])) if "@" in name else ("none", 0)
+        ids = list(cfg.model.drop_text_layers or cfg.train.freeze_text_layers)
+        row = dict(name=name, label=f"{strategy} {ids}" if ids else "full (x = 0)", strategy=strategy, x=x, layers=ids, n=r["n"],
+                   ours=r[metric], ours_sd=r.get(f"{metric}_sd"), trainable=trainable_parameters(cfg, by[name]["train_ids"])["trainable"],
+                   ours_effect=None, paper_effect=None, vs=None, noise=None, mark="", sd=s, sd_from=sd_from, sd_dof=sd_dof)
+        other = summ.get(f"drop@{x}") if strategy == "freeze" else full
+        if name == "full": row["mark"] = "baseline"
+        elif other is None: row["mark"] = "no baseline run"
+        else:
+            d = r[metric] - other[metric]
+            noise = k * s * math.sqrt(1 / r["n"] + 1 / other["n"]) if s is not None else None
+            row.update(ours_effect=r[metric] - full[metric] if full else None, vs=f"{other['name']}: {d:+.2f}", noise=noise,
+                       mark=_mark(d, noise, strategy == "freeze"))
+        out.append(row)
+    return out
+
+def e11_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
+    "The report's Table 12: dropping vs freezing x text layers, with exact trainable parameters."
+    e11 = [r for r in recs if r["exp"] == "e11"]
+    if not e11: return [], {}
+    rows = compression_table(e11, metric, k, fallback_sd)
+    write_csv(rows, out / "tables" / "table12.csv")
+    return [f"### {PAPER['table12']['title']}: ours {label} ({metric}; drop vs full, freeze vs drop at the same x)", "",
+            to_markdown(rows, ["label", "n", "ours", "ours_sd", "ours_effect", "trainable", "vs", "noise", "mark"]), "",
+            "Paper (figure only): freezing the layers barely changes R@1, dropping them lowers it. "
+            f"Counts: {agreement_counts(rows)}.", ""], {"table12": rows}
+
+
+# the e99 report's sections beyond the tables marked generically, in the report's order
+REPORT_SECTIONS = (e06_section, e07_section, e08_section, e09_section, e10_section, e11_section)
