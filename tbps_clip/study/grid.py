@@ -23,10 +23,13 @@ SCALES: dict[str, dict] = {
                    "train.ckpt_every": 0, "train.log_every": 1, "train.threads": 1, "train.device": "cpu",
                    "train.precision": "fp32", "optim.lr": 1e-3}),
     "study": dict(
-        about="synthetic study on a CPU: the small pretrained CLIP (tbps-tiny) fine-tuned on the default SynthPEDES for a fixed step budget",
-        # 625 steps = 5 epochs of the default SynthPEDES at batch 64, the paper's epoch count; fine-tuning learning
-        # curves (benchmarks/learnability_probe.py, results in results/demo/README.md) still rise steeply at 300 steps
-        # and peak around 750-1000; lr 3e-4: the small synthetic CLIP learns faster than web CLIP at 1e-4
+        about="synthetic study on a CPU: the shipped small pretrained CLIP (tbps-tiny-cs) fine-tuned on the default SynthPEDES for a fixed step budget",
+        # the second analogue's budget, calibrated on the clip row and zero-shot only (results/analogue/): 300 steps of
+        # batch 64 at lr 3e-4 (lr_pilot.json: 3e-4 beat 1e-4 on seed 0's val R@1); calibration.json has the plateau test
+        arch="tbps-tiny-cs", weights="synthclip", steps=300, nproc=1, synth=dict(),
+        overrides={"optim.lr": 3e-4, "train.eval_every": 0, "train.ckpt_every": 100, "train.threads": 1, "train.log_every": 10}),
+    "study-v2": dict(
+        about="the first analogue's study (history: results/study/synthpedes-v2): tbps-tiny pretrained 600 steps, 625 steps a run",
         arch="tbps-tiny", weights="synthclip", steps=625, nproc=1, synth=dict(),
         overrides={"optim.lr": 3e-4, "train.eval_every": 0, "train.ckpt_every": 100, "train.threads": 1, "train.log_every": 10}),
     "paper": dict(
