@@ -21,7 +21,7 @@ from tbps_clip.study.grid import IRRA_INITS
 from tbps_clip.study.marks import agreement_counts, noise_statement, study_seed_sd, summarise, table_seed_sd
 from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
 from tbps_clip.study.report import data_label, plot_effects, table_report, to_markdown, write_csv
-from tbps_clip.study.runs import record_path, run_dir_of, run_once, run_rows
+from tbps_clip.study.runs import record_path, run_dir_of, run_once, run_pending, run_rows
 
 MARKED_COLUMNS = ["label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]
 
@@ -89,7 +89,12 @@ def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1
     ov = dict(parse_overrides(overrides))
     bad = [i for i in inits if i != "clip" and i not in PRESETS]
     if bad: raise TBPSError(f"e08: unknown initialisation(s) {', '.join(map(str, bad))}; 'clip' or a preset: {', '.join(PRESETS)}")
-    recs = []
+    call = lambda name, preset, o, seed, **kw: dict(exp="e08", name=name, preset=preset, overrides=o, seed=seed, scale=scale,
+                                                    out=str(out), nproc=nproc, **kw)
+    # a source is trained only while the IRRA run it starts is not yet recorded; several at once under --jobs or Slurm
+    run_pending([call(f"source@{i}", i, ov, s, keep_checkpoint=True) for s in seeds for i in inits
+                 if i != "clip" and not record_path(out, "e08", i, s).exists()], log=log)
+    plan = []
     for seed in seeds:
         for init in inits:
             row = {}
@@ -103,8 +108,9 @@ def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1
                         raise TBPSError(f"{record_path(out, 'e08', src, seed)}: its checkpoint {ckpt} is gone; "
                                         "delete that record to train the initialisation again")
                 row = {"model.pretrained": str(ckpt)}
-            recs += run_rows("e08", {init: ("irra", row)}, [seed], scale, out, ov, nproc=nproc, log=log)
-    return recs
+            plan.append((seed, init, row))
+    run_pending([call(init, "irra", {**ov, **row}, seed) for seed, init, row in plan], log=log)
+    return [rec for seed, init, row in plan for rec in run_rows("e08", {init: ("irra", row)}, [seed], scale, out, ov, nproc=nproc, log=log)]
 
 def e08_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
     "The report's Table 10: IRRA from TBPS-CLIP and Simplified vs from CLIP, against the paper's dataset."
@@ -194,6 +200,13 @@ def importance_run(preset: str, seed: int, scale: str, out, overrides=None, spli
     atomic_write_json(path, res)
     if log: log(f"e10 {preset} seed {seed}: {len(rows)} modules scored on {split} in {res['seconds']:.0f} s ({res['evaluations']} evaluations)")
     return res
+
+def importance_runs(preset: str, seeds, scale: str, out, overrides=None, split: str = "val", fraction: float = 1.0,
+                    eps: float = 3.0, grid=None, metric: str = "R@1", nproc: int = 1, log=print) -> list:
+    "e10 at every seed: the fine-tuning runs first (several at once under --jobs or Slurm), then each one's scores."
+    run_pending([dict(exp="e10", name=preset, preset=preset, overrides=dict(parse_overrides(overrides)), seed=s, scale=scale,
+                      out=str(out), nproc=nproc, keep_checkpoint=True) for s in seeds], log=log)
+    return [importance_run(preset, s, scale, out, overrides, split, fraction, eps, grid, metric, nproc, log) for s in seeds]
 
 def e10_section(recs, out, src, label, **kw) -> tuple:
     "The report's module importance: our text layers from least to most important, beside the paper's order."

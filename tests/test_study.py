@@ -461,3 +461,87 @@ def test_the_papers_numbers_ship_with_the_package(tmp_path):
     text = zipfile.ZipFile(whl).read("tbps_clip/study/paper.yaml").decode()
     from tbps_clip.study.paper import read_paper
     assert read_paper(text) == PAPER and PAPER["table1"]["source"].endswith("Table 1")
+
+
+# ---- concurrent runs, Slurm through submitit, parameters a notebook does not declare ------------------------------------
+
+TIMING = ("encode_s", "rank_s")
+
+
+def small_sweep(tmp_path, **extra):
+    "e01 (three rows) and e04 (whose CLIP* is e01's) at smoke scale: six trainings, one reuse across notebooks."
+    import yaml
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(dict(notebooks_dir=str(ROOT / "experiments"), params={"scale": "smoke", "seeds": [0]},
+                                     notebooks=[{"notebook": "e01_tricks", "params": {"rows": ["clip", "dropout", "clip_star"]}},
+                                                "e04_both_aug"], **extra)))
+    return f
+
+
+def same_records(a, b):
+    "The records of two results folders, equal but for timings and where they were written."
+    ra, rb = load_records(a), load_records(b)
+    key = lambda r: (r["exp"], r["name"], r["seed"], r["steps"], r.get("reused_from"), r["fingerprint"],
+                     {k: v for k, v in r["metrics"].items() if k not in TIMING})
+    assert [key(r) for r in ra] == [key(r) for r in rb]
+    return ra
+
+
+@pytest.mark.slow
+def test_two_jobs_write_the_records_of_a_serial_run(tmp_path, kernel_env, capsys):
+    "`study run --jobs 2`: the runs train two at a time in their own processes; records and notebook status equal a serial run's."
+    from tbps_clip.cli import main
+    sweep = small_sweep(tmp_path)
+    serial = run_sweep(sweep, out=tmp_path / "serial", log=None)
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+    recs = same_records(tmp_path / "serial", tmp_path / "jobs")
+    assert len(recs) == 7 and [r["name"] for r in recs if r.get("reused_from")] == ["clip_star"]
+    logs = sorted((tmp_path / "jobs" / "jobs").glob("*.log"))
+    assert len(logs) == 6 and not (tmp_path / "serial" / "jobs").exists()  # six trainings, each its own process
+    assert all(json.loads(p.with_suffix(".json").read_text())["target"] == "tbps_clip.study.runs:run_once" for p in logs)
+    params = lambda out: sorted(json.dumps({k: v for k, v in s["params"].items() if k != "out"}) for s in sweep_status(out))
+    assert params(tmp_path / "jobs") == params(tmp_path / "serial")  # --jobs is not a notebook parameter: same notebook runs
+    assert all(s["status"] == "ok" for s in serial)
+    # resumable as before: a serial run over the jobs' folder finds every notebook done, and so does --jobs again
+    assert all(r.get("skipped") for r in run_sweep(sweep, out=tmp_path / "jobs", log=None))
+    forced = run_sweep(sweep, out=tmp_path / "jobs", log=None, jobs=2, force=True)
+    assert all(r["status"] == "ok" and not r.get("skipped") for r in forced)
+    assert len(list((tmp_path / "jobs" / "jobs").glob("*.log"))) == 6  # forced notebooks ran again, their runs did not
+
+
+def test_parameters_a_notebook_does_not_declare_are_refused(tmp_path):
+    nb = ROOT / "experiments" / "e01_tricks.ipynb"
+    with pytest.raises(TBPSError, match=r"^e01_tricks: unknown parameter\(s\) stepz; it declares: dataset, root, .*seeds"):
+        run_notebook(nb, {"stepz": 3}, tmp_path / "out")
+    sweep = small_sweep(tmp_path)
+    with pytest.raises(TBPSError, match=r"sweep.yaml: parameter\(s\) stepz declared by none of its notebooks \(e01_tricks, e04_both_aug\)"):
+        run_sweep(sweep, out=tmp_path / "out", set_params={"stepz": 3})
+    import yaml
+    spec = yaml.safe_load(sweep.read_text())
+    spec["notebooks"][1] = {"notebook": "e04_both_aug", "params": {"rowz": ["both"]}}
+    sweep.write_text(yaml.safe_dump(spec))
+    with pytest.raises(TBPSError, match=r"sweep.yaml: e04_both_aug: unknown parameter\(s\) rowz"):
+        run_sweep(sweep, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+    from tbps_clip.study.driver import notebook_parameters
+    assert "rows" in notebook_parameters(nb) and "rows" not in notebook_parameters(ROOT / "experiments" / "e99_report.ipynb")
+
+
+@pytest.mark.slow
+def test_slurm_executor_through_submitits_local_executor(tmp_path, kernel_env):
+    "`--executor slurm`: each run one submitit job (here submitit's local executor), recorded as locally, resumable."
+    pytest.importorskip("submitit", reason="submitit is in the 'slurm' and 'dev' extras")
+    from tbps_clip.cli import main
+    sweep = small_sweep(tmp_path, slurm={"cluster": "local", "timeout_min": 10, "cpus_per_task": 1, "partition": "ignored-locally"})
+    run_sweep(sweep, out=tmp_path / "serial", log=None)
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "slurm"), "--executor", "slurm"]) == 0
+    same_records(tmp_path / "serial", tmp_path / "slurm")
+    jobs = sorted((tmp_path / "slurm" / "jobs" / "slurm").glob("*_submitted.pkl"))
+    assert len(jobs) == 6  # one job per training run
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--force"]) == 0
+    assert len(list((tmp_path / "slurm" / "jobs" / "slurm").glob("*_submitted.pkl"))) == 6  # recorded runs: no new job
+    for d in ("b", "c"): (tmp_path / d).mkdir()
+    with pytest.raises(TBPSError, match=r"sweep.yaml: unknown slurm setting\(s\) partiton"):
+        run_sweep(small_sweep(tmp_path / "b", slurm={"partiton": "gpu"}), out=tmp_path / "x")
+    with pytest.raises(TBPSError, match="needs a `slurm` entry"):
+        run_sweep(small_sweep(tmp_path / "c"), out=tmp_path / "x", executor="slurm")
