@@ -20,10 +20,17 @@ from tbps_clip.run import eval_config, load_data, prepare_model, set_threads
 from tbps_clip.study.grid import IRRA_INITS
 from tbps_clip.study.marks import agreement_counts, noise_statement, study_seed_sd, summarise, table_seed_sd
 from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
-from tbps_clip.study.report import data_label, plot_effects, table_report, to_markdown, write_csv
+from tbps_clip.study.report import data_label, paired_section, plot_effects, table_report, to_markdown, write_csv
 from tbps_clip.study.runs import record_path, run_dir_of, run_once, run_pending, run_rows
 
 MARKED_COLUMNS = ["label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]
+
+def _paired(parts, table: str, out, label: str, metric: str, k: float, figures: bool, baseline: str = "clip") -> tuple:
+    "Paired marks of `parts` [(records, paper rows, stem)] of one paper table: (markdown lines, {name: marked rows})."
+    tables, md = {}, []
+    for recs, prow, stem in parts:
+        md += paired_section(recs, table, out, label, metric, k, figures, tables, "", prow, baseline, stem)
+    return md, {name: m for (_, name), m in tables.items()}
 
 
 # ---- e06: main results, presets x backbones (Tables 6-8) ------------------------------------------------------------
@@ -54,9 +61,13 @@ def e06_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
     if not e06: return [], {}
     pds = paper_dataset(e06[0]["dataset"])
     archs = {r["config"]["model"]["arch"] for r in e06}
-    marked = e06_marks(e06, out, pds, {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}, metric, fallback_sd, k)
-    return [f"### Tables 6-8: main results (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), ""], \
-           {"table6_8": marked}
+    pbs = {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}
+    marked = e06_marks(e06, out, pds, pbs, metric, fallback_sd, k)
+    md, paired = _paired([([dict(r, name=r["name"].split("@")[0]) for r in e06 if r["config"]["model"]["arch"] == a],
+                           e06_paper_rows(pds, pbs[a]), f"table6_8-{a}") for a in dict.fromkeys(r["config"]["model"]["arch"] for r in e06)],
+                         "table6_8", out, label, metric, k, figures)
+    return [f"### Tables 6-8: main results (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "", *md], \
+           {"table6_8": marked, **paired}
 
 
 # ---- e07: training cost (Table 9) -------------------------------------------------------------------------------------
@@ -121,8 +132,9 @@ def e08_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
                           fallback_sd=fallback_sd)
     title = PAPER["table10"]["title"]
     if figures: plot_effects(marked, out / "figures" / "table10.png", f"{title} (paper {pds})\nours: {label}", f"ours: {label}", metric)
+    md, paired = _paired([(e08, dataset_paper_rows("table10", pds), None)], "table10", out, label, metric, k, figures)
     return [f"### {title} (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "",
-            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""], {"table10": marked}
+            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", "", *md], {"table10": marked, **paired}
 
 
 # ---- e09: few-shot (Table 11) -----------------------------------------------------------------------------------------
@@ -147,8 +159,13 @@ def e09_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
     marked = e09_marks(e09, out, metric, k, fallback_sd)
     title = PAPER["table11"]["title"]
     if figures: plot_effects(marked, out / "figures" / "table11.png", f"{title}: each method vs CLIP at its fraction\nours: {label}", f"ours: {label}", metric)
+    paper = PAPER["table11"]["rows"]
+    fractions = dict.fromkeys(r["name"].split("@")[1] for r in e09)
+    md, paired = _paired([([dict(r, name=r["name"].split("@")[0]) for r in e09 if r["name"].split("@")[1] == f],
+                           {n.split("@")[0]: v for n, v in paper.items() if n.split("@")[1] == f}, f"table11-{f}") for f in fractions],
+                         "table11", out, label, metric, k, figures)
     return [f"### {title}: each method vs CLIP fine-tuning on the same fraction (ours {label})", "", to_markdown(marked, MARKED_COLUMNS), "",
-            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""], {"table11": marked}
+            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", "", *md], {"table11": marked, **paired}
 
 
 # ---- e10: module importance (C1, C2) ----------------------------------------------------------------------------------

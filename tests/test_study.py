@@ -439,11 +439,15 @@ def test_records_written_before_the_split_report_the_committed_tables(tmp_path, 
     monkeypatch.chdir(ROOT)  # the report names its sources as e99 was given them: relative to the checkout
     committed = ROOT / "results/study/synthpedes-v2/report"
     tables = build_report(V2, tmp_path, figures=False, sections=tbps_experiments.REPORT_SECTIONS)
-    files = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.suffix in (".md", ".csv"))
-    assert len(files) > 30 and Path("report.md") in files
+    files = sorted(p.relative_to(committed) for p in committed.rglob("tables/*") if p.suffix in (".md", ".csv"))
+    assert len(files) > 30
     assert {t for s, t in tables if s == V2[0]} >= {"table1", "table2_appendix", "table5", "table6_8", "table10", "table11", "table12"}
     for f in files:
         assert (tmp_path / f).read_text() == (committed / f).read_text(), f
+    # report.md: every committed line, in order; the paired marks (added since) come between them
+    new = iter((tmp_path / "report.md").read_text().splitlines())
+    missing = [line for line in (committed / "report.md").read_text().splitlines() if not any(line == n for n in new)]
+    assert not missing, missing[:3]
     marks = [r["mark"] for r in tables[(V2[0], "table5")]]
     assert marks.count("baseline") == 1 and "disagrees" in marks  # the v2 findings, as the README tells them
 
@@ -545,3 +549,72 @@ def test_slurm_executor_through_submitits_local_executor(tmp_path, kernel_env):
         run_sweep(small_sweep(tmp_path / "b", slurm={"partiton": "gpu"}), out=tmp_path / "x")
     with pytest.raises(TBPSError, match="needs a `slurm` entry"):
         run_sweep(small_sweep(tmp_path / "c"), out=tmp_path / "x", executor="slurm")
+
+
+# ---- marks from paired differences (issue 20: the v3 study's marks) -------------------------------------------------------
+
+def prec(name, seed, r1, exp="e01"):
+    return dict(exp=exp, name=name, seed=seed, scale="study", dataset="synthpedes", synthetic=True, metrics={"R@1": r1, "mAP": r1})
+
+
+def test_paired_effects_remove_what_the_seed_does_to_both():
+    "Seed 1 is 6 points better for every row: the seed-mean comparison drowns the +1 in seed noise, the paired one resolves it."
+    from tbps_clip.study.marks import paired_marks
+    seed = {0: 0.0, 1: 6.0, 2: 3.0}
+    recs = [prec("clip", s, 20 + b) for s, b in seed.items()] + [prec("global_grad", s, 21 + b + (0.1, -0.1, 0.0)[s]) for s, b in seed.items()]
+    recs += [prec("dropout", s, 20 + b + (-0.1, 0.1, 0.0)[s]) for s, b in seed.items()]  # 2 + 2 degrees of freedom to pool
+    paired = {r["name"]: r for r in paired_marks(recs, PAPER["table1"]["rows"], "clip")}
+    unpaired = {r["name"]: r for r in mark_agreement(summarise(recs), PAPER["table1"]["rows"], "clip")}
+    assert unpaired["global_grad"]["mark"] == "within seed noise"
+    gg = paired["global_grad"]
+    assert gg["ours_effect"] == pytest.approx(1.0) and gg["n"] == 3 and gg["mark"] == "agrees" and gg["se_from"] == "table"
+    assert gg["se"] == pytest.approx(0.1 / 3 ** 0.5) and gg["resolvable"] == pytest.approx(2 * 0.1 / 3 ** 0.5)
+    assert paired["clip"]["mark"] == "baseline" and paired["clip"]["ours_effect"] is None
+
+
+def test_paired_se_is_the_rows_own_with_enough_seeds_else_pooled_across_the_table_and_said_so():
+    from tbps_clip.study.marks import MIN_SD_DOF, paired_marks, paired_statement, paired_summary
+    n = MIN_SD_DOF + 1  # seeds a row needs for its own SE
+    noise = [0.5, -0.5, 0.2, -0.2, 0.0, 0.3, -0.3][:n]
+    recs = [prec("clip", s, 10.0) for s in range(n)]
+    recs += [prec("global_grad", s, 12.0 + noise[s]) for s in range(n)]  # own SE
+    recs += [prec("dropout", s, 10.0 + (0.1, -0.1)[s]) for s in range(2)]  # 2 seeds: the table's pooled sd
+    recs += [prec("lock_bl", 0, 9.0)]  # 1 seed: pooled too
+    marked = {r["name"]: r for r in paired_marks(recs, PAPER["table1"]["rows"], "clip")}
+    import statistics
+    own = statistics.stdev(noise) / n ** 0.5
+    pooled = ((n - 1) * statistics.variance(noise) + 1 * statistics.variance([0.1, -0.1])) / (n - 1 + 1)
+    assert marked["global_grad"]["se_from"] == "row" and marked["global_grad"]["se"] == pytest.approx(own)
+    assert marked["dropout"]["se_from"] == "table" and marked["dropout"]["se"] == pytest.approx(pooled ** 0.5 / 2 ** 0.5)
+    assert marked["lock_bl"]["se"] == pytest.approx(pooled ** 0.5) and marked["lock_bl"]["mark"] == "disagrees"  # -1: beyond 2 SE
+    assert marked["dropout"]["mark"] == "within seed noise" and marked["global_grad"]["mark"] == "agrees"
+    s = paired_summary(marked.values())
+    assert s["rows"] == 3 and s["resolved"] == 2 and s["agree"] == 1 and s["agreement"] == 0.5
+    assert s["smallest_resolvable"] == pytest.approx(min(2 * own, 2 * pooled ** 0.5 / 2 ** 0.5))
+    text = paired_statement(marked.values())
+    assert "1 row(s) with their own SE" in text and "2 row(s) with too few seeds for their own SE use the paired sd pooled across the table" in text
+    assert "2 of 3 rows resolve, 1 of them agree" in text
+    # one seed everywhere: no SE at all, the direction only, and nothing resolves
+    one = paired_marks([prec("clip", 0, 10.0), prec("dropout", 0, 12.0)], PAPER["table1"]["rows"], "clip")
+    assert one[1]["mark"] == "agrees (SE unknown: direction only)" and paired_summary(one)["resolved"] == 0
+    assert "only 0 degree(s) of freedom" in paired_statement(one) and "SE is unknown" in paired_statement(one)
+    two = paired_marks([prec("clip", s, 10.0) for s in range(3)] + [prec("dropout", s, 12.0 + 0.1 * s) for s in range(3)],
+                       PAPER["table1"]["rows"], "clip")  # 2 degrees of freedom: too loose to pool on
+    assert two[1]["se"] is None and two[1]["mark"] == "agrees (SE unknown: direction only)"
+    # rows without a seed of the baseline are not compared
+    assert paired_marks([prec("clip", 0, 10.0), prec("dropout", 1, 12.0)], PAPER["table1"]["rows"], "clip")[1]["mark"] == "no paired seed"
+
+
+def test_the_report_gives_paired_tables_forest_plots_and_what_resolves(tmp_path):
+    from tbps_clip.core import atomic_write_json
+    from tbps_clip.study.report import build_report
+    recs = [prec("itc", s, 10.0 + s, "e05") for s in range(3)] + [prec("nitc", s, 11.0 + s + (0.05, -0.05, 0)[s], "e05") for s in range(3)]
+    recs += [prec("ss_t", s, 10.0 + s + 0.01 * s, "e05") for s in range(3)]
+    for r in recs: atomic_write_json(record_path(tmp_path / "study", r["exp"], r["name"], r["seed"]), r)
+    tables = build_report([tmp_path / "study"], tmp_path / "report", sections=tbps_experiments.REPORT_SECTIONS)
+    paired = {r["name"]: r for r in tables[(str(tmp_path / "study"), "table5 paired")]}
+    assert paired["nitc"]["mark"] == "agrees" and paired["ss_t"]["mark"] == "within seed noise"
+    assert (tmp_path / "report" / "study" / "figures" / "table5-forest.png").stat().st_size > 5000
+    assert "Paired by seed" in (tmp_path / "report" / "study" / "tables" / "table5-paired.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "### What resolves, per table" in md and "| table5 | 2 |" in md
