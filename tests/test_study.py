@@ -618,3 +618,20 @@ def test_the_report_gives_paired_tables_forest_plots_and_what_resolves(tmp_path)
     assert "Paired by seed" in (tmp_path / "report" / "study" / "tables" / "table5-paired.md").read_text()
     md = (tmp_path / "report" / "report.md").read_text()
     assert "### What resolves, per table" in md and "| table5 | 2 |" in md
+
+
+@pytest.mark.slow
+def test_gpu_study_script_runs_concurrent_jobs(tmp_path, kernel_env):
+    "experiments/gpu_study.sh, tried on the CPU: two runs at once at smoke scale, records equal a serial run's, hardware stated."
+    sweep = small_sweep(tmp_path)
+    run_sweep(sweep, out=tmp_path / "serial", log=None)
+    env = {**os.environ, "JOBS": "2", "DEVICE": "cpu", "SCALE": "smoke", "PY": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_study.sh"), str(sweep), str(tmp_path / "gpu")], env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 of 2 notebook(s) ok" in r.stdout
+    recs = same_records(tmp_path / "serial", tmp_path / "gpu")
+    assert all(r["config"]["train"]["device"] == "cpu" for r in recs)
+    assert len(list((tmp_path / "gpu" / "jobs").glob("*.log"))) == 6  # six trainings, two at a time
+    hw = (tmp_path / "gpu" / "HARDWARE.txt").read_text()
+    assert hw.startswith("device: cpu; jobs at once: 2") and "finished in" in hw
