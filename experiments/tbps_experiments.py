@@ -20,10 +20,17 @@ from tbps_clip.run import eval_config, load_data, prepare_model, set_threads
 from tbps_clip.study.grid import IRRA_INITS
 from tbps_clip.study.marks import agreement_counts, noise_statement, study_seed_sd, summarise, table_seed_sd
 from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
-from tbps_clip.study.report import data_label, plot_effects, table_report, to_markdown, write_csv
-from tbps_clip.study.runs import record_path, run_dir_of, run_once, run_rows
+from tbps_clip.study.report import data_label, paired_section, plot_effects, table_report, to_markdown, write_csv
+from tbps_clip.study.runs import record_path, run_dir_of, run_once, run_pending, run_rows
 
 MARKED_COLUMNS = ["label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]
+
+def _paired(parts, table: str, out, label: str, metric: str, k: float, figures: bool, baseline: str = "clip") -> tuple:
+    "Paired marks of `parts` [(records, paper rows, stem)] of one paper table: (markdown lines, {name: marked rows})."
+    tables, md = {}, []
+    for recs, prow, stem in parts:
+        md += paired_section(recs, table, out, label, metric, k, figures, tables, "", prow, baseline, stem)
+    return md, {name: m for (_, name), m in tables.items()}
 
 
 # ---- e06: main results, presets x backbones (Tables 6-8) ------------------------------------------------------------
@@ -54,9 +61,13 @@ def e06_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
     if not e06: return [], {}
     pds = paper_dataset(e06[0]["dataset"])
     archs = {r["config"]["model"]["arch"] for r in e06}
-    marked = e06_marks(e06, out, pds, {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}, metric, fallback_sd, k)
-    return [f"### Tables 6-8: main results (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), ""], \
-           {"table6_8": marked}
+    pbs = {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}
+    marked = e06_marks(e06, out, pds, pbs, metric, fallback_sd, k)
+    md, paired = _paired([([dict(r, name=r["name"].split("@")[0]) for r in e06 if r["config"]["model"]["arch"] == a],
+                           e06_paper_rows(pds, pbs[a]), f"table6_8-{a}") for a in dict.fromkeys(r["config"]["model"]["arch"] for r in e06)],
+                         "table6_8", out, label, metric, k, figures)
+    return [f"### Tables 6-8: main results (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "", *md], \
+           {"table6_8": marked, **paired}
 
 
 # ---- e07: training cost (Table 9) -------------------------------------------------------------------------------------
@@ -89,7 +100,12 @@ def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1
     ov = dict(parse_overrides(overrides))
     bad = [i for i in inits if i != "clip" and i not in PRESETS]
     if bad: raise TBPSError(f"e08: unknown initialisation(s) {', '.join(map(str, bad))}; 'clip' or a preset: {', '.join(PRESETS)}")
-    recs = []
+    call = lambda name, preset, o, seed, **kw: dict(exp="e08", name=name, preset=preset, overrides=o, seed=seed, scale=scale,
+                                                    out=str(out), nproc=nproc, **kw)
+    # a source is trained only while the IRRA run it starts is not yet recorded; several at once under --jobs or Slurm
+    run_pending([call(f"source@{i}", i, ov, s, keep_checkpoint=True) for s in seeds for i in inits
+                 if i != "clip" and not record_path(out, "e08", i, s).exists()], log=log)
+    plan = []
     for seed in seeds:
         for init in inits:
             row = {}
@@ -103,8 +119,9 @@ def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1
                         raise TBPSError(f"{record_path(out, 'e08', src, seed)}: its checkpoint {ckpt} is gone; "
                                         "delete that record to train the initialisation again")
                 row = {"model.pretrained": str(ckpt)}
-            recs += run_rows("e08", {init: ("irra", row)}, [seed], scale, out, ov, nproc=nproc, log=log)
-    return recs
+            plan.append((seed, init, row))
+    run_pending([call(init, "irra", {**ov, **row}, seed) for seed, init, row in plan], log=log)
+    return [rec for seed, init, row in plan for rec in run_rows("e08", {init: ("irra", row)}, [seed], scale, out, ov, nproc=nproc, log=log)]
 
 def e08_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
     "The report's Table 10: IRRA from TBPS-CLIP and Simplified vs from CLIP, against the paper's dataset."
@@ -115,8 +132,9 @@ def e08_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
                           fallback_sd=fallback_sd)
     title = PAPER["table10"]["title"]
     if figures: plot_effects(marked, out / "figures" / "table10.png", f"{title} (paper {pds})\nours: {label}", f"ours: {label}", metric)
+    md, paired = _paired([(e08, dataset_paper_rows("table10", pds), None)], "table10", out, label, metric, k, figures)
     return [f"### {title} (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "",
-            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""], {"table10": marked}
+            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", "", *md], {"table10": marked, **paired}
 
 
 # ---- e09: few-shot (Table 11) -----------------------------------------------------------------------------------------
@@ -141,8 +159,13 @@ def e09_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
     marked = e09_marks(e09, out, metric, k, fallback_sd)
     title = PAPER["table11"]["title"]
     if figures: plot_effects(marked, out / "figures" / "table11.png", f"{title}: each method vs CLIP at its fraction\nours: {label}", f"ours: {label}", metric)
+    paper = PAPER["table11"]["rows"]
+    fractions = dict.fromkeys(r["name"].split("@")[1] for r in e09)
+    md, paired = _paired([([dict(r, name=r["name"].split("@")[0]) for r in e09 if r["name"].split("@")[1] == f],
+                           {n.split("@")[0]: v for n, v in paper.items() if n.split("@")[1] == f}, f"table11-{f}") for f in fractions],
+                         "table11", out, label, metric, k, figures)
     return [f"### {title}: each method vs CLIP fine-tuning on the same fraction (ours {label})", "", to_markdown(marked, MARKED_COLUMNS), "",
-            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""], {"table11": marked}
+            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", "", *md], {"table11": marked, **paired}
 
 
 # ---- e10: module importance (C1, C2) ----------------------------------------------------------------------------------
@@ -194,6 +217,13 @@ def importance_run(preset: str, seed: int, scale: str, out, overrides=None, spli
     atomic_write_json(path, res)
     if log: log(f"e10 {preset} seed {seed}: {len(rows)} modules scored on {split} in {res['seconds']:.0f} s ({res['evaluations']} evaluations)")
     return res
+
+def importance_runs(preset: str, seeds, scale: str, out, overrides=None, split: str = "val", fraction: float = 1.0,
+                    eps: float = 3.0, grid=None, metric: str = "R@1", nproc: int = 1, log=print) -> list:
+    "e10 at every seed: the fine-tuning runs first (several at once under --jobs or Slurm), then each one's scores."
+    run_pending([dict(exp="e10", name=preset, preset=preset, overrides=dict(parse_overrides(overrides)), seed=s, scale=scale,
+                      out=str(out), nproc=nproc, keep_checkpoint=True) for s in seeds], log=log)
+    return [importance_run(preset, s, scale, out, overrides, split, fraction, eps, grid, metric, nproc, log) for s in seeds]
 
 def e10_section(recs, out, src, label, **kw) -> tuple:
     "The report's module importance: our text layers from least to most important, beside the paper's order."

@@ -236,12 +236,15 @@ def _study_params(items) -> dict:
 
 def _cmd_study_run(a):
     from tbps_clip.study.driver import run_notebook, run_sweep
+    from tbps_clip.study.executors import make_executor
     params = _study_params(a.params + _deprecated_set(a.old_set, "write notebook parameters as -p NAME=VALUE"))
     if Path(a.target).suffix == ".ipynb":
         if not a.out: raise TBPSError("give --out for a single notebook (where its records go)")
-        results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout)]
+        ex = make_executor(a.executor, a.jobs, None, f"{a.target} (a notebook, not a parameter file)")
+        results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout, executor=ex)]
     else:
-        results = run_sweep(a.target, only=a.only, out=a.out, force=a.force, set_params=params, timeout=a.timeout)
+        results = run_sweep(a.target, only=a.only, out=a.out, force=a.force, set_params=params, timeout=a.timeout,
+                            jobs=a.jobs, executor=a.executor)
     failed = [r for r in results if r["status"] != "ok"]
     print(f"{len(results) - len(failed)} of {len(results)} notebook(s) ok" + (f" ({sum(bool(r.get('skipped')) for r in results)} done earlier)"))
     if failed:
@@ -276,6 +279,10 @@ def _add_study_commands(sub) -> None:
     r.add_argument("--set", dest="old_set", action="append", default=[], help=argparse.SUPPRESS)  # the old spelling of -p
     r.add_argument("--force", action="store_true", help="run notebooks again even if they finished (recorded runs are still reused)")
     r.add_argument("--timeout", type=int, help="seconds a notebook cell may run (default: no limit)")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="training runs at once, each in its own process with the CPU threads divided between them (default 1)")
+    r.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="where runs train: here, or one Slurm job each via submitit, set by the parameter file's `slurm` entry (default local)")
     r.set_defaults(func=_cmd_study_run)
     c = ss.add_parser("collect", help="gather every record under a results folder into one table")
     c.add_argument("results", help="results folder (a sweep's out)")

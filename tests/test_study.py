@@ -442,11 +442,15 @@ def test_records_written_before_the_split_report_the_committed_tables(tmp_path, 
     monkeypatch.chdir(ROOT)  # the report names its sources as e99 was given them: relative to the checkout
     committed = ROOT / "results/study/synthpedes-v2/report"
     tables = build_report(V2, tmp_path, figures=False, sections=tbps_experiments.REPORT_SECTIONS)
-    files = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.suffix in (".md", ".csv"))
-    assert len(files) > 30 and Path("report.md") in files
+    files = sorted(p.relative_to(committed) for p in committed.rglob("tables/*") if p.suffix in (".md", ".csv"))
+    assert len(files) > 30
     assert {t for s, t in tables if s == V2[0]} >= {"table1", "table2_appendix", "table5", "table6_8", "table10", "table11", "table12"}
     for f in files:
         assert (tmp_path / f).read_text() == (committed / f).read_text(), f
+    # report.md: every committed line, in order; the paired marks (added since) come between them
+    new = iter((tmp_path / "report.md").read_text().splitlines())
+    missing = [line for line in (committed / "report.md").read_text().splitlines() if not any(line == n for n in new)]
+    assert not missing, missing[:3]
     marks = [r["mark"] for r in tables[(V2[0], "table5")]]
     assert marks.count("baseline") == 1 and "disagrees" in marks  # the v2 findings, as the README tells them
 
@@ -464,3 +468,173 @@ def test_the_papers_numbers_ship_with_the_package(tmp_path):
     text = zipfile.ZipFile(whl).read("tbps_clip/study/paper.yaml").decode()
     from tbps_clip.study.paper import read_paper
     assert read_paper(text) == PAPER and PAPER["table1"]["source"].endswith("Table 1")
+
+
+# ---- concurrent runs, Slurm through submitit, parameters a notebook does not declare ------------------------------------
+
+TIMING = ("encode_s", "rank_s")
+
+
+def small_sweep(tmp_path, **extra):
+    "e01 (three rows) and e04 (whose CLIP* is e01's) at smoke scale: six trainings, one reuse across notebooks."
+    import yaml
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(dict(notebooks_dir=str(ROOT / "experiments"), params={"scale": "smoke", "seeds": [0]},
+                                     notebooks=[{"notebook": "e01_tricks", "params": {"rows": ["clip", "dropout", "clip_star"]}},
+                                                "e04_both_aug"], **extra)))
+    return f
+
+
+def same_records(a, b):
+    "The records of two results folders, equal but for timings and where they were written."
+    ra, rb = load_records(a), load_records(b)
+    key = lambda r: (r["exp"], r["name"], r["seed"], r["steps"], r.get("reused_from"), r["fingerprint"],
+                     {k: v for k, v in r["metrics"].items() if k not in TIMING})
+    assert [key(r) for r in ra] == [key(r) for r in rb]
+    return ra
+
+
+@pytest.mark.slow
+def test_two_jobs_write_the_records_of_a_serial_run(tmp_path, kernel_env, capsys):
+    "`study run --jobs 2`: the runs train two at a time in their own processes; records and notebook status equal a serial run's."
+    from tbps_clip.cli import main
+    sweep = small_sweep(tmp_path)
+    serial = run_sweep(sweep, out=tmp_path / "serial", log=None)
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+    recs = same_records(tmp_path / "serial", tmp_path / "jobs")
+    assert len(recs) == 7 and [r["name"] for r in recs if r.get("reused_from")] == ["clip_star"]
+    logs = sorted((tmp_path / "jobs" / "jobs").glob("*.log"))
+    assert len(logs) == 6 and not (tmp_path / "serial" / "jobs").exists()  # six trainings, each its own process
+    assert all(json.loads(p.with_suffix(".json").read_text())["target"] == "tbps_clip.study.runs:run_once" for p in logs)
+    params = lambda out: sorted(json.dumps({k: v for k, v in s["params"].items() if k != "out"}) for s in sweep_status(out))
+    assert params(tmp_path / "jobs") == params(tmp_path / "serial")  # --jobs is not a notebook parameter: same notebook runs
+    assert all(s["status"] == "ok" for s in serial)
+    # resumable as before: a serial run over the jobs' folder finds every notebook done, and so does --jobs again
+    assert all(r.get("skipped") for r in run_sweep(sweep, out=tmp_path / "jobs", log=None))
+    forced = run_sweep(sweep, out=tmp_path / "jobs", log=None, jobs=2, force=True)
+    assert all(r["status"] == "ok" and not r.get("skipped") for r in forced)
+    assert len(list((tmp_path / "jobs" / "jobs").glob("*.log"))) == 6  # forced notebooks ran again, their runs did not
+
+
+def test_parameters_a_notebook_does_not_declare_are_refused(tmp_path):
+    nb = ROOT / "experiments" / "e01_tricks.ipynb"
+    with pytest.raises(TBPSError, match=r"^e01_tricks: unknown parameter\(s\) stepz; it declares: dataset, root, .*seeds"):
+        run_notebook(nb, {"stepz": 3}, tmp_path / "out")
+    sweep = small_sweep(tmp_path)
+    with pytest.raises(TBPSError, match=r"sweep.yaml: parameter\(s\) stepz declared by none of its notebooks \(e01_tricks, e04_both_aug\)"):
+        run_sweep(sweep, out=tmp_path / "out", set_params={"stepz": 3})
+    import yaml
+    spec = yaml.safe_load(sweep.read_text())
+    spec["notebooks"][1] = {"notebook": "e04_both_aug", "params": {"rowz": ["both"]}}
+    sweep.write_text(yaml.safe_dump(spec))
+    with pytest.raises(TBPSError, match=r"sweep.yaml: e04_both_aug: unknown parameter\(s\) rowz"):
+        run_sweep(sweep, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+    from tbps_clip.study.driver import notebook_parameters
+    assert "rows" in notebook_parameters(nb) and "rows" not in notebook_parameters(ROOT / "experiments" / "e99_report.ipynb")
+
+
+@pytest.mark.slow
+def test_slurm_executor_through_submitits_local_executor(tmp_path, kernel_env):
+    "`--executor slurm`: each run one submitit job (here submitit's local executor), recorded as locally, resumable."
+    pytest.importorskip("submitit", reason="submitit is in the 'slurm' and 'dev' extras")
+    from tbps_clip.cli import main
+    sweep = small_sweep(tmp_path, slurm={"cluster": "local", "timeout_min": 10, "cpus_per_task": 1, "partition": "ignored-locally"})
+    run_sweep(sweep, out=tmp_path / "serial", log=None)
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "slurm"), "--executor", "slurm"]) == 0
+    same_records(tmp_path / "serial", tmp_path / "slurm")
+    jobs = sorted((tmp_path / "slurm" / "jobs" / "slurm").glob("*_submitted.pkl"))
+    assert len(jobs) == 6  # one job per training run
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--force"]) == 0
+    assert len(list((tmp_path / "slurm" / "jobs" / "slurm").glob("*_submitted.pkl"))) == 6  # recorded runs: no new job
+    for d in ("b", "c"): (tmp_path / d).mkdir()
+    with pytest.raises(TBPSError, match=r"sweep.yaml: unknown slurm setting\(s\) partiton"):
+        run_sweep(small_sweep(tmp_path / "b", slurm={"partiton": "gpu"}), out=tmp_path / "x")
+    with pytest.raises(TBPSError, match="needs a `slurm` entry"):
+        run_sweep(small_sweep(tmp_path / "c"), out=tmp_path / "x", executor="slurm")
+
+
+# ---- marks from paired differences (issue 20: the v3 study's marks) -------------------------------------------------------
+
+def prec(name, seed, r1, exp="e01"):
+    return dict(exp=exp, name=name, seed=seed, scale="study", dataset="synthpedes", synthetic=True, metrics={"R@1": r1, "mAP": r1})
+
+
+def test_paired_effects_remove_what_the_seed_does_to_both():
+    "Seed 1 is 6 points better for every row: the seed-mean comparison drowns the +1 in seed noise, the paired one resolves it."
+    from tbps_clip.study.marks import paired_marks
+    seed = {0: 0.0, 1: 6.0, 2: 3.0}
+    recs = [prec("clip", s, 20 + b) for s, b in seed.items()] + [prec("global_grad", s, 21 + b + (0.1, -0.1, 0.0)[s]) for s, b in seed.items()]
+    recs += [prec("dropout", s, 20 + b + (-0.1, 0.1, 0.0)[s]) for s, b in seed.items()]  # 2 + 2 degrees of freedom to pool
+    paired = {r["name"]: r for r in paired_marks(recs, PAPER["table1"]["rows"], "clip")}
+    unpaired = {r["name"]: r for r in mark_agreement(summarise(recs), PAPER["table1"]["rows"], "clip")}
+    assert unpaired["global_grad"]["mark"] == "within seed noise"
+    gg = paired["global_grad"]
+    assert gg["ours_effect"] == pytest.approx(1.0) and gg["n"] == 3 and gg["mark"] == "agrees" and gg["se_from"] == "table"
+    assert gg["se"] == pytest.approx(0.1 / 3 ** 0.5) and gg["resolvable"] == pytest.approx(2 * 0.1 / 3 ** 0.5)
+    assert paired["clip"]["mark"] == "baseline" and paired["clip"]["ours_effect"] is None
+
+
+def test_paired_se_is_the_rows_own_with_enough_seeds_else_pooled_across_the_table_and_said_so():
+    from tbps_clip.study.marks import MIN_SD_DOF, paired_marks, paired_statement, paired_summary
+    n = MIN_SD_DOF + 1  # seeds a row needs for its own SE
+    noise = [0.5, -0.5, 0.2, -0.2, 0.0, 0.3, -0.3][:n]
+    recs = [prec("clip", s, 10.0) for s in range(n)]
+    recs += [prec("global_grad", s, 12.0 + noise[s]) for s in range(n)]  # own SE
+    recs += [prec("dropout", s, 10.0 + (0.1, -0.1)[s]) for s in range(2)]  # 2 seeds: the table's pooled sd
+    recs += [prec("lock_bl", 0, 9.0)]  # 1 seed: pooled too
+    marked = {r["name"]: r for r in paired_marks(recs, PAPER["table1"]["rows"], "clip")}
+    import statistics
+    own = statistics.stdev(noise) / n ** 0.5
+    pooled = ((n - 1) * statistics.variance(noise) + 1 * statistics.variance([0.1, -0.1])) / (n - 1 + 1)
+    assert marked["global_grad"]["se_from"] == "row" and marked["global_grad"]["se"] == pytest.approx(own)
+    assert marked["dropout"]["se_from"] == "table" and marked["dropout"]["se"] == pytest.approx(pooled ** 0.5 / 2 ** 0.5)
+    assert marked["lock_bl"]["se"] == pytest.approx(pooled ** 0.5) and marked["lock_bl"]["mark"] == "disagrees"  # -1: beyond 2 SE
+    assert marked["dropout"]["mark"] == "within seed noise" and marked["global_grad"]["mark"] == "agrees"
+    s = paired_summary(marked.values())
+    assert s["rows"] == 3 and s["resolved"] == 2 and s["agree"] == 1 and s["agreement"] == 0.5
+    assert s["smallest_resolvable"] == pytest.approx(min(2 * own, 2 * pooled ** 0.5 / 2 ** 0.5))
+    text = paired_statement(marked.values())
+    assert "1 row(s) with their own SE" in text and "2 row(s) with too few seeds for their own SE use the paired sd pooled across the table" in text
+    assert "2 of 3 rows resolve, 1 of them agree" in text
+    # one seed everywhere: no SE at all, the direction only, and nothing resolves
+    one = paired_marks([prec("clip", 0, 10.0), prec("dropout", 0, 12.0)], PAPER["table1"]["rows"], "clip")
+    assert one[1]["mark"] == "agrees (SE unknown: direction only)" and paired_summary(one)["resolved"] == 0
+    assert "only 0 degree(s) of freedom" in paired_statement(one) and "SE is unknown" in paired_statement(one)
+    two = paired_marks([prec("clip", s, 10.0) for s in range(3)] + [prec("dropout", s, 12.0 + 0.1 * s) for s in range(3)],
+                       PAPER["table1"]["rows"], "clip")  # 2 degrees of freedom: too loose to pool on
+    assert two[1]["se"] is None and two[1]["mark"] == "agrees (SE unknown: direction only)"
+    # rows without a seed of the baseline are not compared
+    assert paired_marks([prec("clip", 0, 10.0), prec("dropout", 1, 12.0)], PAPER["table1"]["rows"], "clip")[1]["mark"] == "no paired seed"
+
+
+def test_the_report_gives_paired_tables_forest_plots_and_what_resolves(tmp_path):
+    from tbps_clip.core import atomic_write_json
+    from tbps_clip.study.report import build_report
+    recs = [prec("itc", s, 10.0 + s, "e05") for s in range(3)] + [prec("nitc", s, 11.0 + s + (0.05, -0.05, 0)[s], "e05") for s in range(3)]
+    recs += [prec("ss_t", s, 10.0 + s + 0.01 * s, "e05") for s in range(3)]
+    for r in recs: atomic_write_json(record_path(tmp_path / "study", r["exp"], r["name"], r["seed"]), r)
+    tables = build_report([tmp_path / "study"], tmp_path / "report", sections=tbps_experiments.REPORT_SECTIONS)
+    paired = {r["name"]: r for r in tables[(str(tmp_path / "study"), "table5 paired")]}
+    assert paired["nitc"]["mark"] == "agrees" and paired["ss_t"]["mark"] == "within seed noise"
+    assert (tmp_path / "report" / "study" / "figures" / "table5-forest.png").stat().st_size > 5000
+    assert "Paired by seed" in (tmp_path / "report" / "study" / "tables" / "table5-paired.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "### What resolves, per table" in md and "| table5 | 2 |" in md
+
+
+@pytest.mark.slow
+def test_gpu_study_script_runs_concurrent_jobs(tmp_path, kernel_env):
+    "experiments/gpu_study.sh, tried on the CPU: two runs at once at smoke scale, records equal a serial run's, hardware stated."
+    sweep = small_sweep(tmp_path)
+    run_sweep(sweep, out=tmp_path / "serial", log=None)
+    env = {**os.environ, "JOBS": "2", "DEVICE": "cpu", "SCALE": "smoke", "PY": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_study.sh"), str(sweep), str(tmp_path / "gpu")], env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 of 2 notebook(s) ok" in r.stdout
+    recs = same_records(tmp_path / "serial", tmp_path / "gpu")
+    assert all(r["config"]["train"]["device"] == "cpu" for r in recs)
+    assert len(list((tmp_path / "gpu" / "jobs").glob("*.log"))) == 6  # six trainings, two at a time
+    hw = (tmp_path / "gpu" / "HARDWARE.txt").read_text()
+    assert hw.startswith("device: cpu; jobs at once: 2") and "finished in" in hw

@@ -5,6 +5,7 @@
 # %% ../../nbs/35_study_driver.ipynb #1f343276
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -17,9 +18,10 @@ from pathlib import Path
 import yaml
 
 from ..core import TBPSError, atomic_write_json, git_commit
+from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
-__all__ = ['params_key', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status']
+__all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status']
 
 # %% ../../nbs/35_study_driver.ipynb #08e9920e
 def params_key(params: dict) -> str:
@@ -39,21 +41,42 @@ def _strip_ansi(s: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", s)
 
 @contextmanager
-def _importable(folder: Path):
-    "Kernels started inside this block can import the modules in `folder` (PYTHONPATH, restored after)."
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder.resolve()), *filter(None, [old])])
+def _kernel_env(folder: Path, executor: dict):
+    "Kernels started inside this block import the modules in `folder` and run on `executor` (environment restored after)."
+    old = {k: os.environ.get(k) for k in ("PYTHONPATH", EXECUTOR_ENV)}
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder.resolve()), *filter(None, [old["PYTHONPATH"]])])
+    os.environ[EXECUTOR_ENV] = json.dumps(executor)
     try: yield
     finally:
-        if old is None: os.environ.pop("PYTHONPATH", None)
-        else: os.environ["PYTHONPATH"] = old
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def notebook_parameters(notebook) -> list:
+    "The names a notebook's cell tagged `parameters` assigns: the parameters it declares."
+    nb = Path(notebook)
+    try: cells = json.loads(nb.read_text())["cells"]
+    except (OSError, ValueError, KeyError) as e: raise TBPSError(f"{nb}: cannot read the notebook: {e}") from None
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not tagged: return []
+    try: tree = ast.parse("".join(tagged[0]["source"]))
+    except SyntaxError as e: raise TBPSError(f"{nb}: its parameters cell is not valid Python: {e}") from None
+    targets = [t for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign)) for t in (n.targets if isinstance(n, ast.Assign) else [n.target])]
+    return [t.id for t in targets if isinstance(t, ast.Name)]
+
+def _check_parameters(nb: Path, params: dict, where: str = "") -> None:
+    "Refuse the parameters `nb` does not declare."
+    declared = notebook_parameters(nb)
+    unknown = [k for k in params if k not in declared]
+    if unknown: raise TBPSError(f"{where}{nb.stem}: unknown parameter(s) {', '.join(unknown)}; it declares: {', '.join(declared) or 'none'}")
 
 def run_notebook(notebook, params: dict, out, force: bool = False, cwd=None, kernel: str = "python3",
-                 timeout: int | None = None, log=print) -> dict:
+                 timeout: int | None = None, log=print, executor: dict | None = None) -> dict:
     "Execute `notebook` with `params` through papermill unless its status is already ok; its status record."
     nb = Path(notebook)
     if not nb.is_file(): raise TBPSError(f"{nb}: notebook not found")
     params = {**params, "out": str(out)}
+    _check_parameters(nb, params)
     status = _status_path(out, nb, params)
     if status.exists() and not force:
         st = json.loads(status.read_text())
@@ -70,7 +93,7 @@ def run_notebook(notebook, params: dict, out, force: bool = False, cwd=None, ker
     t0 = time.perf_counter()
     try:
         import papermill as pm  # a dev dependency: only running a notebook needs it
-        with _importable(nb.parent):
+        with _kernel_env(nb.parent, executor or make_executor()):
             pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(cwd) if cwd else None, kernel_name=kernel,
                                 language="python", progress_bar=False, execution_timeout=timeout)
         st.update(status="ok")
@@ -92,8 +115,8 @@ def load_sweep(path) -> dict:
     except (OSError, yaml.YAMLError) as e: raise TBPSError(f"{path}: cannot read the sweep file: {e}") from None
     if not isinstance(spec, dict) or not spec.get("notebooks"):
         raise TBPSError(f"{path}: a sweep file needs a 'notebooks' list (and 'out', 'params')")
-    unknown = set(spec) - {"out", "params", "notebooks", "notebooks_dir", "about"}
-    if unknown: raise TBPSError(f"{path}: unknown entries {', '.join(sorted(unknown))}; known: about, out, params, notebooks, notebooks_dir")
+    unknown = set(spec) - {"out", "params", "notebooks", "notebooks_dir", "about", "slurm"}
+    if unknown: raise TBPSError(f"{path}: unknown entries {', '.join(sorted(unknown))}; known: about, out, params, notebooks, notebooks_dir, slurm")
     runs = []
     for i, item in enumerate(spec["notebooks"]):
         if isinstance(item, str): item = {"notebook": item}
@@ -102,28 +125,36 @@ def load_sweep(path) -> dict:
         runs.append((str(item["notebook"]), dict(item.get("params") or {})))
     if not isinstance(spec.get("params", {}), dict): raise TBPSError(f"{path}: 'params' must be a mapping")
     nb_dir = Path(spec.get("notebooks_dir", ".."))  # relative to the sweep file: experiments/params/x.yaml -> experiments/
+    if spec.get("slurm") is not None: make_executor("slurm", 1, spec["slurm"], str(path))  # checked now, used with --executor slurm
     return dict(out=spec.get("out", "results/sweep"), params=dict(spec.get("params") or {}), runs=runs,
-                notebooks_dir=nb_dir if nb_dir.is_absolute() else Path(os.path.normpath(path.parent / nb_dir)), about=spec.get("about", ""))
+                notebooks_dir=nb_dir if nb_dir.is_absolute() else Path(os.path.normpath(path.parent / nb_dir)), about=spec.get("about", ""),
+                slurm=spec.get("slurm"))
 
 def _notebook_file(nb_dir: Path, name: str) -> Path:
     p = Path(name)
     return p if p.is_absolute() else nb_dir / (p if p.suffix == ".ipynb" else p.with_suffix(".ipynb"))
 
 def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, cwd=None, timeout: int | None = None,
-              log=print) -> list:
-    "Run the notebooks of sweep file `path` serially (those in `only`, if given); their status records."
+              log=print, jobs: int = 1, executor: str = "local") -> list:
+    "Run the notebooks of sweep file `path` in order (those in `only`, if given), their runs `jobs` at once or on Slurm; their status records."
     spec = load_sweep(path)
+    ex = make_executor(executor, jobs, spec["slurm"], str(path))
     out = Path(out or spec["out"])
     nb_dir = Path(spec["notebooks_dir"])
     runs = [(n, p) for n, p in spec["runs"] if not only or n in only or Path(n).stem in only]
     if only and not runs: raise TBPSError(f"{path}: none of {', '.join(only)} is in its notebooks list")
     missing = [str(_notebook_file(nb_dir, n)) for n, _ in runs if not _notebook_file(nb_dir, n).is_file()]
     if missing: raise TBPSError(f"{path}: notebook(s) not found: {', '.join(missing)} (notebooks_dir {nb_dir})")
-    _log(out, f"sweep {path}: {len(runs)} notebook(s)")
+    shared = {**spec["params"], **(set_params or {})}
+    declared = {n: set(notebook_parameters(_notebook_file(nb_dir, n))) | {"out"} for n, _ in runs}
+    nobody = [k for k in shared if not any(k in d for d in declared.values())]
+    if nobody: raise TBPSError(f"{path}: parameter(s) {', '.join(nobody)} declared by none of its notebooks ({', '.join(declared)})")
+    for name, p in runs: _check_parameters(_notebook_file(nb_dir, name), p, f"{path}: ")
+    _log(out, f"sweep {path}: {len(runs)} notebook(s)" + ("" if ex == make_executor() else f"; runs on {json.dumps(ex)}"))
     results = []
-    for name, p in runs:
-        params = {**spec["params"], **p, **(set_params or {})}
-        results.append(run_notebook(_notebook_file(nb_dir, name), params, out, force=force, cwd=cwd, timeout=timeout, log=log))
+    for name, p in runs:  # in order: a notebook may use the runs of one before it (e08 and e11 e10's model, e99 all)
+        params = {k: v for k, v in {**spec["params"], **p, **(set_params or {})}.items() if k in declared[name]}
+        results.append(run_notebook(_notebook_file(nb_dir, name), params, out, force=force, cwd=cwd, timeout=timeout, log=log, executor=ex))
     return results
 
 def sweep_status(out) -> list:

@@ -12,7 +12,8 @@ from .runs import METRICS, flat_rows, load_records
 
 # %% auto #0
 __all__ = ['MIN_SD_DOF', 'summarise', 'pooled_sd_dof', 'pooled_sd', 'records_seed_sd', 'study_seed_sd', 'table_seed_sd',
-           'mark_agreement', 'agreement_counts', 'noise_statement']
+           'mark_agreement', 'agreement_counts', 'noise_statement', 'paired_marks', 'paired_summary',
+           'paired_statement']
 
 # %% ../../nbs/33_study_marks.ipynb #a9d4981f
 def _sd(xs: list) -> float | None:
@@ -116,3 +117,78 @@ def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
            if sd.get("sd_from") == "study" else f"seed sd {sd['sd']:.2f} pooled over this table's rows, {own} degrees of freedom")
     return (f"Seeds per row: {min(ns)}-{max(ns)}; a {metric} difference is 'within seed noise' when it is at most {k:g} "
             f"standard errors of a difference of seed means ({src}; threshold {min(noise):.2f}-{max(noise):.2f} points).")
+
+# %% ../../nbs/33_study_marks.ipynb #b261072f
+def _by_seed(records, metric: str) -> dict:
+    "name -> {seed: value of `metric`}, in the records' order."
+    out: dict = {}
+    for r in records:
+        v = r["metrics"].get(metric)
+        if v is not None: out.setdefault(r["name"], {})[r["seed"]] = v
+    return out
+
+def paired_marks(records, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None) -> list:
+    "Each row's effect (mean over seeds of row minus baseline at the same seed), its SE, what it resolves and the mark."
+    aliases = aliases or {}
+    vals = _by_seed(records, metric)
+    base = vals.get(baseline, {})
+    diffs = {n: [v[s] - base[s] for s in sorted(v) if s in base] for n, v in vals.items() if n != baseline}
+    multi = [d for d in diffs.values() if len(d) > 1]
+    dof = sum(len(d) - 1 for d in multi)
+    pooled = math.sqrt(sum((len(d) - 1) * statistics.variance(d) for d in multi) / dof) if dof >= MIN_SD_DOF else None
+    pbase = paper_rows.get(baseline, {}).get(metric)
+    out = []
+    for name, v in vals.items():
+        p = paper_rows.get(name) or next((paper_rows[a] for a, n in aliases.items() if n == name and a in paper_rows), None)
+        pv = p.get(metric) if p else None
+        d = diffs.get(name, [])
+        own = len(d) - 1 >= MIN_SD_DOF
+        se, se_from = ((statistics.stdev(d) / math.sqrt(len(d)), "row") if own else
+                       (pooled / math.sqrt(len(d)), "table") if pooled is not None and d else (None, None))
+        row = dict(name=name, label=p["label"] if p else name, n=len(d) if name != baseline else len(v), seeds=sorted(v),
+                   ours_effect=statistics.mean(d) if d else None, ours_sd=statistics.stdev(d) if len(d) > 1 else None,
+                   se=se, se_from=se_from, resolvable=k * se if se is not None else None, paper=pv,
+                   paper_effect=pv - pbase if pv is not None and pbase is not None and name != baseline else None,
+                   pooled_sd=pooled, pooled_dof=dof, mark="")
+        if name == baseline: row["mark"] = "baseline"
+        elif not base: row["mark"] = "no baseline run"
+        elif not d: row["mark"] = "no paired seed"
+        elif row["paper_effect"] is None: row["mark"] = "not in the paper"
+        else:
+            e, pe = row["ours_effect"], row["paper_effect"]
+            same = (e > 0) == (pe > 0) if e != 0 and pe != 0 else e == pe
+            if se is not None and abs(e) <= k * se: row["mark"] = "within seed noise"
+            else: row["mark"] = ("no change" if e == 0 else "agrees" if same else "disagrees") + ("" if se is not None else " (SE unknown: direction only)")
+        out.append(row)
+    return out
+
+def paired_summary(marked) -> dict:
+    "Per table: rows marked, the smallest resolvable effect, how many rows resolve, how many of those agree, and the rate."
+    rows = [r for r in marked if r["mark"] not in ("baseline", "no baseline run", "no paired seed", "not in the paper")]
+    res = [r["resolvable"] for r in rows if r["resolvable"] is not None]
+    resolved = [r for r in rows if r["se"] is not None and r["mark"] != "within seed noise"]
+    agree = sum(r["mark"] == "agrees" for r in resolved)
+    return dict(rows=len(rows), smallest_resolvable=min(res) if res else None, resolved=len(resolved), agree=agree,
+                agreement=agree / len(resolved) if resolved else None)
+
+def paired_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
+    "One paragraph on how a table's paired marks were made and what they resolve."
+    marked = list(marked)
+    base = next((r["name"] for r in marked if r["mark"] == "baseline"), "the baseline")
+    s = paired_summary(marked)
+    if not s["rows"]: return f"Paired by seed against {base}: no row has a seed in common with it yet, so there is nothing to mark."
+    own = sum(r["se_from"] == "row" for r in marked)
+    pooled = sum(r["se_from"] == "table" for r in marked)
+    dof = next((r["pooled_dof"] for r in marked), 0)
+    if own + pooled == 0:
+        how = (f"the table's rows give only {dof} degree(s) of freedom of paired differences, fewer than {MIN_SD_DOF}, so the SE is "
+               "unknown and the marks give the direction only")
+    else:
+        how = "; ".join(filter(None, [f"{own} row(s) with their own SE ({MIN_SD_DOF + 1} or more paired seeds)" if own else "",
+                                      f"{pooled} row(s) with too few seeds for their own SE use the paired sd pooled across the table "
+                                      f"({next(r['pooled_sd'] for r in marked):.2f}, {dof} degrees of freedom)" if pooled else ""]))
+    res = (f"smallest resolvable effect {s['smallest_resolvable']:.2f} points ({k:g} SE); {s['resolved']} of {s['rows']} rows resolve"
+           + (f", {s['agree']} of them agree with the paper's direction ({s['agreement']:.0%})" if s["resolved"] else "")
+           if s["smallest_resolvable"] is not None else f"no row resolves: 0 of {s['rows']}")
+    return (f"Paired by seed: each {metric} effect is the mean over the seeds both have of (row minus {base}), its SE from "
+            f"those differences: {how}. Per table: {res}.")

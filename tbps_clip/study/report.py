@@ -14,13 +14,14 @@ from matplotlib.figure import Figure
 
 from ..core import TBPSError, atomic_write_text
 from .grid import ALIASES
-from .marks import agreement_counts, mark_agreement, noise_statement, records_seed_sd, study_seed_sd, summarise
+from .marks import (agreement_counts, mark_agreement, noise_statement, paired_marks, paired_statement, paired_summary,
+                                   records_seed_sd, study_seed_sd, summarise)
 from .paper import PAPER, paper_table
 from .runs import flat_rows, load_records
 
 # %% auto #0
-__all__ = ['REPORT_TABLES', 'to_markdown', 'write_csv', 'effects_long', 'plot_effects', 'data_label', 'table_report',
-           'table_records', 'build_report', 'collect']
+__all__ = ['PAIRED_COLUMNS', 'REPORT_TABLES', 'to_markdown', 'write_csv', 'effects_long', 'plot_effects', 'data_label',
+           'table_report', 'table_records', 'paired_report', 'plot_forest', 'paired_section', 'build_report', 'collect']
 
 # %% ../../nbs/34_study_report.ipynb #a12bd991
 def _fmt(v) -> str:
@@ -103,8 +104,55 @@ def table_records(records, table: str) -> list:
     names = set(t["rows"]) | {n for a, n in ALIASES.get(t["exp"], {}).items() if a in t["rows"]}
     return [r for r in records if r["exp"] == t["exp"] and r["name"] in names]
 
+# %% ../../nbs/34_study_report.ipynb #0a5e915b
+PAIRED_COLUMNS = ["name", "label", "n", "ours_effect", "se", "se_from", "resolvable", "paper_effect", "mark"]
+
+def paired_report(records, table: str, out, metric: str = "R@1", k: float = 2.0, paper_rows=None, baseline=None,
+                  stem: str | None = None) -> list:
+    "Mark `records` against paper `table` from paired differences; write out/tables/<stem or table>-paired.md and .csv."
+    t = paper_table(table)
+    prow, al = paper_rows or t["rows"], ALIASES.get(t["exp"], {})
+    order = {n: i for i, n in enumerate(prow)}
+    order.update({al[a]: order[a] for a in al if a in order})
+    recs = sorted(records, key=lambda r: (order.get(r["name"], len(order)), str(r["name"]), r["seed"]))
+    marked = paired_marks(recs, prow, baseline or t["baseline"], metric, k, al)
+    head = (f"{t['title']}, paired by seed; ours: {data_label(records)}, scale "
+            f"{', '.join(sorted({str(r.get('scale')) for r in records}))}, {metric}; effects are vs {baseline or t['baseline']}")
+    name = f"{stem or table}-paired"
+    atomic_write_text(Path(out) / "tables" / f"{name}.md", f"{head}\n\n{to_markdown(marked, PAIRED_COLUMNS)}\n\n{paired_statement(marked, metric, k)}\n")
+    write_csv(marked, Path(out) / "tables" / f"{name}.csv", PAIRED_COLUMNS)
+    return marked
+
+def plot_forest(marked, path, title: str, metric: str = "R@1", k: float = 2.0) -> Path:
+    "Each row's paired effect with k SE (ours) beside the paper's effect; saved to `path`."
+    rows = [r for r in marked if r["ours_effect"] is not None]
+    fig = Figure(figsize=(7, 0.4 * max(len(rows), 2) + 1.4))
+    ax = fig.subplots()
+    ys = list(range(len(rows)))
+    ax.errorbar([r["ours_effect"] for r in rows], ys, xerr=[r["resolvable"] or 0 for r in rows], fmt="o", capsize=3,
+                label=f"ours: mean paired effect, {k:g} SE")
+    pe = [(r["paper_effect"], y) for r, y in zip(rows, ys) if r["paper_effect"] is not None]
+    if pe: ax.plot([e for e, _ in pe], [y for _, y in pe], "D", color="tab:orange", label="paper")
+    ax.set_yticks(ys, [f"{r['label']} (n={r['n']}) [{r['mark']}]" for r in rows], fontsize=7)
+    ax.axvline(0, color="k", lw=0.8); ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} change vs baseline (points)"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
 # %% ../../nbs/34_study_report.ipynb #4624b08f
 REPORT_TABLES = tuple(n for n, t in PAPER.items() if t["key"] == "row")  # marked generically, in the paper's order
+
+def paired_section(records, table: str, out, label: str, metric: str, k: float, figures: bool, tables: dict, src: str,
+                   paper_rows=None, baseline=None, stem: str | None = None, title: str | None = None) -> list:
+    "The report's paired marks of one table (markdown lines; the marked rows added to `tables`, the forest plot drawn)."
+    marked = paired_report(records, table, out, metric, k, paper_rows, baseline, stem)
+    tables[(src, f"{stem or table} paired")] = marked
+    title = title or PAPER[table]["title"]
+    if figures: plot_forest(marked, Path(out) / "figures" / f"{stem or table}-forest.png", f"{title}, paired by seed\nours: {label}", metric, k)
+    return [f"Paired by seed ({stem or table}):", "", to_markdown(marked, ["label", "n", "ours_effect", "se", "se_from", "paper_effect", "mark"]),
+            "", paired_statement(marked, metric, k), ""]
 
 def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: bool = True, sections=()) -> dict:
     "Every study table of the records in `sources`, marked; tables, figures and report.md under `out`."
@@ -126,10 +174,16 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
             if figures: plot_effects(marked, out / sec / "figures" / f"{table}.png", f"{t['title']}\nours: {label}", f"ours: {label}", metric)
             md += [f"### {t['title']}", "", to_markdown(marked, ["label", "n", "ours", "ours_sd", "ours_effect", "paper_effect", "noise", "mark"]),
                    "", f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""]
+            md += paired_section(sub, table, out / sec, label, metric, k, figures, tables, str(src))
         for section in sections:
             lines, marked = section(recs, out=out / sec, src=Path(src), label=label, metric=metric, k=k, figures=figures, fallback_sd=fsd)
             md += lines
             tables.update({(str(src), t): m for t, m in marked.items()})
+        summary = [dict(table=t.removesuffix(" paired"), **paired_summary(m)) for (s, t), m in tables.items()
+                   if s == str(src) and t.endswith(" paired")]
+        if summary:
+            md += [f"### What resolves, per table ({label}; paired by seed, {k:g} SE)", "",
+                   to_markdown(summary, ["table", "rows", "smallest_resolvable", "resolved", "agree", "agreement"]), ""]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return tables
 

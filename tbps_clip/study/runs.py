@@ -18,12 +18,13 @@ from pathlib import Path
 from ..config import config_from_dict, config_to_dict, load_config, make_config, parse_overrides, save_config
 from ..core import TBPSError, atomic_write_json, environment_info, git_commit
 from ..heads import attach_heads
+from .executors import current_executor, is_serial, run_calls
 from ..run import prepare_model, train
 
 # %% auto #0
 __all__ = ['RECORD_SCHEMA', 'METRICS', 'record_path', 'run_dir_of', 'read_record', 'load_records', 'flat_rows',
            'config_difference', 'config_fingerprint', 'find_same_run', 'share_checkpoint', 'count_parameters',
-           'run_once', 'run_rows']
+           'run_once', 'run_pending', 'run_rows']
 
 # %% ../../nbs/31_study_runs.ipynb #bc40582f
 RECORD_SCHEMA = 1
@@ -160,17 +161,35 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
     if not keep_checkpoint and ckpt.exists(): ckpt.unlink()
     return rec
 
-def run_rows(exp: str, rows: dict, seeds, scale: str, out, overrides=None, nproc: int = 1, log=print, **kw) -> list:
+def run_pending(calls: list, executor: dict | None = None, log=print) -> None:
+    "Train the `run_once` calls (kwargs dicts) not yet recorded on `executor` (default: the driver's), identical settings once."
+    executor = executor or current_executor()
+    if is_serial(executor): return  # one at a time here: `run_once` itself trains them, in order
+    todo, seen = [], set()
+    for c in calls:  # in order, as a serial pass: the first of identical runs trains, the others will reuse it
+        if record_path(c["out"], c["exp"], c["name"], c["seed"]).exists(): continue
+        cfg = make_config(c["preset"], {**parse_overrides(c["overrides"]), "train.seed": c["seed"]})
+        key = (str(c["out"]), config_fingerprint(config_to_dict(cfg)), c["seed"])
+        if key in seen or (c.get("reuse", True) and find_same_run(c["out"], key[1], c["seed"], c.get("keep_checkpoint", False))): continue
+        seen.add(key); todo.append(c)
+    labels = [f"{c['exp']}/{c['name']} seed {c['seed']}" for c in todo]
+    errors = run_calls("tbps_clip.study.runs:run_once", todo, executor, Path(calls[0]["out"]) / "jobs" if calls else ".", labels, log)
+    if errors: raise TBPSError(f"{len(errors)} of {len(todo)} run(s) failed: " + "; ".join(errors))
+
+def run_rows(exp: str, rows: dict, seeds, scale: str, out, overrides=None, nproc: int = 1, log=print, executor=None, **kw) -> list:
     "Run every row of `rows` (name -> (preset, overrides)) at every seed, on top of `overrides`; their records."
+    # seed-major: a first pass over all rows gives a complete table early
+    calls = [dict(exp=exp, name=name, preset=preset, overrides={**parse_overrides(overrides), **row_ov}, seed=seed, scale=scale,
+                  out=str(out), nproc=nproc, **kw) for seed in seeds for name, (preset, row_ov) in rows.items()]
+    done = {(c["name"], c["seed"]) for c in calls if record_path(out, exp, c["name"], c["seed"]).exists()}
+    run_pending(calls, executor, log)  # several at once (--jobs, Slurm); then the loop below only reads their records
     recs = []
-    for seed in seeds:  # seed-major: a first pass over all rows gives a complete table early
-        for name, (preset, row_ov) in rows.items():
-            done = record_path(out, exp, name, seed).exists()
-            rec = run_once(exp, name, preset, {**parse_overrides(overrides), **row_ov}, seed, scale, out, nproc=nproc, **kw)
-            if log: log(f"{exp} {name} seed {seed}: R@1 {rec['metrics']['R@1']:.2f} mAP {rec['metrics']['mAP']:.2f}"
-                        + (" (recorded earlier)" if done else f" (same run as {rec['reused_from']})" if rec.get("reused_from")
-                           else f" ({rec['wall_seconds']:.0f} s)"))
-            recs.append(rec)
+    for c in calls:
+        rec = run_once(**{**c, "out": out})
+        if log: log(f"{exp} {c['name']} seed {c['seed']}: R@1 {rec['metrics']['R@1']:.2f} mAP {rec['metrics']['mAP']:.2f}"
+                    + (" (recorded earlier)" if (c["name"], c["seed"]) in done else f" (same run as {rec['reused_from']})"
+                       if rec.get("reused_from") else f" ({rec['wall_seconds']:.0f} s)"))
+        recs.append(rec)
     return recs
 
 # %% ../../nbs/31_study_runs.ipynb #d69ff19e
