@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pretrain", help="pretrain the small CLIP on the synthetic web-like corpus")
     s.add_argument("--arch", default="tbps-tiny-cs", help="architecture to pretrain")
-    s.add_argument("--steps", type=int, help="training steps (default: 600, PRETRAIN_DEFAULTS in tbps_clip.pretrain)")
+    s.add_argument("--steps", type=int, help="training steps (default: 4000 for tbps-tiny-cs; each architecture's "
+                   "recipe is in PRETRAIN_RECIPES of tbps_clip.pretrain)")
     s.add_argument("--seed", type=int, default=0, help="seed of the corpus and the training")
     s.add_argument("--out", help="output checkpoint (default: the cache, where model.pretrained=synthclip finds it)")
     s.add_argument("--device", default="auto", help="torch device")
