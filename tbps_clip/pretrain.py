@@ -16,11 +16,12 @@ from torch.utils.data import Dataset
 
 from .checkpoint import (CKPT_FORMAT, load_weights, read_checkpoint_file, save_checkpoint, shipped_synthclip,
                                   synthclip_path, tower_state)
-from .config import make_config
+from .config import DataConfig, make_config
 from .core import TBPSError, cache_dir, derive_seed, environment_info, seed_everything
 from .data import test_transform
 from .model import TBPSModel, arch_config, create_model
-from .synthpedes import IMAGES_PER_PRETRAIN_ID, PretrainCorpus
+from .evaluate import evaluate
+from .synthpedes import IMAGES_PER_PRETRAIN_ID, PretrainCorpus, read_synthpedes
 from .text import clean_caption, tokenize
 from .train import Callback, Trainer
 
@@ -79,9 +80,6 @@ class EveryNSteps(Callback):
 
 def zero_shot_evaluator(split: str = "val"):
     "An evaluator: metrics of the model on `split` of the embedded SynthPEDES (synthetic), as zero-shot retrieval."
-    from tbps_clip.config import DataConfig
-    from tbps_clip.evaluate import evaluate
-    from tbps_clip.synthpedes import read_synthpedes
     ann = read_synthpedes()
     return lambda m: evaluate(m, ann, split, DataConfig(image_size=m.image_size, num_workers=0))
 
