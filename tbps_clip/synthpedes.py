@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import contextlib
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
+
+try: import fcntl  # POSIX file locks: two processes never generate one folder at once
+except ImportError: fcntl = None
 
 from .core import TBPSError, atomic_write_json, cache_dir, derive_seed
 from .records import Record, read_annotations, register_reader, write_annotations
@@ -894,15 +898,26 @@ def make_synthpedes(out_dir, n_train_ids: int = 1000, n_val_ids: int = 100, n_te
     "Generate SynthPEDES in `out_dir` (or return it if it already holds the same complete dataset)."
     out = Path(out_dir)
     s = synthpedes_settings(n_train_ids, n_val_ids, n_test_ids, images_per_id, captions_per_image, image_size, seed, p_confusable)
-    state, detail = _state(out, s)
-    if state == "complete": return out
-    if state == "foreign":
-        raise TBPSError(f"{out}: refusing to write SynthPEDES here: {detail}; choose an empty or new folder")
-    if state == "mismatch" and not overwrite:
-        raise TBPSError(f"{out} holds a different SynthPEDES ({detail}); pass overwrite=True (`tbps-clip synth --overwrite`) "
-                        "to replace it, or choose another folder")
-    _generate(out, s, progress)
+    with _generation_lock(out):  # a second process waits here, then finds the dataset complete
+        state, detail = _state(out, s)
+        if state == "complete": return out
+        if state == "foreign":
+            raise TBPSError(f"{out}: refusing to write SynthPEDES here: {detail}; choose an empty or new folder")
+        if state == "mismatch" and not overwrite:
+            raise TBPSError(f"{out} holds a different SynthPEDES ({detail}); pass overwrite=True (`tbps-clip synth --overwrite`) "
+                            "to replace it, or choose another folder")
+        _generate(out, s, progress)
     return out
+
+@contextlib.contextmanager
+def _generation_lock(out: Path):
+    "Hold an exclusive lock on `.<name>.lock` beside folder `out` (no-op where the OS has no fcntl)."
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        if fcntl: fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally:
+            if fcntl: fcntl.flock(f, fcntl.LOCK_UN)
 
 def _generate(out: Path, s: dict, progress: bool) -> None:
     "Write images, attributes.json, then annotations.json; a marker file flags the work in progress."

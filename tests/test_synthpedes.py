@@ -190,6 +190,17 @@ def test_interrupted_generation_is_regenerated(tiny, tmp_path, monkeypatch):
     assert _files(out) == _files(tiny) and not (out / S._MARKER).exists()
 
 
+def test_concurrent_generations_of_one_folder_both_succeed(tiny, tmp_path):
+    "Two processes asking for the same missing dataset (two runs on a fresh machine): one generates, the other waits."
+    import subprocess, sys
+    out = tmp_path / "shared"
+    code = f"import tbps_clip.synthpedes as S; S.make_synthpedes({str(out)!r}, n_train_ids=6, n_val_ids=2, n_test_ids=3, progress=False)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errs = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    assert _files(out) == _files(tiny) and not (out / S._MARKER).exists()
+
+
 def test_missing_image_is_regenerated(tiny, tmp_path):
     out = S.make_synthpedes(tmp_path / "e", **TINY)
     (out / "images" / "test" / "9_0.jpg").unlink()
