@@ -180,7 +180,12 @@ def e08_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
     title = PAPER["table10"]["title"]
     if figures: plot_effects(marked, out / "figures" / "table10.png", f"{title} (paper {pds})\nours: {label}", f"ours: {label}", metric)
     md, paired = _paired([(e08, dataset_paper_rows("table10", pds), None)], "table10", out, label, metric, k, figures)
-    return [f"### {title} (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "",
+    steps = e08[0].get("steps")
+    start = (f"IRRA from TBPS-CLIP or Simplified starts from that preset's own fine-tuned checkpoint (its `source@` run: "
+             f"{steps} steps at the same seed) and then has its own {steps} steps, as in the paper (IRRA initialised from a "
+             f"TBPS-CLIP trained on the benchmark); IRRA from CLIP has only its own {steps}: the compared rows differ in total "
+             "fine-tuning, by design.")
+    return [f"### {title} (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "", start, "",
             f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", "", *md], {"table10": marked, **paired}
 
 
