@@ -16,8 +16,8 @@ from .config import (Config, check_config, config_from_dict, config_to_dict, loa
                               set_key)
 from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
                             seed_everything)
-from .augment import configure_pairs, synonym_source  # also registers the training image transform
-from .data import TrainPairs, train_transform
+from .augment import configure_pairs, image_transform, synonym_source
+from .data import TrainPairs
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
 from .evaluate import evaluate, retrieval_figure
 from .heads import attach_heads
@@ -79,7 +79,7 @@ def train_dataset(cfg: Config, ann: Annotations, context_length: int) -> TrainPa
     fewshot = None
     if cfg.data.fewshot:  # the drawn identities with all their pairs; `ds.fewshot` reports what was kept
         ann, fewshot = fewshot_subset(ann, cfg.data.fewshot, cfg.data.fewshot_seed)
-    ds = TrainPairs(ann, "train", train_transform(cfg), context_length=context_length,
+    ds = TrainPairs(ann, "train", image_transform(cfg), context_length=context_length,
                     max_words=cfg.data.max_words, seed=cfg.train.seed, skip_bad_images=cfg.data.skip_bad_images)
     ds.fewshot = fewshot
     return configure_pairs(ds, cfg)

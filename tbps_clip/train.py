@@ -20,12 +20,12 @@ from .core import TBPSError, atomic_write_json, autocast, resolve_device
 from .data import EpochSampler, collate, worker_init
 from .distributed import all_reduce_grads, broadcast_state, gather_objects
 from .heads import HEAD_LR, forward_views, soft_label_views
-from .losses import LossContext, compute_losses, loss_weights
+from .losses import IMAGE, TEXT, LossContext, active_terms, compute_losses, loss_weights, soft_views
 from .model import TBPSModel
 
 # %% auto #0
-__all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'SOFT_KEYS', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers',
-           'Trainer', 'soft_label_alpha', 'SoftLabels']
+__all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers', 'Trainer',
+           'soft_label_alpha', 'SoftLabels']
 
 # %% ../nbs/11_train.ipynb #906cca4b
 def param_groups(model: torch.nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list:
@@ -304,8 +304,6 @@ class Trainer:
         return self.history
 
 # %% ../nbs/11_train.ipynb #01b89aa8
-SOFT_KEYS = ("image_feats", "text_feats", "image_aug_feats", "text_aug_feats")
-
 def soft_label_alpha(step: int, steps_per_epoch: int, alpha: float, warmup_epochs: float = 1.0) -> float:
     "alpha * min(1, step / (warmup_epochs * steps_per_epoch)): the official linear warm-up."
     w = warmup_epochs * steps_per_epoch
@@ -323,12 +321,16 @@ class SoftLabels(Callback):
         "The no-grad pass over the trainer's batch (chunked like gradient caching)."
         b = len(t.batch["image"])
         c = t.cfg.train.grad_cache_chunk or b
-        parts = [soft_label_views(t.model, {k: v[i:i + c] for k, v in t.batch.items()}) for i in range(0, b, c)]
+        views = soft_views(active_terms(t.cfg.loss))
+        parts = [soft_label_views(t.model, {k: v[i:i + c] for k, v in t.batch.items()}, views) for i in range(0, b, c)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def after_forward(self, t):
         a = soft_label_alpha(t.step, t.steps_per_epoch, self.alpha, self.warmup)
         t.loss_ctx.extras.pop("soft", None)
         if a <= 0: return
-        feats = self.nograd_views(t) if self.source == "nograd" else {k: t.out[k].detach() for k in SOFT_KEYS if k in t.out}
+        if self.source == "nograd": feats = self.nograd_views(t)
+        else:  # the gradient pass's own features of I, T and the views the terms' soft pairs name
+            keys = (IMAGE, TEXT) + tuple(v.output for v in soft_views(active_terms(t.cfg.loss)))
+            feats = {k: t.out[k].detach() for k in keys if k in t.out}
         t.loss_ctx.extras["soft"] = dict(alpha=a, **feats)
