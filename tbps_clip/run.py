@@ -26,7 +26,6 @@ from .probes import apply_freezes, count_parameters, fewshot_subset
 from .pretrain import ensure_synthclip
 from .records import Annotations, load_annotations
 from .train import SoftLabels, Trainer
-from . import datasets, weights  # noqa: F401 (registers the real-data readers, checkpoint readers and weight loaders)
 
 # %% auto #0
 __all__ = ['RESUME_KEYS', 'METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record',
@@ -36,7 +35,6 @@ __all__ = ['RESUME_KEYS', 'METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic',
 # %% ../nbs/13_run.ipynb #6750e830
 def load_data(cfg: Config) -> Annotations:
     "The annotations `cfg.data` points at (the embedded SynthPEDES is generated on first use)."
-    from tbps_clip import synthpedes  # registers the 'synthpedes' reader
     return load_annotations(cfg.data.dataset, cfg.data.root, cfg.data.annotations)
 
 def is_synthetic(ann: Annotations) -> bool:
