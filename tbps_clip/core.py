@@ -9,6 +9,7 @@ import contextlib
 import errno
 import glob
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TBPSError', 'registrar', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text',
+__all__ = ['TBPSError', 'registrar', 'resolve', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text',
            'atomic_write_json', 'atomic_torch_save', 'read_json', 'check_relative_path', 'safe_join', 'resolve_device',
            'autocast', 'cache_dir', 'git_commit', 'environment_info']
 
@@ -40,6 +41,14 @@ def registrar(table: dict):
             return f
         return deco
     return register
+
+# %% ../nbs/00_core.ipynb #bb963b6c
+def resolve(ref: str, what: str):
+    "The object that `ref` ('module:name') names, its module imported on first use; a LookupError naming `what` if there is none."
+    mod, _, name = ref.partition(":")
+    try: return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise LookupError(f"{what} {ref!r} does not exist ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/00_core.ipynb #ed1fa544
 def seed_everything(seed: int) -> None:
