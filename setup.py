@@ -11,6 +11,7 @@ cfg = cfg["DEFAULT"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 slurm_requirements = cfg.get("slurm_requirements", "").split()
+docs_requirements = cfg.get("docs_requirements", "").split()
 scripts = [s.strip() for s in cfg.get("console_scripts", "").split("\n") if s.strip()]
 readme = Path(__file__).parent / "README.md"
 
@@ -28,7 +29,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={cfg["lib_name"]: ["assets/*"], f"{cfg['lib_name']}.study": ["paper.yaml"]},  # the paper's numbers (study.paper)
     install_requires=requirements,
-    extras_require={"dev": dev_requirements, "slurm": slurm_requirements},
+    extras_require={"dev": dev_requirements, "slurm": slurm_requirements, "docs": docs_requirements},
     entry_points={"console_scripts": scripts, "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

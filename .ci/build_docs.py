@@ -75,7 +75,7 @@ def process(work: Path) -> Path:
     from nbdev.serve import proc_nbs
     patch_show_doc_runner()
     os.chdir(work)
-    get_config.cache_clear() if hasattr(get_config, "cache_clear") else None
+    get_config.cache_clear()  # nbdev caches the settings of the folder it first ran in
     refresh_quarto_yml()
     nbdev_sidebar.__wrapped__()
     with warnings.catch_warnings():
@@ -87,7 +87,7 @@ def render_quarto(work: Path, out: Path):
     "nbdev_docs' rendering step: quarto renders _proc into the configured doc_path."
     import subprocess
     subprocess.run(["quarto", "render", "--no-cache"], cwd=work / "_proc", check=True)
-    shutil.copytree(work / "_docs", out, dirs_exist_ok=True)
+    shutil.copytree(work / "_proc" / "_docs", out, dirs_exist_ok=True)  # nbdev.yml: output-dir _docs, inside _proc
 
 
 CSS = """body{margin:0;font-family:system-ui,-apple-system,"Segoe UI",sans-serif;color:#212529;line-height:1.5}
@@ -98,7 +98,8 @@ nav a.active{font-weight:700;color:#2780e3}main{flex:1;min-width:0;max-width:60e
 .description{font-size:1.15em;color:#5a6570}pre{background:#f7f7f7;padding:.6em;overflow:auto;border-radius:4px;font-size:.85em}
 .jp-OutputArea pre,.output pre{background:#fff;border-left:3px solid #dee2e6}img{max-width:100%}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #dee2e6;padding:.25em .6em;text-align:left}
-code{font-size:.9em;color:#9753b8}pre code{color:inherit}.jp-InputPrompt,.jp-OutputPrompt{display:none}
+.anchor-link{visibility:hidden;margin-left:.3em;text-decoration:none}h1:hover .anchor-link,h2:hover .anchor-link,
+h3:hover .anchor-link,h4:hover .anchor-link{visibility:visible}code{font-size:.9em;color:#9753b8}pre code{color:inherit}.jp-InputPrompt,.jp-OutputPrompt{display:none}
 """
 
 
@@ -121,6 +122,14 @@ def _quarto_options(cell) -> dict:
     return opts
 
 
+def _pandoc_links(md: str) -> str:
+    "[text](url){target=... style=...} (pandoc) as an HTML link with those attributes."
+    def link(m):
+        attrs = " ".join(f'{k}="{html.escape(v)}"' for k, v in re.findall(r'(\w+)="([^"]*)"', m.group(3)))
+        return f'<a href="{html.escape(m.group(2))}" {attrs}>{m.group(1)}</a>'
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)\{([^}]*)\}", link, md)
+
+
 def render_nbconvert(work: Path, out: Path):
     "Each processed notebook as an HTML page with a sidebar in nbdev's order; figures and show_doc output included."
     import nbformat
@@ -139,8 +148,12 @@ def render_nbconvert(work: Path, out: Path):
             if o.get("echo") == "false": c.metadata["transient"] = {"remove_source": True}
             if o.get("output") == "false": c.outputs = []
             c.source = "\n".join(line for line in c.source.splitlines() if not line.startswith("#|"))
-        nb.cells = [c for c in nb.cells if not (c.cell_type == "code" and not c.source.strip() and not c.outputs)]
-        fm = _front_matter(nb)
+        fm = _front_matter(nb)  # shown as the page's title and description, not as a cell
+        nb.cells = [c for c in nb.cells if not (c.cell_type == "code" and not c.source.strip() and not c.outputs)
+                    and not (c.cell_type == "raw" and c.source.startswith("---"))]
+        for c in nb.cells:  # show_doc's markdown uses pandoc's link attributes, which mistune does not know
+            for o in c.get("outputs", []):
+                if "text/markdown" in o.get("data", {}): o["data"]["text/markdown"] = _pandoc_links(o["data"]["text/markdown"])
         pages.append((name, Path(name).with_suffix(".html").name, fm.get("title") or Path(name).stem, fm.get("description", ""), nb))
     exporter = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True)
     (out / "styles.css").write_text(CSS + HtmlFormatter().get_style_defs(".highlight"))
@@ -173,7 +186,10 @@ def build(out: Path, engine: str = "auto", execute_nbs=EXECUTE) -> str:
         try:
             t0 = time.perf_counter(); process(work); log(f"nbdev processed the notebooks in {time.perf_counter() - t0:.0f} s")
             (render_quarto if engine == "quarto" else render_nbconvert)(work, out)
-        finally: os.chdir(here)
+        finally:
+            os.chdir(here)
+            from nbdev.config import get_config
+            get_config.cache_clear()  # the copy's settings go with the copy
     log(f"{engine}: {len(list(out.glob('*.html')))} pages in {out}")
     return engine
 

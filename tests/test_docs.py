@@ -31,12 +31,13 @@ def site(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("build_docs", ROOT / ".ci" / "build_docs.py")
     build_docs = importlib.util.module_from_spec(spec); spec.loader.exec_module(build_docs)
     before = {p: _digest(p) for p in [ROOT / "README.md", *sorted((ROOT / "nbs").glob("*.ipynb"))]}
+    folders = {d: (ROOT / d).exists() for d in ("_proc", "_docs", "nbs/_quarto.yml", "nbs/sidebar.yml")}
     out = tmp_path_factory.mktemp("docs") / "site"
     with pytest.MonkeyPatch.context() as mp:  # the executed notebooks use the session's private cache, not the user's
         mp.setenv("TBPS_CLIP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         engine = build_docs.build(out)
     assert {p: _digest(p) for p in before} == before, "the docs build changed README.md or a notebook"
-    assert not (ROOT / "_proc").exists() or engine == "quarto"
+    assert {d: (ROOT / d).exists() for d in folders} == folders, "the docs build wrote into the repository"
     return dict(out=out, engine=engine, executed=build_docs.EXECUTE)
 
 
@@ -69,13 +70,15 @@ def test_api_docs_and_no_errors_in_the_pages(site):
     assert "BoundedHTTPServer" in serve and "#| export" not in serve and "#| echo" not in serve
     for p in site["out"].glob("*.html"):
         text = p.read_text(encoding="utf-8")
-        for bad in ("Traceback (most recent call last)", "IProgress not found", "TqdmWarning", "output_error"):
+        for bad in ("Traceback (most recent call last)", "IProgress not found", "TqdmWarning", "output_error",
+                    "output-file:", '{target="_blank"'):  # nor nbdev's front matter or quarto-only markup as text
             assert bad not in text, (p.name, bad)
 
 
 def test_index_and_a_module_page_render_in_headless_chromium(site, tmp_path):
     drv = headless_chromium()
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
     shots = Path(os.environ.get("TBPS_DOCS_SCREENSHOTS") or tmp_path); shots.mkdir(parents=True, exist_ok=True)
     figures_loaded = "return [...document.images].length > 0 && [...document.images].every(i => i.complete && i.naturalWidth > 0)"
     try:
@@ -89,9 +92,10 @@ def test_index_and_a_module_page_render_in_headless_chromium(site, tmp_path):
         drv.save_screenshot(str(shots / "docs-index.png"))
         drv.find_element(By.CSS_SELECTOR, 'nav a[href="22_search_tutorial.html"]').click()  # the sidebar leads on
         assert drv.current_url.endswith("22_search_tutorial.html")
-        assert drv.execute_script(figures_loaded), "the tutorial's figures did not load"
+        WebDriverWait(drv, 30).until(lambda d: d.execute_script(figures_loaded), "the tutorial's figures did not load")
         sizes = drv.execute_script("return [...document.images].map(i => [i.naturalWidth, i.naturalHeight])")
         assert len(sizes) >= 2 and all(w > 200 and h > 100 for w, h in sizes), sizes
+        drv.execute_script("document.images[0].scrollIntoView()")
         drv.save_screenshot(str(shots / "docs-tutorial.png"))
         drv.get((site["out"] / "21_serve.html").as_uri())  # a module page: prose, API docs, code
         main = drv.find_element(By.TAG_NAME, "main")
