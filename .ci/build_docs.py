@@ -154,14 +154,18 @@ def render_nbconvert(work: Path, out: Path):
         for c in nb.cells:  # show_doc's markdown uses pandoc's link attributes, which mistune does not know
             for o in c.get("outputs", []):
                 if "text/markdown" in o.get("data", {}): o["data"]["text/markdown"] = _pandoc_links(o["data"]["text/markdown"])
-        pages.append((name, Path(name).with_suffix(".html").name, fm.get("title") or Path(name).stem, fm.get("description", ""), nb))
+        page = fm.get("output-file") or Path(name).with_suffix(".html").name  # nbdev's page name (serve.html), as quarto uses
+        pages.append((name, page, fm.get("title") or Path(name).stem, fm.get("description", ""), nb))
     exporter = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True)
     (out / "styles.css").write_text(CSS + HtmlFormatter().get_style_defs(".highlight"))
-    site = yaml.safe_load((proc / "nbdev.yml").read_text())["website"]["title"]
+    site = yaml.safe_load((proc / "nbdev.yml").read_text())["website"]
+    site, host = site["title"], site["site-url"].rstrip("/") + "/"
     for name, page, title, desc, nb in pages:
         body, resources = exporter.from_notebook_node(nb)
-        for src in (n for n, _, _, _, _ in pages):  # links between notebooks point at their pages
-            body = body.replace(f'href="{src}', f'href="{Path(src).with_suffix(".html").name}')
+        for src, dst, _, _, _ in pages:  # links between notebooks point at their pages
+            body = body.replace(f'href="{src}', f'href="{dst}')
+        body = body.replace(f'href="{host}', 'href="')  # nbdev's API links name the published site: here, this folder
+        body = re.sub(r'(<h[1-4] id=")([^"]+)"', lambda m: m.group(1) + m.group(2).lower() + '"', body)  # nbdev's anchors
         side = "".join(f'<a href="{p}"{" class=active" if p == page else ""}>{html.escape(t)}</a>' for _, p, t, _, _ in pages)
         (out / page).write_text(
             f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -49,13 +49,21 @@ def _pngs(html: str) -> list:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=\s]+)"', html)]
 
 
-def test_every_notebook_has_a_page(site):
-    assert sorted(p.stem for p in site["out"].glob("*.html")) == NOTEBOOKS
+def test_every_notebook_has_a_page_and_links_between_pages_work(site):
+    "A page per notebook, named as nbdev names them (serve.html); every link to a page of the site finds its page and anchor."
+    pages = {p.name: p.read_text(encoding="utf-8") for p in site["out"].glob("*.html")}
+    assert len(pages) == len(NOTEBOOKS) and {"index.html", "serve.html", "search_tutorial.html", "synthpedes.html"} <= set(pages)
+    ids = {name: set(re.findall(r'id="([^"]+)"', text)) for name, text in pages.items()}
+    links = {h for text in pages.values() for h in re.findall(r'href="([^"#:]+\.html)(?:#[^"]*)?"', text)}
+    assert links <= set(pages), sorted(links - set(pages))
+    # nbdev links each name in backticks to its show_doc heading; methods and private names have none (in quarto too)
+    api = [(p, a) for text in pages.values() for p, a in re.findall(r'href="([a-z_]+\.html)#([^"._]+[^".]*)"', text)]
+    assert len(api) > 50 and all(a in ids[p] for p, a in api), [x for x in api if x[1] not in ids[x[0]]][:5]
 
 
 def test_figures_of_the_executed_notebooks_are_in_their_pages(site):
     "The tutorial's two contact sheets, SynthPEDES' sample sheets and the evaluation figure are real PNG images."
-    for name, least in (("22_search_tutorial", 2), ("03_synthpedes", 2), ("10_evaluate", 1)):
+    for name, least in (("search_tutorial", 2), ("synthpedes", 2), ("evaluate", 1)):
         pngs = _pngs(_page(site, name))
         assert len(pngs) >= least, (name, len(pngs))
         assert all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 2000 for p in pngs), name
@@ -65,7 +73,7 @@ def test_figures_of_the_executed_notebooks_are_in_their_pages(site):
 
 def test_api_docs_and_no_errors_in_the_pages(site):
     "nbdev's show_doc output is rendered (signature and docstring), and no page shows a traceback or a warning."
-    serve = _page(site, "21_serve")
+    serve = _page(site, "serve")
     assert re.search(r"<h[34][^>]*>\s*make_server", serve) and "A threading HTTP server for" in serve
     assert "BoundedHTTPServer" in serve and "#| export" not in serve and "#| echo" not in serve
     for p in site["out"].glob("*.html"):
@@ -86,18 +94,18 @@ def test_index_and_a_module_page_render_in_headless_chromium(site, tmp_path):
         assert "tbps-clip" in drv.title
         assert drv.find_element(By.CSS_SELECTOR, "h1").text == "tbps-clip"
         links = [a.get_attribute("href").rsplit("/", 1)[-1] for a in drv.find_elements(By.CSS_SELECTOR, "nav a, .sidebar a")]
-        assert {f"{n}.html" for n in NOTEBOOKS} <= set(links), sorted(set(links))
+        assert len(set(links)) == len(NOTEBOOKS) and {"index.html", "serve.html"} <= set(links), sorted(set(links))
         body = drv.find_element(By.TAG_NAME, "main").text
         assert "In five lines" in body and "GalleryIndex.build(encoder, folder)" in body  # the front-door table rendered
         drv.save_screenshot(str(shots / "docs-index.png"))
-        drv.find_element(By.CSS_SELECTOR, 'nav a[href="22_search_tutorial.html"]').click()  # the sidebar leads on
-        assert drv.current_url.endswith("22_search_tutorial.html")
+        drv.find_element(By.CSS_SELECTOR, 'nav a[href="search_tutorial.html"]').click()  # the sidebar leads on
+        assert drv.current_url.endswith("search_tutorial.html")
         WebDriverWait(drv, 30).until(lambda d: d.execute_script(figures_loaded), "the tutorial's figures did not load")
         sizes = drv.execute_script("return [...document.images].map(i => [i.naturalWidth, i.naturalHeight])")
         assert len(sizes) >= 2 and all(w > 200 and h > 100 for w, h in sizes), sizes
         drv.execute_script("document.images[0].scrollIntoView()")
         drv.save_screenshot(str(shots / "docs-tutorial.png"))
-        drv.get((site["out"] / "21_serve.html").as_uri())  # a module page: prose, API docs, code
+        drv.get((site["out"] / "serve.html").as_uri())  # a module page: prose, API docs, code
         main = drv.find_element(By.TAG_NAME, "main")
         assert drv.find_element(By.CSS_SELECTOR, "h1").text.startswith("serve")
         assert "make_server" in main.text and "The HTTP server" in main.text
