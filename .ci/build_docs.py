@@ -52,6 +52,7 @@ def _imports_only(source: str) -> str:
 def patch_show_doc_runner():
     "nbdev runs every cell that imports anything to make the API docs; ours mix imports with demonstrations that need earlier cells."
     import nbdev.processors as P
+    if getattr(P.exec_show_docs.__call__, "patched", False): return
     run = P.exec_show_docs.__call__
     def call(self, cell):
         if not self.nb.has_docs_ or not hasattr(self, "k") or cell.cell_type != "code": return run(self, cell)
@@ -64,6 +65,7 @@ def patch_show_doc_runner():
             if self.k.exc: raise Exception(f"Error in the imports of cell {cell.idx_}:\n{imports}") from self.k.exc
             return
         return run(self, cell)
+    call.patched = True
     P.exec_show_docs.__call__ = call
 
 
@@ -130,6 +132,19 @@ def _pandoc_links(md: str) -> str:
     return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)\{([^}]*)\}", link, md)
 
 
+def _widget_text(model_id: str, state: dict) -> str:
+    "The text of a stored widget at the end of the run: tqdm's bar (an HBox of HTML, FloatProgress, HTML) as tqdm prints it."
+    m = state.get(model_id)
+    if not m: return ""
+    st, kind = m.get("state", {}), m.get("model_name", "")
+    if kind == "HBoxModel": return "".join(_widget_text(c.removeprefix("IPY_MODEL_"), state) for c in st.get("children", []))
+    if kind == "HTMLModel": return html.unescape(re.sub(r"<[^>]+>", "", st.get("value", ""))).replace("\xa0", " ")
+    if kind in ("FloatProgressModel", "IntProgressModel"):
+        f = min(1.0, max(0.0, st.get("value", 0) / (st.get("max") or 1)))
+        return "|" + "█" * round(10 * f) + " " * (10 - round(10 * f)) + "|"
+    return ""
+
+
 def render_nbconvert(work: Path, out: Path):
     "Each processed notebook as an HTML page with a sidebar in nbdev's order; figures and show_doc output included."
     import nbformat
@@ -148,12 +163,16 @@ def render_nbconvert(work: Path, out: Path):
             if o.get("echo") == "false": c.metadata["transient"] = {"remove_source": True}
             if o.get("output") == "false": c.outputs = []
             c.source = "\n".join(line for line in c.source.splitlines() if not line.startswith("#|"))
+        widgets = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
         fm = _front_matter(nb)  # shown as the page's title and description, not as a cell
         nb.cells = [c for c in nb.cells if not (c.cell_type == "code" and not c.source.strip() and not c.outputs)
                     and not (c.cell_type == "raw" and c.source.startswith("---"))]
         for c in nb.cells:  # show_doc's markdown uses pandoc's link attributes, which mistune does not know
             for o in c.get("outputs", []):
                 if "text/markdown" in o.get("data", {}): o["data"]["text/markdown"] = _pandoc_links(o["data"]["text/markdown"])
+                # a progress bar is a widget (ipywidgets) drawn by JavaScript from a CDN: a static page shows its final text
+                view = o.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+                if view: o["data"]["text/plain"] = _widget_text(view.get("model_id", ""), widgets) or o["data"].get("text/plain", "")
         page = fm.get("output-file") or Path(name).with_suffix(".html").name  # nbdev's page name (serve.html), as quarto uses
         pages.append((name, page, fm.get("title") or Path(name).stem, fm.get("description", ""), nb))
     exporter = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True)

@@ -28,8 +28,7 @@ def site(tmp_path_factory):
     "The built site's folder (the build must leave the repository's README.md and nbs/ as they were)."
     if importlib.util.find_spec("nbdev") is None or importlib.util.find_spec("nbclient") is None:
         pytest.skip("nbdev / nbclient are not installed (pip install -e '.[dev]')")
-    spec = importlib.util.spec_from_file_location("build_docs", ROOT / ".ci" / "build_docs.py")
-    build_docs = importlib.util.module_from_spec(spec); spec.loader.exec_module(build_docs)
+    build_docs = _build_docs()
     before = {p: _digest(p) for p in [ROOT / "README.md", *sorted((ROOT / "nbs").glob("*.ipynb"))]}
     folders = {d: (ROOT / d).exists() for d in ("_proc", "_docs", "nbs/_quarto.yml", "nbs/sidebar.yml")}
     out = tmp_path_factory.mktemp("docs") / "site"
@@ -39,6 +38,13 @@ def site(tmp_path_factory):
     assert {p: _digest(p) for p in before} == before, "the docs build changed README.md or a notebook"
     assert {d: (ROOT / d).exists() for d in folders} == folders, "the docs build wrote into the repository"
     return dict(out=out, engine=engine, executed=build_docs.EXECUTE)
+
+
+def _build_docs():
+    "The build script as a module."
+    spec = importlib.util.spec_from_file_location("build_docs", ROOT / ".ci" / "build_docs.py")
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    return module
 
 
 def _page(site, name: str) -> str: return (site["out"] / f"{name}.html").read_text(encoding="utf-8")
@@ -113,3 +119,22 @@ def test_index_and_a_module_page_render_in_headless_chromium(site, tmp_path):
         drv.save_screenshot(str(shots / "docs-module.png"))
     finally:
         drv.quit()
+
+
+def test_an_executed_progress_bar_is_a_widget_without_warning_and_its_final_text_is_shown(tmp_path):
+    "With ipywidgets (dev extra) tqdm.auto draws a widget, not 'IProgress not found'; the static page shows its end state."
+    nbformat = pytest.importorskip("nbformat"); pytest.importorskip("nbclient")
+    from nbformat.v4 import new_code_cell, new_notebook
+    nb = new_notebook(cells=[new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(7), desc='embedding'): pass")],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, tmp_path / "bar.ipynb")
+    build_docs = _build_docs()
+    build_docs.execute(tmp_path / "bar.ipynb")
+    nb = nbformat.read(tmp_path / "bar.ipynb", as_version=4)
+    outs = nb.cells[0].outputs
+    assert not [o for o in outs if o.output_type == "stream" and "IProgress" in o.text], outs
+    view = [o for o in outs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(view) == 1, outs
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    text = build_docs._widget_text(view[0].data["application/vnd.jupyter.widget-view+json"]["model_id"], state)
+    assert text.startswith("embedding:") and "100%|██████████|" in text and "7/7" in text, text
