@@ -98,6 +98,16 @@ def test_bounded_concurrent_load(site):
     assert all(d["results"] == first[q] for q, (_, d) in zip(queries, answers))
 
 
+def test_the_command_line_default_is_the_servers():
+    "`tbps-clip serve --help` shows --max-connections' default; it must be the cap the server applies (serve.MAX_CONNECTIONS)."
+    from tbps_clip.cli import build_parser
+    from tbps_clip.serve import MAX_CONNECTIONS
+    p = build_parser()
+    assert p.parse_args(["serve", "--index", "x"]).max_connections == MAX_CONNECTIONS
+    sub = next(a for a in p._subparsers._group_actions if a.choices and "serve" in a.choices).choices["serve"]
+    assert f"more get 503 (default: {MAX_CONNECTIONS})" in " ".join(sub.format_help().split())
+
+
 def test_unknown_index_or_wrong_model_is_refused_at_start(site, tmp_path):
     with pytest.raises(TBPSError, match="index not found"):
         SearchApp.open([tmp_path / "nowhere"])
