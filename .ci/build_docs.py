@@ -3,8 +3,9 @@
 nbdev's own steps make the pages (`refresh_quarto_yml`, `nbdev_sidebar`, `proc_nbs`: front matter, `show_doc` API
 docs, hidden cells and export directives). The notebooks are stored without outputs (nbdev_clean), so the ones with
 figures (EXECUTE) are run first, in a copy, with a Jupyter kernel; the others show their code and API docs. The site is
-rendered by quarto when it is installed (`pip install -e ".[docs]"`; that is `nbdev_docs`), else by nbconvert: quarto
-cannot be installed offline (its PyPI package downloads the binary at install time), and CI is offline.
+rendered by quarto when it is installed (`pip install -e ".[docs]"`: then the pages are `nbdev_docs`' own, README.md
+left alone), else by nbconvert: quarto cannot be installed offline (its PyPI package downloads the binary while
+installing), and CI is offline.
 Everything happens in a temporary copy, so the repository's README.md, _proc/ and _docs/ are never touched.
 """
 import argparse
@@ -198,9 +199,9 @@ def build(out: Path, engine: str = "auto", execute_nbs=EXECUTE) -> str:
     "Build the site into `out`; returns the engine used ('quarto' or 'nbconvert')."
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
     engine = ("quarto" if shutil.which("quarto") else "nbconvert") if engine == "auto" else engine
+    here, env = os.getcwd(), dict(os.environ)  # both restored at the end: a test runs this inside pytest
     os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the kernel is this environment's python
-    here = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="tbps-docs-") as tmp:
         work = Path(tmp)
         nbs = copy_project(work)
@@ -210,7 +211,7 @@ def build(out: Path, engine: str = "auto", execute_nbs=EXECUTE) -> str:
             t0 = time.perf_counter(); process(work); log(f"nbdev processed the notebooks in {time.perf_counter() - t0:.0f} s")
             (render_quarto if engine == "quarto" else render_nbconvert)(work, out)
         finally:
-            os.chdir(here)
+            os.chdir(here); os.environ.clear(); os.environ.update(env)
             from nbdev.config import get_config
             get_config.cache_clear()  # the copy's settings go with the copy
     log(f"{engine}: {len(list(out.glob('*.html')))} pages in {out}")
