@@ -20,7 +20,8 @@ from tbps_clip.core import TBPSError, atomic_write_json, git_commit, resolve_dev
 from tbps_clip.evaluate import evaluate
 from tbps_clip.heads import attach_heads
 from tbps_clip.importance import ALPHAS, TOWERS, layer_importance, least_important_layers, module_importance, module_refs
-from tbps_clip.probes import fewshot_subset, trainable_parameters
+from tbps_clip.data import fewshot_subset
+from tbps_clip.probes import trainable_parameters
 from tbps_clip.model import create_model
 from tbps_clip.run import eval_config, load_data, prepare_model, set_threads, train_dataset
 from tbps_clip.study.grid import IRRA_INITS

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TBPSError', 'registrar', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text',
+__all__ = ['TBPSError', 'registrar', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text',
            'atomic_write_json', 'atomic_torch_save', 'read_json', 'check_relative_path', 'safe_join', 'resolve_device',
            'autocast', 'cache_dir', 'git_commit', 'environment_info']
 
@@ -40,6 +40,15 @@ def registrar(table: dict):
             return f
         return deco
     return register
+
+# %% ../nbs/00_core.ipynb #3c2cfbdf
+def patch_to(cls: type, cls_method: bool = False):
+    "Decorator: make the function a method of `cls` (a class method with `cls_method`) and return it unchanged."
+    def deco(f):
+        f.__qualname__ = f"{cls.__name__}.{f.__name__}"
+        setattr(cls, f.__name__, classmethod(f) if cls_method else f)
+        return f
+    return deco
 
 # %% ../nbs/00_core.ipynb #ed1fa544
 def seed_everything(seed: int) -> None:
