@@ -11,7 +11,9 @@ Figures (all read from the source as text or AST; nothing is imported or run):
 3. duplicated shapes: the pair count of the workplace's `duplicates` tool over the repository (n/a without it);
 4. longest `#| export` cell in `nbs/` (code lines, directives left out), and how many have 100 lines or more;
 5. function-level imports: `import` statements inside a function body in `tbps_clip/`;
-6. `show_doc` calls in `nbs/`.
+6. `show_doc` calls in `nbs/`;
+7. per notebook group (the study notebooks 30-35, all): the longest export cell, and the export cells with no
+   demonstration (no code cell without `#| export` before the next export cell or the notebook's end).
 """
 import argparse
 import ast
@@ -130,6 +132,25 @@ def show_doc_calls(root: Path) -> int:
                for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
 
 
+def undemonstrated(root: Path, pattern: str = "*.ipynb") -> tuple[int, int, int]:
+    "(longest export cell, export cells with no demonstration after them, export cells) over nbs/`pattern`."
+    longest, bare, total = 0, 0, 0
+    for nb in sorted((root / "nbs").glob(pattern)):
+        code = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+        kinds = []
+        for c in code:
+            lines = "".join(c["source"]).splitlines()
+            exp = any(re.match(r"#\|\s*export\b", l) for l in lines[:3])
+            if any(l.startswith("#| default_exp") for l in lines[:3]): continue
+            kinds.append(exp)
+            if exp: longest = max(longest, len([l for l in lines if l.strip() and not l.startswith("#|")]))
+        for i, exp in enumerate(kinds):
+            if not exp or i == 0: continue  # the first export cell holds the imports
+            total += 1
+            if i + 1 == len(kinds) or kinds[i + 1]: bare += 1
+    return longest, bare, total
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=ROOT)
@@ -160,6 +181,11 @@ def main():
     for w in fi: per[w.split(":")[0]] = per.get(w.split(":")[0], 0) + 1
     print("  by module: " + ", ".join(f"{m} {n}" for m, n in sorted(per.items(), key=lambda kv: -kv[1])))
     print(f"show_doc calls in nbs/: {show_doc_calls(root)}")
+    for label, pat in (("study notebooks 30-35", "3[0-5]*_study_*.ipynb"), ("10_evaluate", "10_evaluate.ipynb"),
+                       ("all notebooks", "*.ipynb")):
+        longest, bare, total = undemonstrated(root, pat)
+        print(f"{label}: longest export cell {longest} lines; {bare} of {total} export cells (imports aside) "
+              "with no demonstration after them")
 
 
 if __name__ == "__main__":
