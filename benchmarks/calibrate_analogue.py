@@ -106,7 +106,7 @@ def plot(cal: dict, path: Path) -> None:
         ax.plot([s for s, _ in c], [v for _, v in c], marker=".", lw=1.2 if "2x" in name else 0.8, label=name)
     ax.axvline(cal["study_steps"], color="grey", ls=":", lw=1)
     ax.set_xlabel("fine-tuning step (batch 64)"); ax.set_ylabel("val R@1 (%)")
-    ax.set_title(f"SynthPEDES (synthetic) val, clip preset from the shipped {cal['arch']}", fontsize=9)
+    ax.set_title(f"SynthPEDES (synthetic) val, clip preset from the shipped {cal['arch']}, lr {cal['lr']:g}", fontsize=9)
     ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
 
 

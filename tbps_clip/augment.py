@@ -14,17 +14,17 @@ from PIL import ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from .config import loss_on
 from .core import TBPSError
-from .data import TRAIN_TRANSFORMS, TrainPairs, normalize_transform
+from .data import TrainPairs, normalize_transform
+from .losses import active_terms, needed_views
 from .text import EOT_TOKEN, SOT_TOKEN, clean_caption
 
 # %% auto #0
 __all__ = ['IMAGE_OPS', 'KEPT_OPS', 'PIL_POLICIES', 'POLICIES', 'TRAIN_INTERPOLATIONS', 'LEXICON_GROUPS', 'LEXICON', 'STOPWORDS',
-           'MASK_TOKEN', 'image_op', 'Pool', 'train_interpolation', 'image_transform', 'PILGaussianBlur',
-           'simclr_transform', 'synonym_source', 'synonyms', 'n_changes', 'random_deletion', 'synonym_replacement',
-           'random_insertion', 'random_swap', 'eda', 'CaptionAugmenter', 'caption_augmenter', 'mlm_mask',
-           'configure_pairs']
+           'MASK_TOKEN', 'VIEW_SOURCES', 'image_op', 'Pool', 'train_interpolation', 'image_transform',
+           'PILGaussianBlur', 'simclr_transform', 'synonym_source', 'synonyms', 'n_changes', 'random_deletion',
+           'synonym_replacement', 'random_insertion', 'random_swap', 'eda', 'CaptionAugmenter', 'caption_augmenter',
+           'mlm_mask', 'configure_pairs']
 
 # %% ../nbs/05a_augment.ipynb #1ba704fc
 IMAGE_OPS = ("rrc", "erase", "gray", "blur", "jitter", "hue", "hflip", "vflip", "rotate")
@@ -102,8 +102,6 @@ def image_transform(cfg, policy: str | None = None) -> Callable:
     else:
         mid = image_op(policy, ac, size)
     return T.Compose([resize, T.ToTensor(), mid, norm])
-
-TRAIN_TRANSFORMS["image"] = image_transform
 
 # %% ../nbs/05a_augment.ipynb #a986f714
 class PILGaussianBlur:
@@ -291,25 +289,45 @@ def mlm_mask(tokens: torch.Tensor, prob: float, rng: random.Random, vocab: int =
     return tokens, labels
 
 # %% ../nbs/05a_augment.ipynb #ca38dd6b
-def configure_pairs(ds: TrainPairs, cfg) -> TrainPairs:
-    "Set `ds`'s caption augmentation and the extra image/text views the losses of `cfg` need."
-    lc = cfg.loss
-    ds.caption_aug = caption_augmenter(cfg.aug)
-    if loss_on(lc, "mvs_i", "mvs_it"):
-        if cfg.aug.image == "none":
-            raise TBPSError("loss.mvs_i / loss.mvs_it compare a second augmented image view, but aug.image=none "
-                            "makes it identical to the first; set aug.image (e.g. pool)")
-        ds.extra_views["image_aug"] = image_transform(cfg)
-    if loss_on(lc, "ss_i", "ss_it"):
-        ds.extra_views["ss_image_a"] = ds.extra_views["ss_image_b"] = simclr_transform(cfg)
-    if loss_on(lc, "mvs_t", "mvs_it", "ss_t", "ss_it") and ds.caption_aug is None:
-        raise TBPSError("loss.mvs_t / mvs_it / ss_t / ss_it need augmented captions, but no text augmentation is on; "
+def _policy_view(cfg, ds: TrainPairs, needed_by: str) -> Callable:
+    "Another draw of the training transform (I~), refused when it would equal the original view."
+    if cfg.aug.image == "none":
+        raise TBPSError(f"{needed_by} compare a second augmented image view, but aug.image=none makes it identical "
+                        "to the first; set aug.image (e.g. pool)")
+    return image_transform(cfg)
+
+def _caption_view(cfg, ds: TrainPairs, needed_by: str) -> CaptionAugmenter:
+    "The caption augmenter, refused when no text operation is on (the view would equal the caption)."
+    if ds.caption_aug is None:
+        raise TBPSError(f"{needed_by} need augmented captions, but no text augmentation is on; "
                         "set aug.bt, aug.rd, aug.sr, aug.ri, aug.rs or aug.eda")
-    if loss_on(lc, "mvs_t", "mvs_it"):
-        ds.extra_texts["text_aug"] = ds.caption_aug
-    if loss_on(lc, "ss_t", "ss_it"):
-        ds.extra_texts["ss_text_a"] = ds.extra_texts["ss_text_b"] = ds.caption_aug
-    if loss_on(lc, "mlm"):
-        p = lc.mlm_prob
-        ds.text_fields["mlm"] = lambda tok, rng: dict(zip(("mlm_text", "mlm_labels"), mlm_mask(tok, p, rng)))
+    return ds.caption_aug
+
+def _mlm_view(cfg, ds: TrainPairs, needed_by: str) -> Callable:
+    "MLM's masking of the tokenised caption: fields `mlm_text` and `mlm_labels`."
+    p = cfg.loss.mlm_prob
+    return lambda tok, rng: dict(zip(("mlm_text", "mlm_labels"), mlm_mask(tok, p, rng)))
+
+# how the data makes each kind of view a loss term declares (`losses.View.source`):
+# source -> (the TrainPairs table it goes in, builder(cfg, ds, which terms need it))
+VIEW_SOURCES: dict[str, tuple] = {
+    "policy": ("extra_views", _policy_view),
+    "simclr": ("extra_views", lambda cfg, ds, needed_by: simclr_transform(cfg)),
+    "caption": ("extra_texts", _caption_view),
+    "mlm": ("text_fields", _mlm_view),
+}
+
+def configure_pairs(ds: TrainPairs, cfg) -> TrainPairs:
+    "Set `ds`'s caption augmentation and the extra views that the loss terms of `cfg` declare."
+    ds.caption_aug = caption_augmenter(cfg.aug)
+    terms = active_terms(cfg.loss)
+    made = {}  # one builder call per source: the two views of SS-I share their transform
+    for v in needed_views(terms):
+        if v.source not in VIEW_SOURCES:
+            raise TBPSError(f"view {v.key!r} has source {v.source!r}, which the data cannot make; known: {', '.join(VIEW_SOURCES)}")
+        table, build = VIEW_SOURCES[v.source]
+        if v.source not in made:
+            needed_by = " / ".join(f"loss.{t.name}" for t in terms if any(u.source == v.source for u in t.views))
+            made[v.source] = build(cfg, ds, needed_by)
+        getattr(ds, table)[v.key] = made[v.source]
     return ds

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .config import Config, config_to_dict
-from .core import TBPSError, atomic_torch_save, cache_dir
+from .core import TBPSError, atomic_torch_save, cache_dir, resolve
 from .model import TBPSModel, create_model
 
 # %% auto #0
@@ -81,8 +81,9 @@ def not_a_checkpoint(path) -> str | None:
     return f"it looks like {kind}" if kind else "it is binary data in no format a checkpoint is saved in"
 
 # A checkpoint reader: (path, trust) -> the loaded object, or None when the file is not in its format. Readers
-# for formats `torch.load` cannot read safely (TorchScript archives, safetensors, ...) register here.
-CHECKPOINT_READERS: list[Callable] = []
+# for formats `torch.load` cannot read safely (TorchScript archives, safetensors, ...) are listed here.
+CHECKPOINT_READERS: list[str] = [  # 'module:function', imported on first use (`core.resolve`)
+    "tbps_clip.weights:read_torchscript", "tbps_clip.weights:read_safetensors", "tbps_clip.weights:read_foreign_containers"]
 
 def _refusal(path: Path, e: Exception) -> TBPSError:
     "The error for a pickle that `weights_only` loading refused: unsafe (naming what it would import) or damaged."
@@ -103,8 +104,8 @@ def read_checkpoint_file(path, trust: bool = False):
     if why := not_a_checkpoint(path):
         raise TBPSError(f"{path} is not a checkpoint ({why}); expected a file saved by torch.save, a TorchScript "
                         "archive or a .safetensors file")
-    for reader in CHECKPOINT_READERS:
-        obj = reader(path, trust)
+    for ref in CHECKPOINT_READERS:
+        obj = resolve(ref, "checkpoint reader")(path, trust)
         if obj is not None:
             return obj
     try:
@@ -171,10 +172,11 @@ def tower_state(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if not str(k).startswith("heads.")}
 
 # A weight loader: (model, loaded object, source path) -> True if it recognised and loaded the object.
-WEIGHT_LOADERS: list[Callable] = []
+WEIGHT_LOADERS: list[str] = [  # 'module:function', imported on first use (`core.resolve`)
+    "tbps_clip.weights:load_clip_weights", "tbps_clip.weights:load_tbps_release"]
 
 def load_weights(model: TBPSModel, path, trust: bool = False) -> None:
-    "Load the weights in `path` into `model` (project format, or any format a registered loader knows)."
+    "Load the weights in `path` into `model` (project format, or any format a loader of `WEIGHT_LOADERS` knows)."
     obj = read_checkpoint_file(path, trust=trust)
     if is_project_checkpoint(obj):
         ident = obj.get("identity")
@@ -187,11 +189,11 @@ def load_weights(model: TBPSModel, path, trust: bool = False) -> None:
             raise TBPSError(f"{path}: a tbps-clip checkpoint without its weights ('model' is {type(obj.get('model')).__name__})")
         load_state_strict(model, tower_state(obj["model"]), str(path))
         return
-    for loader in WEIGHT_LOADERS:
-        if loader(model, obj, str(path)):
+    for ref in WEIGHT_LOADERS:
+        if resolve(ref, "weight loader")(model, obj, str(path)):
             return
     raise TBPSError(f"{path}: unrecognised checkpoint format (not a tbps-clip checkpoint"
-                    + (", nor one of the registered formats" if WEIGHT_LOADERS else "") + ")")
+                    + (", nor one of the formats of WEIGHT_LOADERS" if WEIGHT_LOADERS else "") + ")")
 
 def build_model(cfg: Config, trust: bool = False) -> TBPSModel:
     "The model `cfg.model` describes, with its weights loaded and its structural edits applied."

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import glob
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TBPSError', 'registrar', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_write_json', 'atomic_torch_save', 'read_json', 'check_relative_path', 'safe_join', 'resolve_device',
-           'autocast', 'cache_dir', 'git_commit', 'environment_info']
+__all__ = ['TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
+           'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'check_relative_path',
+           'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit', 'environment_info']
 
 # %% ../nbs/00_core.ipynb #6c150783
 class TBPSError(Exception):
@@ -40,6 +41,14 @@ def registrar(table: dict):
             return f
         return deco
     return register
+
+# %% ../nbs/00_core.ipynb #bb963b6c
+def resolve(ref: str, what: str):
+    "The object that `ref` ('module:name') names, its module imported on first use; a LookupError naming `what` if there is none."
+    mod, _, name = ref.partition(":")
+    try: return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise LookupError(f"{what} {ref!r} does not exist ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/00_core.ipynb #3c2cfbdf
 def patch_to(cls: type, cls_method: bool = False):

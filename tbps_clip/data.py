@@ -25,9 +25,9 @@ from .records import Annotations, Record
 from .text import clean_caption, tokenize
 
 # %% auto #0
-__all__ = ['MAX_IMAGE_PIXELS', 'NORMALIZE', 'TRAIN_TRANSFORMS', 'CaptionAug', 'load_image', 'normalize_transform',
-           'test_transform', 'train_transform', 'reindex_pids', 'readable_records', 'TrainPairs', 'ImageSet',
-           'EvalSplit', 'eval_split', 'EpochSampler', 'collate', 'worker_init', 'fewshot_pids', 'fewshot_subset']
+__all__ = ['MAX_IMAGE_PIXELS', 'NORMALIZE', 'CaptionAug', 'load_image', 'normalize_transform', 'test_transform', 'reindex_pids',
+           'readable_records', 'TrainPairs', 'ImageSet', 'EvalSplit', 'eval_split', 'EpochSampler', 'collate',
+           'worker_init', 'fewshot_pids', 'fewshot_subset']
 
 # %% ../nbs/05_data.ipynb #85e06f7e
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well above any person crop
@@ -79,14 +79,6 @@ def test_transform(image_size, normalize: str = "clip") -> Callable:
     "Resize to `image_size` (h, w) with bicubic interpolation, to tensor, normalise."
     return T.Compose([T.Resize(tuple(image_size), interpolation=InterpolationMode.BICUBIC),
                       T.ToTensor(), normalize_transform(normalize)])
-
-# A training-transform builder takes the whole Config and returns a callable on PIL images.
-TRAIN_TRANSFORMS: dict[str, Callable] = {}
-
-def train_transform(cfg) -> Callable:
-    "The training image transform for `cfg`: the test transform unless an augmentation builder is registered."
-    builder = TRAIN_TRANSFORMS.get("image")
-    return builder(cfg) if builder else test_transform(cfg.data.image_size, cfg.data.normalize)
 
 # %% ../nbs/05_data.ipynb #29d6b0d3
 def reindex_pids(records) -> dict:

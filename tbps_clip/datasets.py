@@ -15,7 +15,7 @@ from pathlib import Path
 from .core import TBPSError, atomic_write_json, read_json, safe_join
 from .data import load_image
 from .text import clean_caption
-from .records import (SPLITS, Annotations, Record, check_annotations, read_annotations, register_reader,
+from .records import (SPLITS, Annotations, Record, check_annotations, read_annotations,
                                valid_pid, write_annotations)
 
 # %% auto #0
@@ -349,22 +349,18 @@ def read_dataset(dataset: str, root, drop=()) -> Annotations:
     check_annotations(ann)
     return ann
 
-@register_reader("cuhk-pedes")
 def read_cuhk_pedes(root, **kwargs) -> Annotations:
     "CUHK-PEDES: `reid_raw.json` and `imgs/` in `root`."
     return read_dataset("cuhk-pedes", root, **kwargs)
 
-@register_reader("icfg-pedes")
 def read_icfg_pedes(root, **kwargs) -> Annotations:
     "ICFG-PEDES: `ICFG-PEDES.json` (or `ICFG_PEDES.json`) and `imgs/` in `root`."
     return read_dataset("icfg-pedes", root, **kwargs)
 
-@register_reader("rstpreid")
 def read_rstpreid(root, **kwargs) -> Annotations:
     "RSTPReid: `data_captions.json` (image paths in `img_path`) and `imgs/` in `root`."
     return read_dataset("rstpreid", root, **kwargs)
 
-@register_reader("official")
 def read_official(root, **kwargs) -> Annotations:
     "The TBPS-CLIP authors' `train_reid.json` / `val_reid.json` / `test_reid.json` (any subset) and `imgs/` in `root`."
     return read_dataset("official", root, **kwargs)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -13,14 +14,14 @@ import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
-from .config import Config, loss_on
+from .config import Config
 from .core import TBPSError
-from .losses import mlm_token_nll
+from .losses import View, active_terms, mlm_token_nll, needed_heads, needed_views
 from .model import TBPSModel, encode_text_trimmed
 
 # %% auto #0
-__all__ = ['HEAD_LR', 'text_token_feats', 'image_token_feats', 'QuickGELU', 'projection_mlp', 'id_classifier', 'MLMHead',
-           'attach_heads', 'forward_views', 'soft_label_views']
+__all__ = ['HEAD_LR', 'HEADS', 'text_token_feats', 'image_token_feats', 'QuickGELU', 'projection_mlp', 'id_classifier', 'MLMHead',
+           'Head', 'head_spec', 'attach_heads', 'encode_view', 'forward_views', 'soft_label_views']
 
 # %% ../nbs/07a_heads.ipynb #15359df2
 def text_token_feats(model: TBPSModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -93,47 +94,89 @@ class MLMHead(nn.Module):
         "Vocabulary logits of every text position, (B, L, V)."
         return self.head(self.encode(text_tokens, image_tokens))
 
+# %% ../nbs/07a_heads.ipynb #33bdb151
+def _ss_projection(model: TBPSModel, cfg: Config, num_classes: int) -> nn.Module:
+    d = model.embed_dim
+    return projection_mlp(d, cfg.loss.ss_hidden or max(1, d // 4))
+
+def _classifier(model: TBPSModel, cfg: Config, num_classes: int) -> nn.Module:
+    if num_classes < 2: raise TBPSError(f"loss.id needs at least 2 training identities, the data has {num_classes}")
+    return id_classifier(model.embed_dim, num_classes)
+
+def _mlm_head(model: TBPSModel, cfg: Config, num_classes: int) -> nn.Module:
+    return MLMHead(model.embed_dim, model.clip.token_embedding.num_embeddings, cfg.loss.mlm_depth)
+
+def _id_outputs(model: TBPSModel, batch: dict, base: dict) -> dict:
+    "Pid logits of the unnormalised image and sentence features."
+    clf = model.heads["classifier"]
+    return dict(image_logits=clf(base["image_raw"]), text_logits=clf(base["text_raw"]))
+
+def _mlm_outputs(model: TBPSModel, batch: dict, base: dict) -> dict:
+    "Per-sample NLL sums and counts of the masked tokens (logits only at masked positions)."
+    head, labels = model.heads["mlm"], batch["mlm_labels"]
+    x = head.encode(text_token_feats(model, batch["mlm_text"]), base["image_tokens"])
+    nll, count = mlm_token_nll(head.head(x[labels != -100]), labels)
+    return dict(mlm_nll=nll, mlm_count=count)
+
+@dataclass(frozen=True)
+class Head:
+    "A training head: how to build it and what it adds to the forward pass."
+    build: Callable  # (model, cfg, number of training identities) -> nn.Module
+    outputs: Callable | None = None  # (model, batch, base features) -> outputs; None: it projects the views naming it
+    image_tokens: bool = False  # its outputs read the image's token features, not only the pooled one
+
+# the heads loss terms name in `LossTerm.heads`
+HEADS: dict[str, Head] = {
+    "ss_image": Head(_ss_projection),
+    "ss_text": Head(_ss_projection),
+    "classifier": Head(_classifier, _id_outputs),
+    "mlm": Head(_mlm_head, _mlm_outputs, image_tokens=True),
+}
+
+def head_spec(name: str) -> Head:
+    "The head `name` of `HEADS`, or an error naming the known heads."
+    if name not in HEADS: raise TBPSError(f"no head {name!r} (a loss term declares it); known heads: {', '.join(HEADS)}")
+    return HEADS[name]
+
 def attach_heads(model: TBPSModel, cfg: Config, num_classes: int) -> TBPSModel:
-    "Create in `model.heads` the heads that the losses of `cfg` need (replacing any there)."
-    d, lc = model.embed_dim, cfg.loss
+    "Create in `model.heads` the heads that the losses of `cfg` declare (replacing any there), in `LOSSES` order."
     model.heads.clear()
-    if loss_on(lc, "ss_i", "ss_it"): model.heads["ss_image"] = projection_mlp(d, lc.ss_hidden or max(1, d // 4))
-    if loss_on(lc, "ss_t", "ss_it"): model.heads["ss_text"] = projection_mlp(d, lc.ss_hidden or max(1, d // 4))
-    if loss_on(lc, "id"):
-        if num_classes < 2: raise TBPSError(f"loss.id needs at least 2 training identities, the data has {num_classes}")
-        model.heads["classifier"] = id_classifier(d, num_classes)
-    if loss_on(lc, "mlm"):
-        model.heads["mlm"] = MLMHead(d, model.clip.token_embedding.num_embeddings, lc.mlm_depth)
+    for name in needed_heads(active_terms(cfg.loss)):
+        model.heads[name] = head_spec(name).build(model, cfg, num_classes)
     return model
 
 # %% ../nbs/07a_heads.ipynb #202957d4
+def encode_view(model: TBPSModel, batch: dict, view: View) -> torch.Tensor:
+    "The features of an image or text `view` of the batch: projected by its head, else normalised."
+    if view.key not in batch:
+        raise TBPSError(f"the batch has no {view.key!r} view, which the losses need "
+                        f"(augment.configure_pairs adds it to the training items; it has {', '.join(batch)})")
+    x = batch[view.key]
+    if view.head:
+        raw = model.clip.encode_image(x) if view.modality == "image" else encode_text_trimmed(model.clip, x)
+        return model.heads[view.head](raw)
+    return model.encode_image(x) if view.modality == "image" else model.encode_text(x)
+
 def forward_views(model: TBPSModel, batch: dict, loss_cfg) -> dict:
-    "Outputs of every view in `batch` that the losses of `loss_cfg` use."
-    mlm = loss_on(loss_cfg, "mlm")
-    if mlm: img_raw, img_tok = image_token_feats(model, batch["image"])
+    "Outputs of I, T and every view and head that the losses of `loss_cfg` declare."
+    terms = active_terms(loss_cfg)
+    heads = [head_spec(n) for n in needed_heads(terms)]
+    img_tok = None
+    if any(h.image_tokens for h in heads): img_raw, img_tok = image_token_feats(model, batch["image"])
     else: img_raw = model.clip.encode_image(batch["image"])
     txt_raw = encode_text_trimmed(model.clip, batch["text"])
     out = dict(image_feats=F.normalize(img_raw, dim=-1), text_feats=F.normalize(txt_raw, dim=-1),
                logit_scale=model.logit_scale)
-    if "image_aug" in batch: out["image_aug_feats"] = model.encode_image(batch["image_aug"])
-    if "text_aug" in batch: out["text_aug_feats"] = model.encode_text(batch["text_aug"])
-    for side, enc in (("image", model.clip.encode_image), ("text", lambda t: encode_text_trimmed(model.clip, t))):
-        if f"ss_{side}_a" in batch:
-            head = model.heads[f"ss_{side}"]
-            out[f"ss_{side}_a"], out[f"ss_{side}_b"] = head(enc(batch[f"ss_{side}_a"])), head(enc(batch[f"ss_{side}_b"]))
-    if loss_on(loss_cfg, "id"):
-        clf = model.heads["classifier"]
-        out["image_logits"], out["text_logits"] = clf(img_raw), clf(txt_raw)
-    if mlm:
-        head, labels = model.heads["mlm"], batch["mlm_labels"]
-        x = head.encode(text_token_feats(model, batch["mlm_text"]), img_tok)
-        out["mlm_nll"], out["mlm_count"] = mlm_token_nll(head.head(x[labels != -100]), labels)
+    for v in needed_views(terms):
+        if v.modality != "fields": out[v.output] = encode_view(model, batch, v)
+    base = dict(image_raw=img_raw, text_raw=txt_raw, image_tokens=img_tok)
+    for h in heads:
+        if h.outputs: out.update(h.outputs(model, batch, base))
     return out
 
 @torch.no_grad()
-def soft_label_views(model: TBPSModel, batch: dict) -> dict:
-    "No-grad normalised features of I, T and (when in the batch) I~ and T~, for soft labels."
+def soft_label_views(model: TBPSModel, batch: dict, views=()) -> dict:
+    "No-grad normalised features of I, T and `views` (see `losses.soft_views`), for soft labels."
     out = dict(image_feats=model.encode_image(batch["image"]), text_feats=model.encode_text(batch["text"]))
-    if "image_aug" in batch: out["image_aug_feats"] = model.encode_image(batch["image_aug"])
-    if "text_aug" in batch: out["text_aug_feats"] = model.encode_text(batch["text_aug"])
+    for v in views: out[v.output] = encode_view(model, batch, v)
     return out

@@ -16,9 +16,11 @@ from .config import LossConfig
 from .core import TBPSError
 
 # %% auto #0
-__all__ = ['LOCAL', 'LossTerm', 'LOSSES', 'Gather', 'itc', 'identity_targets', 'one_hot_targets', 'soft_ce', 'Soft', 'mix_soft',
-           'itc_soft', 'nitc', 'kl_to_targets', 'ritc', 'sdm', 'citc', 'nt_xent', 'id_loss', 'mlm_token_nll',
-           'mlm_loss', 'LossContext', 'soft_for', 'loss_weights', 'compute_losses']
+__all__ = ['LOCAL', 'IMAGE', 'TEXT', 'IMAGE_AUG', 'TEXT_AUG', 'SS_IMAGE', 'SS_TEXT', 'MLM_MASK', 'LOSSES', 'Gather', 'itc',
+           'identity_targets', 'one_hot_targets', 'soft_ce', 'Soft', 'mix_soft', 'itc_soft', 'nitc', 'kl_to_targets',
+           'ritc', 'sdm', 'citc', 'nt_xent', 'id_loss', 'mlm_token_nll', 'mlm_loss', 'LossContext', 'soft_for', 'View',
+           'LossTerm', 'loss_term', 'loss_weights', 'active_terms', 'needed_views', 'needed_heads', 'soft_views',
+           'compute_losses']
 
 # %% ../nbs/07_losses.ipynb #04edd9ec
 @dataclass
@@ -156,39 +158,85 @@ class LossContext:
     extras: dict = field(default_factory=dict)  # e.g. soft-label inputs under 'soft' (see `soft_for`)
     cfg: LossConfig = field(default_factory=LossConfig)  # the terms' settings (eps, temperatures, ...)
 
-LossTerm = Callable[[dict, dict, LossContext], torch.Tensor]
-
 def soft_for(ctx: LossContext, image_key: str, text_key: str) -> Soft | None:
     "The soft-label inputs of the pair (`image_key`, `text_key`), if the soft-label pass provided them."
     s = ctx.extras.get("soft")
     if not s or s["alpha"] <= 0: return None
     return Soft(s["alpha"], s[image_key], s[text_key])
 
-def _pair_nitc(img: str, txt: str) -> LossTerm:
-    "N-ITC of one image view and one caption view of the outputs."
-    return lambda o, b, c: nitc(o[img], o[txt], o["logit_scale"], b["pid"], c.gather, soft_for(c, img, txt))
+@dataclass(frozen=True)
+class View:
+    "An extra input of each training item that a loss term needs: the data makes it, the forward pass encodes it."
+    key: str  # its batch key (caption views also seed their draws with it)
+    modality: str  # 'image', 'text', or 'fields' (batch fields that only a head reads)
+    source: str  # how the data makes it: a key of `augment.VIEW_SOURCES`
+    head: str = ""  # image/text: the head projecting its raw features ('' = the model's normalised features); fields: the head reading them
 
-def _ss(o, c, a: str, b: str):
-    return nt_xent(o[a], o[b], c.cfg.ss_tau, c.gather)
+    @property
+    def output(self) -> str:
+        "The forward pass's output for this view: `key` when a head projects it, else `key`_feats."
+        return self.key if self.head else f"{self.key}_feats"
 
-LOSSES: dict[str, LossTerm] = {
-    "itc": lambda o, b, c: (itc(o["image_feats"], o["text_feats"], o["logit_scale"], c.gather)
-                            if soft_for(c, "image_feats", "text_feats") is None else
-                            itc_soft(o["image_feats"], o["text_feats"], o["logit_scale"], c.gather,
-                                     soft_for(c, "image_feats", "text_feats"))),
-    "nitc": _pair_nitc("image_feats", "text_feats"),
-    "mvs_i": _pair_nitc("image_aug_feats", "text_feats"),
-    "mvs_t": _pair_nitc("image_feats", "text_aug_feats"),
-    "mvs_it": _pair_nitc("image_aug_feats", "text_aug_feats"),
-    "ritc": lambda o, b, c: ritc(o["image_feats"], o["text_feats"], o["logit_scale"], b["pid"], c.gather, c.cfg.ritc_eps),
-    "citc": lambda o, b, c: citc(o["image_feats"], o["text_feats"], c.gather, c.cfg.citc_inmodal, c.cfg.citc_crossmodal),
-    "ss_i": lambda o, b, c: _ss(o, c, "ss_image_a", "ss_image_b"),
-    "ss_t": lambda o, b, c: _ss(o, c, "ss_text_a", "ss_text_b"),
-    "ss_it": lambda o, b, c: _ss(o, c, "ss_image_a", "ss_image_b") + _ss(o, c, "ss_text_a", "ss_text_b"),
-    "id": lambda o, b, c: id_loss(o["image_logits"], o["text_logits"], b["pid"]),
-    "mlm": lambda o, b, c: o["mlm_nll"].sum() / o["mlm_count"].sum().clamp(min=1),
-    "sdm": lambda o, b, c: sdm(o["image_feats"], o["text_feats"], b["pid"], c.cfg.sdm_tau, c.gather),
-}
+IMAGE, TEXT = "image_feats", "text_feats"  # the outputs of the item's own image and caption
+IMAGE_AUG = View("image_aug", "image", "policy")  # I~: another draw of the aug.image policy
+TEXT_AUG = View("text_aug", "text", "caption")  # T~: another augmented caption
+SS_IMAGE = (View("ss_image_a", "image", "simclr", "ss_image"), View("ss_image_b", "image", "simclr", "ss_image"))
+SS_TEXT = (View("ss_text_a", "text", "caption", "ss_text"), View("ss_text_b", "text", "caption", "ss_text"))
+MLM_MASK = View("mlm", "fields", "mlm", "mlm")  # the masked caption and its labels, `mlm_text` and `mlm_labels`
+
+@dataclass(frozen=True)
+class LossTerm:
+    "One loss term: its weight's name in `LossConfig`, what it needs (views, heads, soft targets), and its value."
+    name: str
+    fn: Callable  # (outputs, batch, LossContext) -> the unweighted value
+    views: tuple = ()  # the `View`s the data adds to every item for it
+    heads: tuple = ()  # the training heads it trains, by name in `heads.HEADS`
+    soft: tuple = ()  # the (image output, text output) pairs whose targets soft labels mix
+
+    def __post_init__(self):
+        loose = sorted({v.head for v in self.views if v.head} - set(self.heads))
+        if loose: raise TBPSError(f"loss term {self.name}: its views use head(s) {', '.join(loose)} that it does not declare")
+
+    def __call__(self, out: dict, batch: dict, ctx: LossContext) -> torch.Tensor: return self.fn(out, batch, ctx)
+
+def _itc(o, b, c):
+    soft = soft_for(c, IMAGE, TEXT)
+    if soft is None: return itc(o[IMAGE], o[TEXT], o["logit_scale"], c.gather)
+    return itc_soft(o[IMAGE], o[TEXT], o["logit_scale"], c.gather, soft)
+
+def _nitc_term(name: str, image: View | None = None, text: View | None = None) -> LossTerm:
+    "N-ITC of the item's image or `image` view against its caption or `text` view, soft labels on that pair."
+    i, t = image.output if image else IMAGE, text.output if text else TEXT
+    return LossTerm(name, lambda o, b, c: nitc(o[i], o[t], o["logit_scale"], b["pid"], c.gather, soft_for(c, i, t)),
+                    views=tuple(v for v in (image, text) if v), soft=((i, t),))
+
+def _ss(o, c, views) -> torch.Tensor:
+    "NT-Xent of the projected views (a, b)."
+    return nt_xent(o[views[0].output], o[views[1].output], c.cfg.ss_tau, c.gather)
+
+LOSSES: dict[str, LossTerm] = {t.name: t for t in (
+    LossTerm("itc", _itc, soft=((IMAGE, TEXT),)),
+    _nitc_term("nitc"),
+    _nitc_term("mvs_i", image=IMAGE_AUG),
+    _nitc_term("mvs_t", text=TEXT_AUG),
+    _nitc_term("mvs_it", IMAGE_AUG, TEXT_AUG),
+    LossTerm("ritc", lambda o, b, c: ritc(o[IMAGE], o[TEXT], o["logit_scale"], b["pid"], c.gather, c.cfg.ritc_eps)),
+    LossTerm("citc", lambda o, b, c: citc(o[IMAGE], o[TEXT], c.gather, c.cfg.citc_inmodal, c.cfg.citc_crossmodal)),
+    LossTerm("ss_i", lambda o, b, c: _ss(o, c, SS_IMAGE), views=SS_IMAGE, heads=("ss_image",)),
+    LossTerm("ss_t", lambda o, b, c: _ss(o, c, SS_TEXT), views=SS_TEXT, heads=("ss_text",)),
+    LossTerm("ss_it", lambda o, b, c: _ss(o, c, SS_IMAGE) + _ss(o, c, SS_TEXT), views=SS_IMAGE + SS_TEXT,
+             heads=("ss_image", "ss_text")),
+    LossTerm("id", lambda o, b, c: id_loss(o["image_logits"], o["text_logits"], b["pid"]), heads=("classifier",)),
+    LossTerm("mlm", lambda o, b, c: o["mlm_nll"].sum() / o["mlm_count"].sum().clamp(min=1), views=(MLM_MASK,), heads=("mlm",)),
+    LossTerm("sdm", lambda o, b, c: sdm(o[IMAGE], o[TEXT], b["pid"], c.cfg.sdm_tau, c.gather)),
+)}
+
+# %% ../nbs/07_losses.ipynb #4552864b
+def loss_term(name: str) -> LossTerm:
+    "The term `name` of `LOSSES`, or an error listing the known terms."
+    if name not in LOSSES:
+        raise TBPSError(f"loss term {name!r} has a weight but no implementation; known terms: {', '.join(LOSSES)}")
+    return LOSSES[name]
 
 def loss_weights(loss_cfg) -> dict:
     "The non-zero loss weights of a LossConfig (its settings excluded), checked against the known terms."
@@ -201,12 +249,35 @@ def loss_weights(loss_cfg) -> dict:
         raise TBPSError("every loss weight is 0: nothing to train")
     return w
 
+def active_terms(loss_cfg) -> tuple:
+    "The terms with a non-zero weight in `loss_cfg`, in `LOSSES` order."
+    return tuple(t for t in LOSSES.values() if getattr(loss_cfg, t.name))
+
+def _in_table_order(items, what) -> tuple:
+    "The distinct `what(term)` items of `items`, in the order they first appear in `LOSSES`."
+    want = set(items)
+    return tuple(x for x in dict.fromkeys(x for t in LOSSES.values() for x in what(t)) if x in want)
+
+def needed_views(terms) -> tuple:
+    "The views `terms` need, each once, in `LOSSES` order: the data draws them, the forward pass encodes them, in it."
+    return _in_table_order([v for t in terms for v in t.views], lambda t: t.views)
+
+def needed_heads(terms) -> tuple:
+    "The heads `terms` train, each once, in `LOSSES` order (the order they are created in, hence their initial weights)."
+    return _in_table_order([h for t in terms for h in t.heads], lambda t: t.heads)
+
+def soft_views(terms) -> tuple:
+    "The encoded views (no head) whose features are a soft-label target of `terms`: the no-grad pass encodes them besides I and T."
+    outs = {k for t in terms for pair in t.soft for k in pair}
+    return tuple(v for v in needed_views(terms) if not v.head and v.output in outs)
+
 def compute_losses(out: dict, batch: dict, weights: dict, ctx: LossContext | None = None) -> dict:
     "Each weighted term and their sum under 'loss'."
     ctx = ctx or LossContext()
     terms = {}
     for k, w in weights.items():
-        try: terms[k] = w * LOSSES[k](out, batch, ctx)
+        term = loss_term(k)
+        try: terms[k] = w * term(out, batch, ctx)
         except KeyError as e:
             raise TBPSError(f"loss term {k!r} needs {e.args[0]!r}, which the forward pass did not produce "
                             f"(it produced {', '.join(sorted(out))})") from None

@@ -12,12 +12,12 @@ from typing import Callable
 
 import posixpath
 
-from .core import TBPSError, atomic_write_json, check_relative_path, read_json, registrar, safe_join
+from .core import TBPSError, atomic_write_json, check_relative_path, read_json, resolve, safe_join
 from .text import clean_caption
 
 # %% auto #0
-__all__ = ['SPLITS', 'PID_RANGE', 'FORMAT', 'FORMAT_VERSION', 'READERS', 'register_reader', 'Record', 'valid_pid', 'check_record',
-           'Annotations', 'write_annotations', 'read_annotations', 'check_annotations', 'read_normalised',
+__all__ = ['SPLITS', 'PID_RANGE', 'FORMAT', 'FORMAT_VERSION', 'READERS', 'Record', 'valid_pid', 'check_record', 'Annotations',
+           'write_annotations', 'read_annotations', 'check_annotations', 'read_normalised', 'reader',
            'load_annotations']
 
 # %% ../nbs/02_records.ipynb #49d5cb26
@@ -158,18 +158,28 @@ def check_annotations(ann: Annotations) -> None:
         raise TBPSError(f"{ann.source}: {len(shared)} identities appear in more than one split, e.g. pid {shared[:3]}")
 
 # %% ../nbs/02_records.ipynb #0ad80bb8
-READERS: dict[str, Callable] = {}  # name -> f(root, **kwargs) -> Annotations
-register_reader = registrar(READERS)
+# name -> 'module:function' of a reader f(root, **kwargs) -> Annotations
+READERS: dict[str, str] = {
+    "annotations": "tbps_clip.records:read_normalised",
+    "synthpedes": "tbps_clip.synthpedes:read_synthpedes",
+    "cuhk-pedes": "tbps_clip.datasets:read_cuhk_pedes",
+    "icfg-pedes": "tbps_clip.datasets:read_icfg_pedes",
+    "rstpreid": "tbps_clip.datasets:read_rstpreid",
+    "official": "tbps_clip.datasets:read_official",
+}
 
-@register_reader("annotations")
 def read_normalised(root, annotations: str = "", **kwargs) -> Annotations:
     "A normalised annotation file: `annotations`, or `root/annotations.json`."
     return read_annotations(Path(annotations) if annotations else Path(root)/"annotations.json")
 
+def reader(dataset: str) -> Callable:
+    "The reader of `dataset`, its module imported on first use; an error listing the known names if there is none."
+    if dataset not in READERS:
+        raise TBPSError(f"unknown dataset {dataset!r}; known readers: {', '.join(sorted(READERS))}")
+    return resolve(READERS[dataset], "reader")
+
 def load_annotations(dataset: str, root: str = "", annotations: str = "") -> Annotations:
-    "Annotations for a data config: a normalised file if given, else the registered reader `dataset`."
+    "Annotations for a data config: a normalised file if given, else the reader `dataset`."
     if annotations:
         return read_annotations(annotations)
-    if dataset not in READERS:
-        raise TBPSError(f"unknown dataset {dataset!r}; registered readers: {', '.join(sorted(READERS))}")
-    return READERS[dataset](root)
+    return reader(dataset)(root)

@@ -16,8 +16,8 @@ from .config import (Config, check_config, config_from_dict, config_to_dict, loa
                               set_key)
 from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
                             seed_everything)
-from .augment import configure_pairs, synonym_source  # also registers the training image transform
-from .data import TrainPairs, train_transform
+from .augment import configure_pairs, image_transform, synonym_source
+from .data import TrainPairs
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
 from .evaluate import evaluate, retrieval_figure
 from .heads import attach_heads
@@ -26,7 +26,6 @@ from .probes import apply_freezes, count_parameters, fewshot_subset
 from .pretrain import ensure_synthclip
 from .records import Annotations, load_annotations
 from .train import SoftLabels, Trainer
-from . import datasets, weights  # noqa: F401 (registers the real-data readers, checkpoint readers and weight loaders)
 
 # %% auto #0
 __all__ = ['RESUME_KEYS', 'METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record',
@@ -36,7 +35,6 @@ __all__ = ['RESUME_KEYS', 'METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic',
 # %% ../nbs/13_run.ipynb #6750e830
 def load_data(cfg: Config) -> Annotations:
     "The annotations `cfg.data` points at (the embedded SynthPEDES is generated on first use)."
-    from tbps_clip import synthpedes  # registers the 'synthpedes' reader
     return load_annotations(cfg.data.dataset, cfg.data.root, cfg.data.annotations)
 
 def is_synthetic(ann: Annotations) -> bool:
@@ -79,7 +77,7 @@ def train_dataset(cfg: Config, ann: Annotations, context_length: int) -> TrainPa
     fewshot = None
     if cfg.data.fewshot:  # the drawn identities with all their pairs; `ds.fewshot` reports what was kept
         ann, fewshot = fewshot_subset(ann, cfg.data.fewshot, cfg.data.fewshot_seed)
-    ds = TrainPairs(ann, "train", train_transform(cfg), context_length=context_length,
+    ds = TrainPairs(ann, "train", image_transform(cfg), context_length=context_length,
                     max_words=cfg.data.max_words, seed=cfg.train.seed, skip_bad_images=cfg.data.skip_bad_images)
     ds.fewshot = fewshot
     return configure_pairs(ds, cfg)

@@ -21,7 +21,7 @@ try: import fcntl  # POSIX file locks: two processes never generate one folder a
 except ImportError: fcntl = None
 
 from .core import TBPSError, atomic_write_json, cache_dir, derive_seed
-from .records import Record, read_annotations, register_reader, write_annotations
+from .records import Record, read_annotations, write_annotations
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'COLORS', 'HAIR_COLORS', 'SKIN_TONES', 'VIEWS', 'ATTRIBUTES', 'STYLES', 'FAMILIES',
@@ -966,7 +966,6 @@ def ensure_synthpedes(root=None, progress: bool = True, **sizes) -> Path:
         make_synthpedes(root, progress=progress, **kw)
     return root
 
-@register_reader("synthpedes")
 def read_synthpedes(root: str = "", **kw):
     "SynthPEDES in `root`; an empty root means the embedded default (generated on first use)."
     root = ensure_synthpedes(**kw) if not root else Path(root)

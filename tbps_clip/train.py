@@ -20,12 +20,13 @@ from .core import TBPSError, atomic_write_json, autocast, resolve_device
 from .data import EpochSampler, collate, worker_init
 from .distributed import all_reduce_grads, broadcast_state, gather_objects
 from .heads import HEAD_LR, forward_views, soft_label_views
-from .losses import LossContext, compute_losses, loss_weights
+from .losses import IMAGE, TEXT, LossContext, active_terms, compute_losses, loss_weights, soft_views
 from .model import TBPSModel
 
 # %% auto #0
-__all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'SOFT_KEYS', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers',
-           'Trainer', 'soft_label_alpha', 'SoftLabels']
+__all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers',
+           'run_length', 'needs_grad_scaler', 'rng_state', 'set_rng_state', 'Trainer', 'chunk_spans', 'join_chunks',
+           'soft_label_alpha', 'SoftLabels']
 
 # %% ../nbs/11_train.ipynb #906cca4b
 def param_groups(model: torch.nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list:
@@ -73,6 +74,36 @@ def compile_towers(model: TBPSModel, mode: str) -> TBPSModel:
     if hasattr(model.clip, "transformer"): model.clip.transformer.compile(mode=mode, dynamic=True)
     return model
 
+# %% ../nbs/11_train.ipynb #cdaeca78
+def run_length(cfg: Config, n_pairs: int, world_size: int = 1) -> tuple:
+    "(steps per epoch, total steps, epochs, warm-up steps) of a run over `n_pairs` training pairs."
+    bs = cfg.data.batch_size
+    n_batches = n_pairs // (bs * world_size)
+    if n_batches == 0:
+        raise TBPSError(f"the training set has {n_pairs} pairs, fewer than one batch of "
+                        f"{bs} x {world_size} process(es); lower data.batch_size")
+    tc = cfg.train
+    total = tc.max_steps if tc.max_steps > 0 else tc.epochs * n_batches
+    return n_batches, total, math.ceil(total / n_batches), min(int(round(cfg.optim.warmup_epochs * n_batches)), total)
+
+def needs_grad_scaler(device: torch.device, precision: str) -> bool:
+    "Whether the step scales the loss: fp16 autocast on CUDA (also 'amp' where CUDA has no bf16)."
+    return bool(device.type == "cuda" and precision in ("fp16",) or (
+        device.type == "cuda" and precision == "amp" and not torch.cuda.is_bf16_supported()))
+
+# %% ../nbs/11_train.ipynb #dfbae2fb
+def rng_state() -> dict:
+    "This process's RNG states (torch's CPU generator, Python's, every CUDA device's)."
+    return dict(torch_rng=torch.get_rng_state(), python_rng=random.getstate(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+def set_rng_state(st: dict) -> None:
+    "Restore the RNG states `rng_state` returned (a checkpoint's)."
+    torch.set_rng_state(st["torch_rng"])
+    random.setstate(st["python_rng"])
+    if st.get("cuda_rng") and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda_rng"])
+
+# %% ../nbs/11_train.ipynb #2d40123e
 class Trainer:
     "Trains a TBPSModel on a dataset of pairs; evaluates through an optional `evaluator(model) -> metrics`."
     def __init__(self, cfg: Config, model: TBPSModel, train_ds, evaluator=None, callbacks=(), out_dir=None,
@@ -90,19 +121,9 @@ class Trainer:
         if world_size > 1: broadcast_state(self.model)  # every process starts from rank 0's weights
         self.weights = loss_weights(cfg.loss)
         self.bs = cfg.data.batch_size
-        n_batches = len(train_ds) // (self.bs * world_size)
-        if n_batches == 0:
-            raise TBPSError(f"the training set has {len(train_ds)} pairs, fewer than one batch of "
-                            f"{self.bs} x {world_size} process(es); lower data.batch_size")
-        self.steps_per_epoch = n_batches
-        tc = cfg.train
-        self.total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * n_batches
-        self.epochs = math.ceil(self.total_steps / n_batches)
-        self.warmup_steps = min(int(round(cfg.optim.warmup_epochs * n_batches)), self.total_steps)
+        self.steps_per_epoch, self.total_steps, self.epochs, self.warmup_steps = run_length(cfg, len(train_ds), world_size)
         self.opt = make_optimizer(self.model, cfg.optim)
-        use_scaler = self.device.type == "cuda" and cfg.train.precision in ("fp16",) or (
-            self.device.type == "cuda" and cfg.train.precision == "amp" and not torch.cuda.is_bf16_supported())
-        self.scaler = torch.amp.GradScaler("cuda", enabled=bool(use_scaler))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.train.precision))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history = dict(train=[], eval=[])
 
@@ -116,17 +137,11 @@ class Trainer:
     @property
     def ckpt_path(self) -> Path: return self.out_dir / "checkpoint.pt"
 
-    @staticmethod
-    def rng_state() -> dict:
-        "This process's RNG states."
-        return dict(torch_rng=torch.get_rng_state(), python_rng=random.getstate(),
-                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
     def state(self) -> dict:
         "Everything besides model and optimizer needed to continue the run exactly."
         st = dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, history=self.history,
-                  **self.rng_state(), scaler=self.scaler.state_dict())
-        if self.world_size > 1: st["rank_rng"] = gather_objects(self.rng_state())  # every process's own
+                  **rng_state(), scaler=self.scaler.state_dict())
+        if self.world_size > 1: st["rank_rng"] = gather_objects(rng_state())  # every process's own
         return st
 
     def save(self) -> None:
@@ -152,9 +167,7 @@ class Trainer:
             if len(st.get("rank_rng") or []) != self.world_size:
                 raise TBPSError(f"{self.ckpt_path}: saved by a run with another number of processes; resume with the same number")
             st = {**st, **st["rank_rng"][self.rank]}
-        torch.set_rng_state(st["torch_rng"])
-        random.setstate(st["python_rng"])
-        if st.get("cuda_rng") and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda_rng"])
+        set_rng_state(st)
         if st.get("scaler"): self.scaler.load_state_dict(st["scaler"])
 
     # --- one step --------------------------------------------------------------
@@ -181,8 +194,7 @@ class Trainer:
 
     def backward_cached(self, chunk: int) -> None:
         "Gradient caching: the same gradients as `backward`, with activations of `chunk` samples at a time."
-        b = len(next(iter(self.batch.values())))
-        spans = [slice(i, min(i + chunk, b)) for i in range(0, b, chunk)]
+        spans = chunk_spans(len(next(iter(self.batch.values()))), chunk)
         part = lambda s: {k: v[s] for k, v in self.batch.items()}
         prec = self.cfg.train.precision
         # 1. encode every chunk without building a graph, remembering the RNG state each one started from
@@ -191,12 +203,8 @@ class Trainer:
             for s in spans:
                 states.append(self._fwd_rng())
                 outs.append(self.forward(part(s)))
-        keys = [k for k, v in outs[0].items() if v.ndim > 0]
-        odd = [k for k, v in outs[0].items() if v.ndim == 0 and k != "logit_scale"]
-        odd += [k for o, s in zip(outs, spans) for k in keys if o[k].shape[0] != s.stop - s.start]
-        if odd:
-            raise TBPSError(f"gradient caching needs per-sample outputs; {', '.join(sorted(set(odd)))} are not")
-        reps = {k: torch.cat([o[k] for o in outs]) for k in keys}
+        reps = join_chunks(outs, spans)
+        keys = list(reps)
         for v in reps.values():
             if v.is_floating_point(): v.requires_grad_(True)
         # 2. losses of the whole batch on those features; backward stops at them (and at the logit scale)
@@ -303,9 +311,21 @@ class Trainer:
         self.train_seconds = time.perf_counter() - t0
         return self.history
 
-# %% ../nbs/11_train.ipynb #01b89aa8
-SOFT_KEYS = ("image_feats", "text_feats", "image_aug_feats", "text_aug_feats")
+# %% ../nbs/11_train.ipynb #7c893816
+def chunk_spans(b: int, chunk: int) -> list:
+    "Slices of `chunk` samples (the last one shorter) covering a batch of `b`."
+    return [slice(i, min(i + chunk, b)) for i in range(0, b, chunk)]
 
+def join_chunks(outs: list, spans: list) -> dict:
+    "The per-sample outputs of chunked forward passes, concatenated; an error for any output that is not per sample."
+    keys = [k for k, v in outs[0].items() if v.ndim > 0]
+    odd = [k for k, v in outs[0].items() if v.ndim == 0 and k != "logit_scale"]
+    odd += [k for o, s in zip(outs, spans) for k in keys if o[k].shape[0] != s.stop - s.start]
+    if odd:
+        raise TBPSError(f"gradient caching needs per-sample outputs; {', '.join(sorted(set(odd)))} are not")
+    return {k: torch.cat([o[k] for o in outs]) for k in keys}
+
+# %% ../nbs/11_train.ipynb #01b89aa8
 def soft_label_alpha(step: int, steps_per_epoch: int, alpha: float, warmup_epochs: float = 1.0) -> float:
     "alpha * min(1, step / (warmup_epochs * steps_per_epoch)): the official linear warm-up."
     w = warmup_epochs * steps_per_epoch
@@ -323,12 +343,16 @@ class SoftLabels(Callback):
         "The no-grad pass over the trainer's batch (chunked like gradient caching)."
         b = len(t.batch["image"])
         c = t.cfg.train.grad_cache_chunk or b
-        parts = [soft_label_views(t.model, {k: v[i:i + c] for k, v in t.batch.items()}) for i in range(0, b, c)]
+        views = soft_views(active_terms(t.cfg.loss))
+        parts = [soft_label_views(t.model, {k: v[i:i + c] for k, v in t.batch.items()}, views) for i in range(0, b, c)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def after_forward(self, t):
         a = soft_label_alpha(t.step, t.steps_per_epoch, self.alpha, self.warmup)
         t.loss_ctx.extras.pop("soft", None)
         if a <= 0: return
-        feats = self.nograd_views(t) if self.source == "nograd" else {k: t.out[k].detach() for k in SOFT_KEYS if k in t.out}
+        if self.source == "nograd": feats = self.nograd_views(t)
+        else:  # the gradient pass's own features of I, T and the views the terms' soft pairs name
+            keys = (IMAGE, TEXT) + tuple(v.output for v in soft_views(active_terms(t.cfg.loss)))
+            feats = {k: t.out[k].detach() for k in keys if k in t.out}
         t.loss_ctx.extras["soft"] = dict(alpha=a, **feats)

@@ -21,7 +21,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CHECKPOINT_READERS, CKPT_FORMAT, CKPT_VERSION, WEIGHT_LOADERS, load_state_strict
+from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_state_strict
 from .core import TBPSError
 from .model import ARCHS, TBPSModel, arch_config
 
@@ -295,14 +295,6 @@ def load_tbps_release(model: TBPSModel, obj, source: str) -> bool:
     _report(model, source, "TBPS-CLIP release", notes, dropped_keys=dropped,
             trained_at=dict(input_resolution=exp.get("input_resolution"), text_length=exp.get("text_length")))
     return True
-
-# %% ../nbs/16_weights.ipynb #dab8bb8e
-def _register(registry: list, f) -> None:
-    "Add `f` to `registry`, replacing an earlier version of the same function (re-run notebooks, reloads)."
-    registry[:] = [g for g in registry if getattr(g, "__name__", None) != f.__name__] + [f]
-
-for _f in (read_torchscript, read_safetensors, read_foreign_containers): _register(CHECKPOINT_READERS, _f)
-for _f in (load_clip_weights, load_tbps_release): _register(WEIGHT_LOADERS, _f)
 
 # %% ../nbs/16_weights.ipynb #18166dab
 def _refuse_edited(model: TBPSModel, path, layout: str) -> None:

@@ -10,7 +10,6 @@ from tbps_clip.data import test_transform as make_test_transform
 from tbps_clip.datasets import FORMATS, OFFICIAL_FILES, read_dataset, scan_dataset
 from tbps_clip.fixtures import FIXTURE_DEFECTS, write_fixture
 from tbps_clip.records import READERS, load_annotations
-from tbps_clip import run  # noqa: F401  (the run module imports the readers, as the CLI does)
 
 SIZES = dict(n_ids=(5, 2, 3), images_per_id=3)
 

@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 from tbps_clip.core import TBPSError
 from tbps_clip.datasets import FORMATS, IMAGE_DIR, OFFICIAL_FILES, read_dataset
-from tbps_clip.records import FORMAT, FORMAT_VERSION, READERS, load_annotations, read_annotations
-from tbps_clip.synthpedes import read_synthpedes  # noqa: F401 (registers the 'synthpedes' reader)
+from tbps_clip.records import FORMAT, FORMAT_VERSION, load_annotations, read_annotations, reader as dataset_reader
 from tbps_clip.text import EOT_TOKEN, SOT_TOKEN, _PUNCT, clean_caption, tokenize, vocab_size
 
 # TBPS_FUZZ_EXAMPLES scales every test up for a longer local fuzzing session (random seeds then, not derandomised).
@@ -173,7 +172,7 @@ def test_normalised_reader(data, reader):
         f.write_text(json.dumps(normalised_doc(raw)))
         read = {"read_annotations": lambda: read_annotations(f),
                 "annotations": lambda: load_annotations("annotations", annotations=str(f)),
-                "synthpedes": lambda: READERS["synthpedes"](d)}[reader]
+                "synthpedes": lambda: dataset_reader("synthpedes")(d)}[reader]
         check_outcome(read, [f], good, bad, defect)
 
 

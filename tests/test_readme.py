@@ -29,3 +29,17 @@ def test_readme_python_example_runs(tmp_path):
     assert r.stdout.count("'R@1'") == 2 and r.stdout.count("Encoder(tbps-micro") == 1
     assert (tmp_path / "runs/tiny/checkpoint.pt").is_file() and (tmp_path / "runs/tiny/index/index.json").is_file()
     assert (tmp_path / "top5.png").stat().st_size > 1000
+
+
+def test_readme_demo_table_is_the_committed_demo_record():
+    "The README's demo table and results/demo/results.json come from one run (issue 16, item 13)."
+    import json
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("### What the main job prints", 1)[1].split("```", 2)[1]
+    rows = {m.group(1): [float(x) for x in m.group(2).split()]
+            for m in re.finditer(r"^(zero-shot|fine-tuned)\b.*?\)\s+([0-9. ]+)$", block, re.M)}
+    rec = json.loads((ROOT / "results/demo/results.json").read_text())
+    keys = ["R@1", "R@5", "R@10", "mAP", "mINP"]
+    assert rows["zero-shot"] == [round(rec["zero_shot"][k], 2) for k in keys], (rows, rec["zero_shot"])
+    assert rows["fine-tuned"] == [round(rec["metrics"][k], 2) for k in keys], (rows, rec["metrics"])
+    assert f"{rec['steps']} fine-tuning steps" in block and rec["synthetic"] is True

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import tbps_clip.weights  # noqa: F401 (the safetensors reader)
 from tbps_clip.checkpoint import load_weights, read_checkpoint_file, shipped_synthclip, synthclip_source
 from tbps_clip.config import make_config
 from tbps_clip.model import create_model

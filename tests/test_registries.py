@@ -1,0 +1,113 @@
+"""Registries are explicit (no entry depends on an import's side effect; a missing one is an error) and each loss
+term's declaration drives what the data, the heads and the forward pass make for it."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import micro_overrides
+from tbps_clip.augment import VIEW_SOURCES, configure_pairs
+from tbps_clip.checkpoint import CHECKPOINT_READERS, WEIGHT_LOADERS, read_checkpoint_file
+from tbps_clip.config import LossConfig, make_config
+from tbps_clip.core import TBPSError, resolve
+from tbps_clip.data import TrainPairs
+from tbps_clip.data import test_transform as make_test_transform
+from tbps_clip.heads import HEADS, attach_heads, forward_views, head_spec
+from tbps_clip.losses import LOSSES, LossTerm, View, active_terms, compute_losses, needed_heads, needed_views
+from tbps_clip.model import create_model
+from tbps_clip.records import READERS, load_annotations, read_annotations, reader
+
+
+# ---- registries --------------------------------------------------------------------------------------------
+
+def test_every_registry_entry_resolves():
+    for name in READERS: assert callable(reader(name))
+    for ref in [*CHECKPOINT_READERS, *WEIGHT_LOADERS]: assert callable(resolve(ref, "entry"))
+
+
+def test_missing_entries_are_clear_errors(monkeypatch, tmp_path):
+    with pytest.raises(TBPSError, match="unknown dataset 'nope'; known readers: annotations, cuhk-pedes"):
+        load_annotations("nope", str(tmp_path))
+    monkeypatch.setitem(READERS, "gone", "tbps_clip.datasets:read_gone")
+    with pytest.raises(LookupError, match="reader 'tbps_clip.datasets:read_gone' does not exist"):
+        load_annotations("gone", str(tmp_path))
+    monkeypatch.setattr("tbps_clip.checkpoint.CHECKPOINT_READERS", ["tbps_clip.nowhere:read"])
+    f = tmp_path / "x.pt"
+    torch.save({"a": torch.zeros(1)}, f)
+    with pytest.raises(LookupError, match="checkpoint reader 'tbps_clip.nowhere:read' does not exist"):
+        read_checkpoint_file(f)
+
+
+def test_lookups_need_no_import_for_its_side_effects(toy, tmp_path):
+    "In a fresh interpreter: the readers and checkpoint formats work without importing their modules first."
+    code = f"""
+import sys, torch
+from tbps_clip.records import load_annotations
+from tbps_clip.checkpoint import read_checkpoint_file
+from tbps_clip.data import TrainPairs
+from tbps_clip.data import test_transform as make_test_transform
+assert not any(m in sys.modules for m in ("tbps_clip.datasets", "tbps_clip.weights", "tbps_clip.augment", "tbps_clip.synthpedes"))
+from safetensors.torch import save_file
+save_file({{"w": torch.ones(2)}}, {str(tmp_path / "w.safetensors")!r})
+assert torch.equal(read_checkpoint_file({str(tmp_path / "w.safetensors")!r})["w"], torch.ones(2))
+assert "tbps_clip.weights" in sys.modules  # imported by the lookup
+assert load_annotations("annotations", annotations={str(toy)!r}).dataset == "toy"
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_training_transform_is_the_augmentation_policy_without_any_registry(toy, tmp_path):
+    "data has no transform registry to fall back from: the run's training transform is augment.image_transform."
+    import tbps_clip.data as D
+    assert not hasattr(D, "TRAIN_TRANSFORMS") and not hasattr(D, "train_transform")
+    from tbps_clip.run import load_data, train_dataset
+    cfg = make_config("simplified", micro_overrides(toy, tmp_path))
+    ds = train_dataset(cfg, load_data(cfg), 32)
+    assert "Pool" in repr(ds.transform)  # aug.image=pool of the preset, not the test transform
+
+
+# ---- loss terms: one declaration drives data, heads and outputs ------------------------------------------------
+
+def test_every_declared_head_and_view_source_exists():
+    for t in LOSSES.values():
+        assert t.name in {f.name for f in LossConfig.__dataclass_fields__.values()}
+        for h in t.heads: assert head_spec(h) is HEADS[h]
+        for v in t.views: assert v.source in VIEW_SOURCES and v.modality in ("image", "text", "fields")
+    with pytest.raises(TBPSError, match="known heads"): head_spec("nope")
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES])
+def test_each_terms_declaration_drives_data_heads_and_outputs(toy, tmp_path, name):
+    "One term switched on alone: the items carry its views, the model its heads, the outputs what it reads."
+    extra = {"loss.itc": 0.0, f"loss.{name}": 1.0, "aug.image": "pool", "aug.rd": 0.3, "trick.text_dropout": 0.0}
+    cfg = make_config("clip", micro_overrides(toy, tmp_path, **extra))
+    term = LOSSES[name]
+    assert active_terms(cfg.loss) == (term,)
+    ds = configure_pairs(TrainPairs(read_annotations(toy), transform=make_test_transform((32, 16)), context_length=32), cfg)
+    made = {**ds.extra_views, **ds.extra_texts, **ds.text_fields}
+    assert list(made) == [v.key for v in needed_views((term,))] == [v.key for v in term.views]
+    model = attach_heads(create_model("tbps-micro"), cfg, ds.num_classes)
+    assert tuple(model.heads) == term.heads
+    batch = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in range(4)]) for k in ds[0]}
+    out = forward_views(model, batch, cfg.loss)
+    assert {v.output for v in term.views if v.modality != "fields"} <= set(out)
+    assert torch.isfinite(compute_losses(out, batch, {name: 1.0})["loss"])
+
+
+def test_a_new_term_needs_only_its_declaration(toy, tmp_path, monkeypatch):
+    "A term added to LOSSES alone gets its views from the data and its head from attach_heads."
+    ss = View("ss_image_a", "image", "simclr", "ss_image"), View("ss_image_b", "image", "simclr", "ss_image")
+    new = LossTerm("ss_t", lambda o, b, c: (o["ss_image_a"] - o["ss_image_b"]).square().mean(), views=ss, heads=("ss_image",))
+    monkeypatch.setitem(LOSSES, "ss_t", new)  # re-declare ss_t as another SS-I, to use its existing weight
+    cfg = make_config("clip", micro_overrides(toy, tmp_path, **{"loss.ss_t": 1.0}))
+    ds = configure_pairs(TrainPairs(read_annotations(toy), context_length=32), cfg)
+    assert list(ds.extra_views) == ["ss_image_a", "ss_image_b"] and not ds.extra_texts  # no caption view any more
+    model = attach_heads(create_model("tbps-micro"), cfg, ds.num_classes)
+    assert list(model.heads) == ["ss_image"] and needed_heads(active_terms(cfg.loss)) == ("ss_image",)
+
+
+def test_a_view_whose_head_is_undeclared_is_refused():
+    with pytest.raises(TBPSError, match="ss_image"):
+        LossTerm("x", lambda o, b, c: 0, views=(View("v", "image", "simclr", "ss_image"),))
