@@ -22,9 +22,6 @@ __all__ = ['MODEL_EDITS', 'register_edit', 'PROBES', 'TABLE12_LAYERS', 'apply_ed
            'CoOpPrompt', 'ImageAdapter', 'attach_probe', 'coop_parameters', 'adapter_parameters',
            'trainable_parameters', 'compression_counts']
 
-# %% ../nbs/17_probes.ipynb #7d1125f6
-from .data import fewshot_subset  # run.py (nbs/13_run) still imports it from here; new code imports it from data
-
 # %% ../nbs/17_probes.ipynb #775f2b0b
 MODEL_EDITS: dict[str, Callable] = {}  # name -> edit(model, settings)
 register_edit = registrar(MODEL_EDITS)
