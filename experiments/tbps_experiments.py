@@ -20,7 +20,8 @@ from tbps_clip.core import TBPSError, atomic_write_json, git_commit, resolve_dev
 from tbps_clip.evaluate import evaluate
 from tbps_clip.heads import attach_heads
 from tbps_clip.importance import ALPHAS, TOWERS, layer_importance, least_important_layers, module_importance, module_refs
-from tbps_clip.probes import fewshot_subset, trainable_parameters
+from tbps_clip.data import fewshot_subset
+from tbps_clip.probes import trainable_parameters
 from tbps_clip.model import create_model
 from tbps_clip.run import eval_config, load_data, prepare_model, set_threads, train_dataset
 from tbps_clip.study.grid import IRRA_INITS
@@ -50,13 +51,17 @@ def e06_paper_rows(dataset: str, backbone: str) -> dict:
                                 "backbones ViT-B-32, ViT-B-16")
     return out
 
-def e06_marks(records, out, paper_dataset: str, paper_backbones: dict, metric: str = "R@1", fallback_sd="auto", k: float = 2.0) -> list:
+def paper_backbone(arch: str, mapping: dict | None = None) -> str:
+    "The paper's backbone that our `arch` is compared with: `mapping`'s, else itself for a ViT-B, else ViT-B/16 (ours are smaller)."
+    return (mapping or {}).get(arch) or (arch if arch.startswith("ViT-B") else "ViT-B-16")
+
+def e06_marks(records, out, paper_dataset: str, paper_backbones: dict | None = None, metric: str = "R@1", fallback_sd="auto", k: float = 2.0) -> list:
     "Per backbone, the presets marked against the paper's rows of `paper_dataset` and the mapped paper backbone."
     if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # once, not per backbone
     marked = []
     for arch in dict.fromkeys(r["config"]["model"]["arch"] for r in records):
         sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["config"]["model"]["arch"] == arch]
-        pb = paper_backbones.get(arch, arch)
+        pb = paper_backbone(arch, paper_backbones)
         rows = table_report(sub, "table6_8", out, metric, k, paper_rows=e06_paper_rows(paper_dataset, pb), baseline="clip",
                             stem=f"table6_8-{arch}", fallback_sd=fallback_sd)
         marked += [dict(r, backbone=arch, paper_backbone=pb, label=f"{r['name']} {arch} (paper {pb})") for r in rows]
@@ -68,7 +73,7 @@ def e06_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
     if not e06: return [], {}
     pds = paper_dataset(e06[0]["dataset"])
     archs = {r["config"]["model"]["arch"] for r in e06}
-    pbs = {a: a if a.startswith("ViT-B") else "ViT-B-16" for a in archs}
+    pbs = {a: paper_backbone(a) for a in archs}
     marked = e06_marks(e06, out, pds, pbs, metric, fallback_sd, k)
     md, paired = _paired([([dict(r, name=r["name"].split("@")[0]) for r in e06 if r["config"]["model"]["arch"] == a],
                            e06_paper_rows(pds, pbs[a]), f"table6_8-{a}") for a in dict.fromkeys(r["config"]["model"]["arch"] for r in e06)],

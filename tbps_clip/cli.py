@@ -75,10 +75,6 @@ def _cmd_demo(a):
     print(rec["table"])
     print(f"figure: {rec['figure']}\nresults: {Path(a.out) / 'results.json'}\ntotal {rec['demo_seconds']} s")
 
-def _cmd_prep(a):
-    from tbps_clip.datasets import run_prep
-    run_prep(a)
-
 def _cmd_config(a):
     import yaml
     from tbps_clip.config import make_config, config_to_dict
@@ -98,7 +94,8 @@ def _gallery_items(path):
 
 def _cmd_index(a):
     import torch
-    from tbps_clip.search import Encoder, dist_env, index_gallery
+    from tbps_clip.distributed import dist_env
+    from tbps_clip.search import Encoder, index_gallery
     rank, world, local = dist_env()
     device = a.device or (f"cuda:{local}" if world > 1 and torch.cuda.is_available() else None)
     enc = Encoder.from_checkpoint(a.checkpoint, a.overrides, trust=a.trust, device=device, batch_size=a.batch_size,
@@ -293,6 +290,41 @@ def _add_study_commands(sub) -> None:
     t = ss.add_parser("status", help="list the notebook runs of a results folder")
     t.add_argument("results", help="results folder (a sweep's out)"); t.set_defaults(func=_cmd_study_status)
 
+# %% ../nbs/14_cli.ipynb #5a6d75e4
+def _add_prep_commands(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add the preparation subcommands (one per dataset, and merge-bt) to the parser `p`."
+    from tbps_clip.datasets import DROPPABLE, FORMATS, IMAGE_DIR, OFFICIAL_FILES
+    sub = p.add_subparsers(dest="what", required=True, metavar="{" + ",".join([*FORMATS, "official", "merge-bt"]) + "}")
+    for name in [*FORMATS, "official"]:
+        desc = (f"{FORMATS[name].name}: {FORMATS[name].files[0]} and {IMAGE_DIR}/ in ROOT" if name in FORMATS
+                else f"the TBPS-CLIP authors' {', '.join(OFFICIAL_FILES.values())} and {IMAGE_DIR}/ in ROOT")
+        s = sub.add_parser(name, help=desc, description=desc)
+        s.add_argument("root", help="the dataset folder")
+        s.add_argument("--out", help="annotation file to write (default: ROOT/annotations.json)")
+        s.add_argument("--drop", default="", help=f"comma-separated issue kinds to drop ({', '.join(DROPPABLE)}), or 'errors' or 'all' (default: none)")
+        s.add_argument("--check-images", default="decode", choices=("decode", "exists", "none"), help="how to check image files")
+        s.add_argument("--report", help="where to write the JSON report (default: next to --out)")
+        s.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem")
+    s = sub.add_parser("merge-bt", help="add the authors' back-translations to annotations made from a raw release")
+    s.add_argument("annotations", help="annotation file written by `tbps-clip prep`")
+    s.add_argument("official", help="folder with the authors' train_reid.json (and val/test files)")
+    s.add_argument("--out", help="annotation file to write (default: ANNOTATIONS with _bt before .json)")
+    s.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem")
+    return p
+
+def _cmd_prep(a) -> int:
+    "Run the parsed preparation command `a`; raises TBPSError when errors are left (nothing written)."
+    from tbps_clip.datasets import format_merge_report, format_prep_report, merge_back_translations, prepare
+    if a.what == "merge-bt":
+        print(format_merge_report(merge_back_translations(a.annotations, a.official, a.out, a.examples)))
+        return 0
+    rep = prepare(a.what, a.root, a.out, a.drop, a.check_images, a.report, a.examples, progress=True)
+    print(format_prep_report(rep))
+    print(f"report: {rep['report_file']}")
+    if rep["blocking"]["count"]:
+        raise TBPSError(f"{rep['blocking']['count']} error(s) left in {a.root}; nothing written (see the report above)")
+    return 0
+
 # %% ../nbs/14_cli.ipynb #ae22179c
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     "Adds '(default: X)' to an option's help unless the help already states it or there is nothing to show (flags)."
@@ -364,8 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("prep", help="check a raw dataset download and write its annotation file, with a validation report")
-    from tbps_clip.datasets import add_prep_commands
-    add_prep_commands(s); s.set_defaults(func=_cmd_prep)
+    _add_prep_commands(s); s.set_defaults(func=_cmd_prep)
 
     s = sub.add_parser("demo", help="the main job on the embedded default: zero-shot vs fine-tuned on SynthPEDES")
     preset(s); s.add_argument("--out", default="runs/demo", help="run folder of the demo"); ov(s)

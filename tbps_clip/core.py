@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TBPSError', 'registrar', 'resolve', 'seed_everything', 'derive_seed', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_write_json', 'atomic_torch_save', 'read_json', 'check_relative_path', 'safe_join', 'resolve_device',
-           'autocast', 'cache_dir', 'git_commit', 'environment_info']
+__all__ = ['TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
+           'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'check_relative_path',
+           'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit', 'environment_info']
 
 # %% ../nbs/00_core.ipynb #6c150783
 class TBPSError(Exception):
@@ -49,6 +49,15 @@ def resolve(ref: str, what: str):
     try: return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
         raise LookupError(f"{what} {ref!r} does not exist ({type(e).__name__}: {e})") from None
+
+# %% ../nbs/00_core.ipynb #3c2cfbdf
+def patch_to(cls: type, cls_method: bool = False):
+    "Decorator: make the function a method of `cls` (a class method with `cls_method`) and return it unchanged."
+    def deco(f):
+        f.__qualname__ = f"{cls.__name__}.{f.__name__}"
+        setattr(cls, f.__name__, classmethod(f) if cls_method else f)
+        return f
+    return deco
 
 # %% ../nbs/00_core.ipynb #ed1fa544
 def seed_everything(seed: int) -> None:

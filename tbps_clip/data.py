@@ -27,7 +27,7 @@ from .text import clean_caption, tokenize
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'NORMALIZE', 'CaptionAug', 'load_image', 'normalize_transform', 'test_transform', 'reindex_pids',
            'readable_records', 'TrainPairs', 'ImageSet', 'EvalSplit', 'eval_split', 'EpochSampler', 'collate',
-           'worker_init']
+           'worker_init', 'fewshot_pids', 'fewshot_subset']
 
 # %% ../nbs/05_data.ipynb #85e06f7e
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well above any person crop
@@ -230,3 +230,25 @@ def worker_init(worker_id: int) -> None:
     s = info.seed % 2**32
     random.seed(s); np.random.seed(s)
     torch.set_num_threads(1)
+
+# %% ../nbs/05_data.ipynb #346eb0af
+import dataclasses
+
+def fewshot_pids(pids, fraction: float, seed: int = 0) -> list:
+    "The identities a few-shot run keeps: the round(fraction x n) (at least 1) of the distinct `pids` with the smallest seeded keys, sorted."
+    if not 0 < fraction <= 1:
+        raise TBPSError(f"data.fewshot={fraction}: the fraction of training identities must lie in (0, 1] (0 = all data)")
+    uniq = sorted(set(pids))
+    if not uniq: raise TBPSError("few-shot sampling needs at least one training identity")
+    k = max(1, int(fraction * len(uniq) + 0.5))  # round half up, unlike round()'s banker's rounding
+    return sorted(sorted(uniq, key=lambda p: derive_seed(seed, "fewshot", p))[:k])
+
+def fewshot_subset(ann: Annotations, fraction: float, seed: int = 0, split: str = "train") -> tuple:
+    "(annotations whose `split` keeps only the drawn identities, a report of what was kept)."
+    recs = ann.split(split)
+    keep = set(fewshot_pids([r.pid for r in recs], fraction, seed))
+    kept = [r for r in recs if r.pid in keep]
+    sub = dataclasses.replace(ann, records=[r for r in ann.records if r.split != split or r.pid in keep])
+    report = dict(fraction=fraction, seed=seed, ids=len(keep), pairs=sum(len(r.captions) for r in kept), images=len(kept),
+                  of_ids=len({r.pid for r in recs}), of_pairs=sum(len(r.captions) for r in recs), pids=sorted(keep))
+    return sub, report

@@ -5,10 +5,8 @@
 # %% ../nbs/15_datasets.ipynb #2863eba2
 from __future__ import annotations
 
-import argparse
 import json
 import posixpath
-import random
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,11 +19,11 @@ from .records import (SPLITS, Annotations, Record, check_annotations, read_annot
                                valid_pid, write_annotations)
 
 # %% auto #0
-__all__ = ['FORMATS', 'IMAGE_DIR', 'OFFICIAL_FILES', 'OFFICIAL_STATS', 'ISSUE_KINDS', 'DROPPABLE', 'FIXTURE_DEFECTS', 'RawFormat',
-           'Issue', 'parse_drop', 'Entry', 'parse_entry', 'cross_issues', 'image_issues', 'split_stats',
-           'compare_stats', 'apply_drops', 'Scan', 'scan_dataset', 'read_dataset', 'read_cuhk_pedes', 'read_icfg_pedes',
-           'read_rstpreid', 'read_official', 'fixture_records', 'write_fixture', 'build_report', 'format_report',
-           'prepare', 'merge_back_translations', 'format_merge_report', 'add_prep_commands', 'run_prep', 'prep_main']
+__all__ = ['FORMATS', 'IMAGE_DIR', 'OFFICIAL_FILES', 'OFFICIAL_STATS', 'ISSUE_KINDS', 'DROPPABLE', 'RawFormat', 'Issue',
+           'parse_drop', 'Entry', 'parse_entry', 'cross_issues', 'image_issues', 'split_stats', 'compare_stats',
+           'apply_drops', 'Scan', 'scan_dataset', 'read_dataset', 'read_cuhk_pedes', 'read_icfg_pedes', 'read_rstpreid',
+           'read_official', 'prep_report', 'format_prep_report', 'prepare', 'merge_back_translations',
+           'format_merge_report']
 
 # %% ../nbs/15_datasets.ipynb #f3cce806
 @dataclass(frozen=True)
@@ -367,120 +365,11 @@ def read_official(root, **kwargs) -> Annotations:
     "The TBPS-CLIP authors' `train_reid.json` / `val_reid.json` / `test_reid.json` (any subset) and `imgs/` in `root`."
     return read_dataset("official", root, **kwargs)
 
-# %% ../nbs/15_datasets.ipynb #eadaa1ea
-_COLOURS = ["red", "blue", "green", "black", "white", "grey", "yellow", "pink", "brown", "purple", "orange", "navy"]
-_TOPS = ["shirt", "jacket", "t-shirt", "coat", "sweater", "blouse", "hoodie", "vest"]
-_BOTTOMS = ["jeans", "trousers", "shorts", "skirt", "pants", "leggings"]
-_EXTRAS = ["a backpack", "a handbag", "white sneakers", "black shoes", "glasses", "a cap", "a phone", "an umbrella"]
-_RGB = {"red": (200, 30, 30), "blue": (30, 60, 200), "green": (30, 160, 40), "black": (20, 20, 20), "white": (235, 235, 235),
-        "grey": (128, 128, 128), "yellow": (220, 210, 40), "pink": (240, 150, 190), "brown": (120, 70, 30),
-        "purple": (130, 40, 160), "orange": (240, 140, 20), "navy": (20, 30, 90)}
-FIXTURE_DEFECTS = ("non_ascii", "empty_caption", "duplicate_caption", "missing_image", "unreadable_image", "shared_id",
-                   "path_escape", "bad_type", "missing_field", "duplicate_image")
-
-def _fixture_path(dataset: str, split: str, pid: int, k: int) -> str:
-    if dataset == "cuhk-pedes":
-        return f"{'train_query' if split == 'train' else 'test_query' if k % 2 else 'cam_a'}/p{pid}_s{k}.jpg"
-    if dataset == "icfg-pedes":
-        return f"{split}/{pid:04d}/{pid:04d}_c{k % 6 + 1}_{k:04d}.jpg"
-    return f"{pid}_c{k % 15 + 1}_{k:04d}.jpg"
-
-def fixture_records(dataset: str, n_ids=(4, 2, 2), images_per_id: int = 2, captions_per_image: int | None = None,
-                    seed: int = 0) -> list:
-    "Clean records in the style of `dataset` (ids, image paths, captions), before any defect."
-    rng = random.Random(seed)
-    cpi = captions_per_image or (1 if dataset == "icfg-pedes" else 2)
-    splits = FORMATS[dataset].splits if dataset in FORMATS else SPLITS
-    recs, pid, seen = [], 1, set()
-    for split, n in zip(SPLITS, n_ids):
-        if split not in splits or not n: continue
-        for _ in range(n):
-            top, bottom = rng.sample(_COLOURS, 2)
-            for k in range(images_per_id):
-                caps = []
-                while len(caps) < cpi:
-                    c = (f"A person wearing a {top} {rng.choice(_TOPS)} and {bottom} {rng.choice(_BOTTOMS)}, "
-                         f"with {rng.choice(_EXTRAS)} and {rng.choice(_EXTRAS)}.")
-                    if c not in seen: seen.add(c); caps.append(c)
-                recs.append(Record(_fixture_path(dataset, split, pid, k), pid, caps, split,
-                                   [f"Someone in a {top} top and {bottom} {rng.choice(_BOTTOMS)} ({pid}.{k}.{j})." for j in range(cpi)]))
-            pid += 1
-    return recs
-
-def _draw(path: Path, colour_words: str, rng: random.Random, size=(48, 16)) -> None:
-    from PIL import Image
-    cols = [c for c in _COLOURS if c in colour_words][:2] or ["grey", "grey"]
-    im = Image.new("RGB", (size[1], size[0]), tuple(rng.randrange(256) for _ in range(3)))
-    h = size[0]
-    im.paste(_RGB[cols[0]], (2, h // 8, size[1] - 2, h // 2))
-    im.paste(_RGB[cols[-1]], (2, h // 2, size[1] - 2, h - h // 8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, quality=95) if path.suffix == ".jpg" else im.save(path)
-
-def _raw_entry(r: Record, dataset: str, official: bool) -> dict:
-    if official:
-        return dict(file_path=r.image, id=r.pid, captions=list(r.captions), **({"captions_bt": list(r.captions_bt)} if r.split == "train" else {}))
-    d = dict(split=r.split, captions=list(r.captions), **{FORMATS[dataset].path_field: r.image}, id=r.pid)
-    if dataset != "rstpreid": d["processed_tokens"] = [c.lower().strip(".").replace(",", "").split() for c in r.captions]
-    return d
-
-def _plant(raw: list, dataset: str, defects, pf: str, root: Path, rng) -> Counter:
-    "Put one instance of each defect into the raw entries (and image files); count the issues planted."
-    planted = Counter()
-    by_split = {s: [i for i, e in enumerate(raw) if e.get("split") == s] for s in SPLITS}
-    train, test = by_split["train"], by_split["test"] or by_split["val"]
-    for d in defects:
-        if d not in FIXTURE_DEFECTS: raise TBPSError(f"unknown fixture defect {d!r}; choose from {', '.join(FIXTURE_DEFECTS)}")
-    def cap(i, j=0): return raw[i]["captions"][j]
-    if "non_ascii" in defects:
-        raw[train[0]]["captions"][0] = cap(train[0]).replace("wearing", "wearing\u00e2\u0080\u0099 a\u00a0") ; planted["non_ascii"] += 1
-    if "empty_caption" in defects:
-        raw[train[1]]["captions"][-1] = "   "; planted["empty_caption"] += 1
-    if "duplicate_caption" in defects:
-        raw[test[0]]["captions"][0] = cap(train[2]); planted["duplicate_caption"] += 1
-    if "missing_image" in defects:
-        (root / IMAGE_DIR / raw[train[3]][pf]).unlink(); planted["missing_image"] += 1
-    if "unreadable_image" in defects:
-        p = root / IMAGE_DIR / raw[test[1]][pf]; p.write_bytes(p.read_bytes()[:30]); planted["unreadable_image"] += 1
-    if "path_escape" in defects:
-        raw.append({**raw[train[0]], pf: "../../etc/passwd", "captions": ["A person somewhere else."]}); planted["path_escape"] += 1
-    if "bad_type" in defects:
-        raw.append({**raw[train[0]], pf: "extra/bad_id.jpg", "id": "7"}); planted["bad_type"] += 1
-    if "missing_field" in defects:
-        e = {k: v for k, v in raw[train[0]].items() if k != "captions"}; e[pf] = "extra/no_captions.jpg"
-        raw.append(e); planted["missing_field"] += 1
-    if "duplicate_image" in defects:
-        raw.append({**raw[train[-1]], "captions": ["The same picture listed a second time."]}); planted["duplicate_image"] += 1
-    if "shared_id" in defects:
-        e = raw[test[-1]]
-        _draw(root / IMAGE_DIR / "extra" / "shared.jpg", "red blue", rng)
-        raw.append({**e, pf: "extra/shared.jpg", "split": "train", "captions": ["A person seen in two splits."]}); planted["shared_id"] += 1
-    return planted
-
-def write_fixture(dataset: str, root, n_ids=(4, 2, 2), images_per_id: int = 2, defects=(), seed: int = 0,
-                  official: bool = False) -> dict:
-    "Write a tiny `dataset` folder (raw format, or the authors' `*_reid.json` files if `official`) under `root`."
-    root = Path(root)
-    rng = random.Random(seed)
-    recs = fixture_records(dataset, n_ids, images_per_id, seed=seed)
-    for r in recs: _draw(root / IMAGE_DIR / r.image, r.captions[0], rng)
-    pf = "file_path" if official else FORMATS[dataset].path_field
-    if official:
-        for s, fname in OFFICIAL_FILES.items():
-            es = [_raw_entry(r, dataset, True) for r in recs if r.split == s]
-            if es: (root / fname).write_text(json.dumps(es))
-        return dict(root=root, records=recs, planted=Counter(), files=[root / f for f in OFFICIAL_FILES.values() if (root / f).exists()])
-    raw = [_raw_entry(r, dataset, False) for r in recs]
-    planted = _plant(raw, dataset, tuple(defects), pf, root, rng)
-    f = root / FORMATS[dataset].files[0]
-    f.write_text(json.dumps(raw))
-    return dict(root=root, records=recs, planted=planted, files=[f])
-
 # %% ../nbs/15_datasets.ipynb #1ecfa4f3
 def _examples(issues: list, n: int) -> list:
     return [str(i) for i in issues[:n]]
 
-def build_report(sc: Scan, records: list, dropped: list, blocking: list, drop, examples: int = 5) -> dict:
+def prep_report(sc: Scan, records: list, dropped: list, blocking: list, drop, examples: int = 5) -> dict:
     "The validation report of a scan as a JSON-ready dict."
     found = split_stats(records)
     stats = compare_stats(sc.dataset, found, sc.files[0]) if sc.dataset in OFFICIAL_STATS else []
@@ -497,7 +386,7 @@ def build_report(sc: Scan, records: list, dropped: list, blocking: list, drop, e
                              entries=sum(1 for i in dropped if i.caption < 0), captions=sum(1 for i in dropped if i.caption >= 0)),
                 blocking=dict(count=len(blocking), kinds=sorted({i.kind for i in blocking})))
 
-def format_report(rep: dict) -> str:
+def format_prep_report(rep: dict) -> str:
     "The report as text for a terminal."
     L = [f"{rep['dataset']}: {rep['entries']:,} entries in {', '.join(rep['files'])}; images in {rep['image_root']}"]
     L.append(f"{'split':<6} {'ids':>8} {'images':>8} {'captions':>9}   official (ids / images / captions)")
@@ -528,7 +417,7 @@ def prepare(dataset: str, root, out=None, drop=(), check_images: str = "decode",
     "Check a dataset folder, write its annotation file unless errors are left, and return the report."
     sc = scan_dataset(dataset, root, check_images=check_images, progress=progress)
     records, dropped, blocking = apply_drops(sc.entries, sc.issues, drop)
-    rep = build_report(sc, records, dropped, blocking, drop, examples)
+    rep = prep_report(sc, records, dropped, blocking, drop, examples)
     out = Path(out) if out else Path(sc.files[0]).parent / "annotations.json"
     rep["written"] = None
     if not blocking:
@@ -592,41 +481,3 @@ def format_merge_report(rep: dict) -> str:
     if rep["official_problems"]: L += [f"{rep['official_problems']} problem(s) in the authors' files (those entries were not used), e.g.:"] + [f"    {e}" for e in rep["examples_official_problems"]]
     L.append(f"written to {rep['written']}")
     return "\n".join(L)
-
-# %% ../nbs/15_datasets.ipynb #6b0c9d40
-def add_prep_commands(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add the preparation subcommands (one per dataset, and merge-bt) to the parser `p`."
-    sub = p.add_subparsers(dest="what", required=True, metavar="{" + ",".join([*FORMATS, "official", "merge-bt"]) + "}")
-    for name in [*FORMATS, "official"]:
-        desc = (f"{FORMATS[name].name}: {FORMATS[name].files[0]} and {IMAGE_DIR}/ in ROOT" if name in FORMATS
-                else f"the TBPS-CLIP authors' {', '.join(OFFICIAL_FILES.values())} and {IMAGE_DIR}/ in ROOT")
-        s = sub.add_parser(name, help=desc, description=desc)
-        s.add_argument("root", help="the dataset folder")
-        s.add_argument("--out", help="annotation file to write (default: ROOT/annotations.json)")
-        s.add_argument("--drop", default="", help=f"comma-separated issue kinds to drop ({', '.join(DROPPABLE)}), or 'errors' or 'all' (default: none)")
-        s.add_argument("--check-images", default="decode", choices=("decode", "exists", "none"), help="how to check image files")
-        s.add_argument("--report", help="where to write the JSON report (default: next to --out)")
-        s.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem")
-    s = sub.add_parser("merge-bt", help="add the authors' back-translations to annotations made from a raw release")
-    s.add_argument("annotations", help="annotation file written by `tbps-clip prep`")
-    s.add_argument("official", help="folder with the authors' train_reid.json (and val/test files)")
-    s.add_argument("--out", help="annotation file to write (default: ANNOTATIONS with _bt before .json)")
-    s.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem")
-    return p
-
-def run_prep(a) -> int:
-    "Run the parsed preparation command `a`; raises TBPSError when errors are left (nothing written)."
-    if a.what == "merge-bt":
-        print(format_merge_report(merge_back_translations(a.annotations, a.official, a.out, a.examples)))
-        return 0
-    rep = prepare(a.what, a.root, a.out, a.drop, a.check_images, a.report, a.examples, progress=True)
-    print(format_report(rep))
-    print(f"report: {rep['report_file']}")
-    if rep["blocking"]["count"]:
-        raise TBPSError(f"{rep['blocking']['count']} error(s) left in {a.root}; nothing written (see the report above)")
-    return 0
-
-def prep_main(argv=None, prog: str = "tbps-clip prep") -> int:
-    "Parse `argv` and run the preparation command."
-    p = argparse.ArgumentParser(prog=prog, description="Turn a raw dataset download into tbps-clip annotations, with a validation report.")
-    return run_prep(add_prep_commands(p).parse_args(argv))

@@ -30,30 +30,30 @@ class DistInfo:
     @property
     def is_main(self) -> bool: return self.rank == 0
 
-def dist_env(env=None) -> dict | None:
-    "torchrun's RANK, WORLD_SIZE and LOCAL_RANK, or None when not launched by torchrun with several processes."
+def dist_env(env=None) -> tuple[int, int, int]:
+    "(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0) outside torchrun or with one process."
     env = os.environ if env is None else env
-    if "RANK" not in env or "WORLD_SIZE" not in env: return None
-    try: info = {k: int(env[k]) for k in ("RANK", "WORLD_SIZE")}; info["LOCAL_RANK"] = int(env.get("LOCAL_RANK", info["RANK"]))
+    if "RANK" not in env or "WORLD_SIZE" not in env: return 0, 1, 0
+    try: rank, world = int(env["RANK"]), int(env["WORLD_SIZE"]); local = int(env.get("LOCAL_RANK", rank))
     except ValueError: raise TBPSError(f"torchrun environment is malformed: RANK={env.get('RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}") from None
-    return info if info["WORLD_SIZE"] > 1 else None
+    return (rank, world, local) if world > 1 else (0, 1, 0)
 
 def init_distributed(device: str = "auto", backend: str = "auto", env=None) -> DistInfo:
     "Join the process group torchrun describes (no-op for one process); returns this process's place and device."
-    e = dist_env(env)
-    if e is None:
+    rank, world, local = dist_env(env)
+    if world == 1:
         return DistInfo(device=str(resolve_device(device)))
     dev = resolve_device(device)
     if dev.type == "cuda":
-        if torch.cuda.device_count() <= e["LOCAL_RANK"]:
-            raise TBPSError(f"local rank {e['LOCAL_RANK']} has no GPU (only {torch.cuda.device_count()} visible)")
-        torch.cuda.set_device(e["LOCAL_RANK"])
-        dev = torch.device("cuda", e["LOCAL_RANK"])
+        if torch.cuda.device_count() <= local:
+            raise TBPSError(f"local rank {local} has no GPU (only {torch.cuda.device_count()} visible)")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
     if backend == "auto": backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend not in ("nccl", "gloo"): raise TBPSError(f"train.dist_backend={backend!r}: choose auto, nccl or gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=e["RANK"], world_size=e["WORLD_SIZE"])
-    return DistInfo(e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"], str(dev))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank, world, local, str(dev))
 
 def cleanup_distributed() -> None:
     "Leave the process group, if any."
@@ -130,5 +130,7 @@ def gather_objects(obj) -> list:
     return out
 
 def barrier() -> None:
-    "Wait for every process (no-op without a group)."
-    if world_size() > 1: dist.barrier()
+    "Wait for every process of the run (no-op in one process); joins a CPU 'gloo' group if torchrun started several and none is joined."
+    if world_size() == 1 and dist_env()[1] == 1: return
+    if not dist.is_initialized(): dist.init_process_group("gloo")  # e.g. `tbps-clip index` under torchrun
+    dist.barrier()

@@ -22,7 +22,8 @@ from .distributed import DistInfo, barrier, cleanup_distributed, init_distribute
 from .evaluate import evaluate, retrieval_figure
 from .heads import attach_heads
 from .model import TBPSModel, set_text_attention_dropout
-from .probes import apply_freezes, count_parameters, fewshot_subset
+from .data import fewshot_subset
+from .probes import apply_freezes, count_parameters
 from .pretrain import ensure_synthclip
 from .records import Annotations, load_annotations
 from .train import SoftLabels, Trainer

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import build_model
 from .config import Config, config_from_dict, config_to_dict
-from .core import TBPSError, atomic_write_bytes, atomic_write_json, autocast, resolve_device, safe_join
+from .core import TBPSError, atomic_write_bytes, atomic_write_json, autocast, patch_to, resolve_device, safe_join
 from .data import load_image, test_transform
+from .distributed import barrier, dist_env
 from .evaluate import encode_texts
 from .model import TBPSModel
 from .run import eval_config
@@ -34,8 +35,8 @@ from .text import clean_caption
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'INDEX_FORMAT', 'INDEX_VERSION', 'DTYPES', 'MEMORY_PREFIX', 'Skipped', 'find_images', 'weights_digest',
            'model_fingerprint', 'check_same_model', 'Encoder', 'topk_search', 'Hit', 'IndexReport', 'default_root',
-           'GalleryIndex', 'dist_env', 'shard_range', 'write_shard', 'merge_shards', 'index_gallery', 'thumbnail',
-           'contact_sheet', 'html_report']
+           'GalleryIndex', 'shard_range', 'write_shard', 'merge_shards', 'index_gallery', 'thumbnail', 'contact_sheet',
+           'html_report']
 
 # %% ../nbs/20_search.ipynb #2d3a5767
 IMAGE_EXTS = frozenset(e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
@@ -349,7 +350,8 @@ class GalleryIndex:
         return safe_join(self.root, p, what=f"index entry {i}")
 
 # %% ../nbs/20_search.ipynb #3dfd96d7
-def _save(self, folder=None) -> Path:
+@patch_to(GalleryIndex)
+def save(self, folder=None) -> Path:
     "Write the parts not yet in `folder` and then `index.json`, each atomically; returns the folder."
     if folder is None and self.folder is None: raise TBPSError("GalleryIndex.save: give a folder to save the index in")
     folder = Path(folder if folder is not None else self.folder)
@@ -375,15 +377,14 @@ def _save(self, folder=None) -> Path:
     atomic_write_json(folder / "index.json", meta, indent=None)
     return folder
 
-GalleryIndex.save = _save
-
 def _need(d: dict, key: str, kind, src: str):
     v = d.get(key)
     if not isinstance(v, kind) or isinstance(v, bool):
         raise TBPSError(f"{src}: field {key!r} is missing or not a {getattr(kind, '__name__', kind)} (got {type(v).__name__})")
     return v
 
-def _load(cls, folder, root=None, verify: bool = False, mmap: bool = True) -> "GalleryIndex":
+@patch_to(GalleryIndex, cls_method=True)
+def load(cls, folder, root=None, verify: bool = False, mmap: bool = True) -> "GalleryIndex":
     "Open the index in `folder` (embeddings memory-mapped); `root` overrides where the images are now."
     folder = Path(folder)
     meta = folder / "index.json"
@@ -422,10 +423,9 @@ def _load(cls, folder, root=None, verify: bool = False, mmap: bool = True) -> "G
         raise TBPSError(f"{meta}: parts hold {sum(a.shape[0] for a in idx.parts)} embeddings but count is {count}")
     return idx
 
-GalleryIndex.load = classmethod(_load)
-
 # %% ../nbs/20_search.ipynb #6bdd29ca
-def _search_embeddings(self, queries: torch.Tensor, k: int = 10, offset: int = 0, block_rows: int = 262144) -> list:
+@patch_to(GalleryIndex)
+def search_embeddings(self, queries: torch.Tensor, k: int = 10, offset: int = 0, block_rows: int = 262144) -> list:
     "For each query feature (Q, D): its ranked hits `offset+1 .. offset+k`."
     if k < 1 or offset < 0: raise TBPSError(f"search: k must be >= 1 and offset >= 0 (got k={k}, offset={offset})")
     if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -434,20 +434,15 @@ def _search_embeddings(self, queries: torch.Tensor, k: int = 10, offset: int = 0
     return [[Hit(offset + j + 1, int(i), self.paths[int(i)], float(v), self.full_path(int(i))) for j, (v, i) in enumerate(zip(vr[offset:], ir[offset:]))]
             for vr, ir in zip(vals, idx)]
 
-def _search(self, encoder: Encoder, queries, k: int = 10, offset: int = 0, block_rows: int = 262144):
+@patch_to(GalleryIndex)
+def search(self, encoder: Encoder, queries, k: int = 10, offset: int = 0, block_rows: int = 262144):
     "Hits for one description (a list of `Hit`) or for a list of descriptions (a list of lists)."
     self.check_model(encoder)
     one = isinstance(queries, str)
     res = self.search_embeddings(encoder.embed_texts([queries] if one else list(queries)), k, offset, block_rows)
     return res[0] if one else res
 
-GalleryIndex.search_embeddings, GalleryIndex.search = _search_embeddings, _search
-
 # %% ../nbs/20_search.ipynb #a6109920
-def dist_env() -> tuple[int, int, int]:
-    "(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside it."
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
 def shard_range(n: int, rank: int, world: int) -> range:
     "The contiguous slice of `n` items that `rank` of `world` encodes."
     return range(n * rank // world, n * (rank + 1) // world)
@@ -499,14 +494,8 @@ def _nothing_indexed(items, skipped: list) -> TBPSError:
     first = bad[0].reason if Path(bad[0].path).name in bad[0].reason else f"{bad[0].path}: {bad[0].reason}"
     return TBPSError(f"{where}none of the {len(bad)} image file(s) could be read (first: {first}); no index written")
 
-def _barrier() -> None:
-    "A barrier across torchrun's ranks (a CPU 'gloo' group is started if none is)."
-    import torch.distributed as dist
-    if not dist.is_initialized(): dist.init_process_group("gloo")
-    dist.barrier()
-
 def index_gallery(encoder: Encoder, items, out, dtype: str | None = None, add: bool = False, progress: bool = True,
-                  rank: int | None = None, world: int | None = None, barrier=_barrier) -> tuple:
+                  rank: int | None = None, world: int | None = None, barrier=barrier) -> tuple:
     "Build (or with `add`, extend) the index in folder `out` from `items`: (index on rank 0, report on rank 0)."
     r0, w0, _ = dist_env()
     rank, world = r0 if rank is None else rank, w0 if world is None else world

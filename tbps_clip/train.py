@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import read_checkpoint_file, save_checkpoint, load_state_strict, check_identity
 from .config import Config, save_config
-from .core import TBPSError, atomic_write_json, autocast, resolve_device
+from .core import TBPSError, atomic_write_json, autocast, patch_to, resolve_device
 from .data import EpochSampler, collate, worker_init
 from .distributed import all_reduce_grads, broadcast_state, gather_objects
 from .heads import HEAD_LR, forward_views, soft_label_views
@@ -127,189 +127,159 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history = dict(train=[], eval=[])
 
-    # --- callbacks -------------------------------------------------------------
     def _cb(self, name: str):
         for cb in self.cbs:
             f = getattr(cb, name, None)
             if f is not None: f(self)
 
-    # --- state -----------------------------------------------------------------
     @property
     def ckpt_path(self) -> Path: return self.out_dir / "checkpoint.pt"
 
-    def state(self) -> dict:
-        "Everything besides model and optimizer needed to continue the run exactly."
-        st = dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, history=self.history,
-                  **rng_state(), scaler=self.scaler.state_dict())
-        if self.world_size > 1: st["rank_rng"] = gather_objects(rng_state())  # every process's own
-        return st
+# %% ../nbs/11_train.ipynb #5e0fd50f
+@patch_to(Trainer)
+def state(self) -> dict:
+    "Everything besides model and optimizer needed to continue the run exactly."
+    st = dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, history=self.history,
+              **rng_state(), scaler=self.scaler.state_dict())
+    if self.world_size > 1: st["rank_rng"] = gather_objects(rng_state())  # every process's own
+    return st
 
-    def save(self) -> None:
-        "Write the checkpoint and history atomically (rank 0 writes; every process contributes its RNG state)."
-        st = self.state()
-        if self.rank != 0: return
-        save_checkpoint(self.ckpt_path, self.model, self.cfg, self.opt, st)
-        atomic_write_json(self.out_dir / "history.json", self.history)
+@patch_to(Trainer)
+def save(self) -> None:
+    "Write the checkpoint and history atomically (rank 0 writes; every process contributes its RNG state)."
+    st = self.state()
+    if self.rank != 0: return
+    save_checkpoint(self.ckpt_path, self.model, self.cfg, self.opt, st)
+    atomic_write_json(self.out_dir / "history.json", self.history)
 
-    def load(self) -> None:
-        "Restore model, optimizer, progress and RNG states from `checkpoint.pt`."
-        obj = read_checkpoint_file(self.ckpt_path)
-        if not (isinstance(obj, dict) and isinstance(obj.get("optimizer"), dict) and isinstance(obj.get("state"), dict)
-                and "step" in obj["state"]):  # e.g. an exported model copied into the run folder
-            raise TBPSError(f"{self.ckpt_path}: cannot resume from it: it has no optimizer and trainer state "
-                            "(a checkpoint of weights only; start a new run with model.pretrained=<it> instead)")
-        check_identity(self.model.identity(), obj.get("identity") or {}, str(self.ckpt_path))
-        load_state_strict(self.model, obj["model"], str(self.ckpt_path))
-        self.opt.load_state_dict(obj["optimizer"])
-        st = obj["state"]
-        self.step, self.epoch, self.batch_in_epoch, self.history = st["step"], st["epoch"], st["batch_in_epoch"], st["history"]
-        if self.world_size > 1:
-            if len(st.get("rank_rng") or []) != self.world_size:
-                raise TBPSError(f"{self.ckpt_path}: saved by a run with another number of processes; resume with the same number")
-            st = {**st, **st["rank_rng"][self.rank]}
-        set_rng_state(st)
-        if st.get("scaler"): self.scaler.load_state_dict(st["scaler"])
+@patch_to(Trainer)
+def load(self) -> None:
+    "Restore model, optimizer, progress and RNG states from `checkpoint.pt`."
+    obj = read_checkpoint_file(self.ckpt_path)
+    if not (isinstance(obj, dict) and isinstance(obj.get("optimizer"), dict) and isinstance(obj.get("state"), dict)
+            and "step" in obj["state"]):  # e.g. an exported model copied into the run folder
+        raise TBPSError(f"{self.ckpt_path}: cannot resume from it: it has no optimizer and trainer state "
+                        "(a checkpoint of weights only; start a new run with model.pretrained=<it> instead)")
+    check_identity(self.model.identity(), obj.get("identity") or {}, str(self.ckpt_path))
+    load_state_strict(self.model, obj["model"], str(self.ckpt_path))
+    self.opt.load_state_dict(obj["optimizer"])
+    st = obj["state"]
+    self.step, self.epoch, self.batch_in_epoch, self.history = st["step"], st["epoch"], st["batch_in_epoch"], st["history"]
+    if self.world_size > 1:
+        if len(st.get("rank_rng") or []) != self.world_size:
+            raise TBPSError(f"{self.ckpt_path}: saved by a run with another number of processes; resume with the same number")
+        st = {**st, **st["rank_rng"][self.rank]}
+    set_rng_state(st)
+    if st.get("scaler"): self.scaler.load_state_dict(st["scaler"])
 
-    # --- one step --------------------------------------------------------------
-    def forward(self, batch: dict) -> dict:
-        "Model outputs for a batch: every view the losses use."
-        return self.forward_fn(self.model, batch)
+# %% ../nbs/11_train.ipynb #5c9e57db
+@patch_to(Trainer)
+def loader(self, epoch: int, start_batch: int) -> DataLoader:
+    "The seeded data loader of `epoch`, starting at batch `start_batch`."
+    self.ds.set_epoch(epoch)
+    sampler = EpochSampler(len(self.ds), self.cfg.train.seed, epoch, self.rank, self.world_size, self.bs, start_batch)
+    nw = self.cfg.data.num_workers
+    return DataLoader(self.ds, batch_size=self.bs, sampler=sampler, drop_last=True, collate_fn=collate,
+                      num_workers=nw, worker_init_fn=worker_init if nw else None,
+                      pin_memory=self.device.type == "cuda" and self.cfg.data.pin_memory, persistent_workers=False,
+                      prefetch_factor=self.cfg.data.prefetch_factor if nw else None,
+                      # a private generator: creating a loader must not advance the global RNG (exact resume)
+                      generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
 
-    def backward(self) -> None:
-        "Forward, callbacks, losses and backward of `self.batch` in one pass."
-        with autocast(self.device, self.cfg.train.precision):
-            self.out = self.forward(self.batch)
-            self._cb("after_forward")
-            self.losses = compute_losses(self.out, self.batch, self.weights, self.loss_ctx)
-        self._cb("after_loss")
-        self.scaler.scale(self.losses["loss"]).backward()
+@patch_to(Trainer)
+def run_eval(self, tag: str) -> dict | None:
+    "Evaluate with the evaluator (rank 0), record it in the history."
+    if self.evaluator is None or self.rank != 0: return None
+    res = self.evaluator(self.model)
+    self.history["eval"].append(dict(tag=tag, step=self.step, epoch=self.epoch, **res))
+    return res
 
-    def _fwd_rng(self) -> tuple:
-        "The RNG states a forward pass draws from (dropout)."
-        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+# %% ../nbs/11_train.ipynb #4c3bde14
+@patch_to(Trainer)
+def forward(self, batch: dict) -> dict:
+    "Model outputs for a batch: every view the losses use."
+    return self.forward_fn(self.model, batch)
 
-    def _set_fwd_rng(self, st: tuple) -> None:
-        torch.set_rng_state(st[0])
-        if st[1] is not None: torch.cuda.set_rng_state(st[1], self.device)
+@patch_to(Trainer)
+def backward(self) -> None:
+    "Forward, callbacks, losses and backward of `self.batch` in one pass."
+    with autocast(self.device, self.cfg.train.precision):
+        self.out = self.forward(self.batch)
+        self._cb("after_forward")
+        self.losses = compute_losses(self.out, self.batch, self.weights, self.loss_ctx)
+    self._cb("after_loss")
+    self.scaler.scale(self.losses["loss"]).backward()
 
-    def backward_cached(self, chunk: int) -> None:
-        "Gradient caching: the same gradients as `backward`, with activations of `chunk` samples at a time."
-        spans = chunk_spans(len(next(iter(self.batch.values()))), chunk)
-        part = lambda s: {k: v[s] for k, v in self.batch.items()}
-        prec = self.cfg.train.precision
-        # 1. encode every chunk without building a graph, remembering the RNG state each one started from
-        states, outs = [], []
-        with torch.no_grad(), autocast(self.device, prec):
-            for s in spans:
-                states.append(self._fwd_rng())
-                outs.append(self.forward(part(s)))
-        reps = join_chunks(outs, spans)
-        keys = list(reps)
-        for v in reps.values():
-            if v.is_floating_point(): v.requires_grad_(True)
-        # 2. losses of the whole batch on those features; backward stops at them (and at the logit scale)
-        with autocast(self.device, prec):
-            self.out = dict(reps, logit_scale=self.model.logit_scale)
-            self._cb("after_forward")
-            self.losses = compute_losses(self.out, self.batch, self.weights, self.loss_ctx)
-        self._cb("after_loss")
-        self.scaler.scale(self.losses["loss"]).backward()
-        # 3. re-encode each chunk with a graph (same RNG state: same dropout) and push the cached gradient through
-        after = self._fwd_rng()
-        for s, st in zip(spans, states):
-            self._set_fwd_rng(st)
-            with autocast(self.device, prec):
-                o = self.forward(part(s))
-                terms = [(o[k] * reps[k].grad[s]).sum() for k in keys if reps[k].grad is not None]
-            if terms: torch.stack(terms).sum().backward()
-        self._set_fwd_rng(after)
+# %% ../nbs/11_train.ipynb #8d632f17
+@patch_to(Trainer)
+def train_step(self, batch: dict) -> dict:
+    "One optimisation step; returns the detached loss terms (averaged over processes)."
+    self.batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.optim)
+    for g in self.opt.param_groups: g["lr"] = lr * g.get("lr_mult", 1.0)
+    self._cb("before_batch")
+    self.opt.zero_grad(set_to_none=True)
+    if self.cfg.train.grad_cache_chunk > 0: self.backward_cached(self.cfg.train.grad_cache_chunk)
+    else: self.backward()
+    if self.world_size > 1: all_reduce_grads(self.model.parameters())
+    if self.cfg.optim.grad_clip > 0:
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+    self.scaler.step(self.opt)
+    self.scaler.update()
+    # one device-to-host copy for all terms (each float() would be a CUDA synchronisation)
+    out = dict(zip(self.losses, torch.stack([v.detach().float() for v in self.losses.values()]).tolist()))
+    if self.world_size > 1:  # log the global loss: the mean of the processes' local losses
+        out = dict(zip(out, (sum(v) / self.world_size for v in zip(*[o.values() for o in gather_objects(out)]))))
+    if not math.isfinite(out["loss"]):
+        raise TBPSError(f"loss became {out['loss']} at step {self.step} (lr {lr:.2e}); lower optim.lr or check the data")
+    out["lr"] = lr
+    return out
 
-    def train_step(self, batch: dict) -> dict:
-        "One optimisation step; returns the detached loss terms (averaged over processes)."
-        self.batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.optim)
-        for g in self.opt.param_groups: g["lr"] = lr * g.get("lr_mult", 1.0)
-        self._cb("before_batch")
-        self.opt.zero_grad(set_to_none=True)
-        if self.cfg.train.grad_cache_chunk > 0: self.backward_cached(self.cfg.train.grad_cache_chunk)
-        else: self.backward()
-        if self.world_size > 1: all_reduce_grads(self.model.parameters())
-        if self.cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        # one device-to-host copy for all terms (each float() would be a CUDA synchronisation)
-        out = dict(zip(self.losses, torch.stack([v.detach().float() for v in self.losses.values()]).tolist()))
-        if self.world_size > 1:  # log the global loss: the mean of the processes' local losses
-            out = dict(zip(out, (sum(v) / self.world_size for v in zip(*[o.values() for o in gather_objects(out)]))))
-        if not math.isfinite(out["loss"]):
-            raise TBPSError(f"loss became {out['loss']} at step {self.step} (lr {lr:.2e}); lower optim.lr or check the data")
-        out["lr"] = lr
-        return out
-
-    # --- loops -----------------------------------------------------------------
-    def loader(self, epoch: int, start_batch: int) -> DataLoader:
-        "The seeded data loader of `epoch`, starting at batch `start_batch`."
-        self.ds.set_epoch(epoch)
-        sampler = EpochSampler(len(self.ds), self.cfg.train.seed, epoch, self.rank, self.world_size, self.bs, start_batch)
-        nw = self.cfg.data.num_workers
-        return DataLoader(self.ds, batch_size=self.bs, sampler=sampler, drop_last=True, collate_fn=collate,
-                          num_workers=nw, worker_init_fn=worker_init if nw else None,
-                          pin_memory=self.device.type == "cuda" and self.cfg.data.pin_memory, persistent_workers=False,
-                          prefetch_factor=self.cfg.data.prefetch_factor if nw else None,
-                          # a private generator: creating a loader must not advance the global RNG (exact resume)
-                          generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
-
-    def run_eval(self, tag: str) -> dict | None:
-        "Evaluate with the evaluator (rank 0), record it in the history."
-        if self.evaluator is None or self.rank != 0: return None
-        res = self.evaluator(self.model)
-        self.history["eval"].append(dict(tag=tag, step=self.step, epoch=self.epoch, **res))
-        return res
-
-    def fit(self, resume: bool = False) -> dict:
-        "Train to the configured length; returns the history."
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume and self.ckpt_path.exists():
-            self.load()
-        elif self.rank == 0:
-            save_config(self.cfg, self.out_dir / "config.yaml")
-        self.model.train()
-        self._cb("before_fit")
-        t0 = time.perf_counter()
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        running = {}
-        tc = self.cfg.train
-        while self.step < self.total_steps:
-            self._cb("before_epoch")
-            for batch in self.loader(self.epoch, self.batch_in_epoch):
-                logs = self.train_step(batch)
-                self.step += 1
-                self.batch_in_epoch += 1
-                self._cb("after_batch")
-                running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in logs.items()}
-                if self.step % max(tc.log_every, 1) == 0 or self.step == self.total_steps:
-                    self.history["train"].append(dict(step=self.step, epoch=self.epoch, **logs))
-                    if bar: bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()}, refresh=False)
-                if bar: bar.update(1)
-                if self.step >= self.total_steps: break
-                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
-                    self.save()
-            epoch_done = self.batch_in_epoch >= self.steps_per_epoch
-            if epoch_done:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                self._cb("after_epoch")
-                if tc.eval_every and self.epoch % tc.eval_every == 0 and self.step < self.total_steps:
-                    self.run_eval(f"epoch {self.epoch}")
-            self.save()
-        if bar: bar.close()
-        self._cb("after_fit")
-        self.train_seconds = time.perf_counter() - t0
-        return self.history
+# %% ../nbs/11_train.ipynb #3b7d9c1e
+@patch_to(Trainer)
+def fit(self, resume: bool = False) -> dict:
+    "Train to the configured length; returns the history."
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    if resume and self.ckpt_path.exists():
+        self.load()
+    elif self.rank == 0:
+        save_config(self.cfg, self.out_dir / "config.yaml")
+    self.model.train()
+    self._cb("before_fit")
+    t0 = time.perf_counter()
+    bar = None
+    if self.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+    running = {}
+    tc = self.cfg.train
+    while self.step < self.total_steps:
+        self._cb("before_epoch")
+        for batch in self.loader(self.epoch, self.batch_in_epoch):
+            logs = self.train_step(batch)
+            self.step += 1
+            self.batch_in_epoch += 1
+            self._cb("after_batch")
+            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in logs.items()}
+            if self.step % max(tc.log_every, 1) == 0 or self.step == self.total_steps:
+                self.history["train"].append(dict(step=self.step, epoch=self.epoch, **logs))
+                if bar: bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()}, refresh=False)
+            if bar: bar.update(1)
+            if self.step >= self.total_steps: break
+            if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                self.save()
+        epoch_done = self.batch_in_epoch >= self.steps_per_epoch
+        if epoch_done:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._cb("after_epoch")
+            if tc.eval_every and self.epoch % tc.eval_every == 0 and self.step < self.total_steps:
+                self.run_eval(f"epoch {self.epoch}")
+        self.save()
+    if bar: bar.close()
+    self._cb("after_fit")
+    self.train_seconds = time.perf_counter() - t0
+    return self.history
 
 # %% ../nbs/11_train.ipynb #7c893816
 def chunk_spans(b: int, chunk: int) -> list:
@@ -324,6 +294,50 @@ def join_chunks(outs: list, spans: list) -> dict:
     if odd:
         raise TBPSError(f"gradient caching needs per-sample outputs; {', '.join(sorted(set(odd)))} are not")
     return {k: torch.cat([o[k] for o in outs]) for k in keys}
+
+# %% ../nbs/11_train.ipynb #09186d6d
+@patch_to(Trainer)
+def _fwd_rng(self) -> tuple:
+    "The RNG states a forward pass draws from (dropout)."
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+@patch_to(Trainer)
+def _set_fwd_rng(self, st: tuple) -> None:
+    torch.set_rng_state(st[0])
+    if st[1] is not None: torch.cuda.set_rng_state(st[1], self.device)
+
+@patch_to(Trainer)
+def backward_cached(self, chunk: int) -> None:
+    "Gradient caching: the same gradients as `backward`, with activations of `chunk` samples at a time."
+    spans = chunk_spans(len(next(iter(self.batch.values()))), chunk)
+    part = lambda s: {k: v[s] for k, v in self.batch.items()}
+    prec = self.cfg.train.precision
+    # 1. encode every chunk without building a graph, remembering the RNG state each one started from
+    states, outs = [], []
+    with torch.no_grad(), autocast(self.device, prec):
+        for s in spans:
+            states.append(self._fwd_rng())
+            outs.append(self.forward(part(s)))
+    reps = join_chunks(outs, spans)
+    keys = list(reps)
+    for v in reps.values():
+        if v.is_floating_point(): v.requires_grad_(True)
+    # 2. losses of the whole batch on those features; backward stops at them (and at the logit scale)
+    with autocast(self.device, prec):
+        self.out = dict(reps, logit_scale=self.model.logit_scale)
+        self._cb("after_forward")
+        self.losses = compute_losses(self.out, self.batch, self.weights, self.loss_ctx)
+    self._cb("after_loss")
+    self.scaler.scale(self.losses["loss"]).backward()
+    # 3. re-encode each chunk with a graph (same RNG state: same dropout) and push the cached gradient through
+    after = self._fwd_rng()
+    for s, st in zip(spans, states):
+        self._set_fwd_rng(st)
+        with autocast(self.device, prec):
+            o = self.forward(part(s))
+            terms = [(o[k] * reps[k].grad[s]).sum() for k in keys if reps[k].grad is not None]
+        if terms: torch.stack(terms).sum().backward()
+    self._set_fwd_rng(after)
 
 # %% ../nbs/11_train.ipynb #01b89aa8
 def soft_label_alpha(step: int, steps_per_epoch: int, alpha: float, warmup_epochs: float = 1.0) -> float:

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_toy_dataset, micro_overrides
+from conftest import micro_overrides
 from test_search import micro_checkpoint, run_cli
 from test_train import Crash
 from tbps_clip.cli import build_parser
 from tbps_clip.config import config_to_dict, load_config, make_config
 from tbps_clip.core import TBPSError
+from tbps_clip.fixtures import make_toy_dataset
 from tbps_clip.run import train
 
 

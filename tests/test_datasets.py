@@ -7,7 +7,8 @@ import pytest
 from tbps_clip.core import TBPSError
 from tbps_clip.data import TrainPairs, eval_split
 from tbps_clip.data import test_transform as make_test_transform
-from tbps_clip.datasets import FIXTURE_DEFECTS, FORMATS, OFFICIAL_FILES, read_dataset, scan_dataset, write_fixture
+from tbps_clip.datasets import FORMATS, OFFICIAL_FILES, read_dataset, scan_dataset
+from tbps_clip.fixtures import FIXTURE_DEFECTS, write_fixture
 from tbps_clip.records import READERS, load_annotations
 
 SIZES = dict(n_ids=(5, 2, 3), images_per_id=3)

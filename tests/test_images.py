@@ -20,7 +20,8 @@ from conftest import micro_overrides
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.data import MAX_IMAGE_PIXELS, load_image
-from tbps_clip.datasets import read_dataset, write_fixture
+from tbps_clip.datasets import read_dataset
+from tbps_clip.fixtures import write_fixture
 from tbps_clip.records import read_annotations
 from tbps_clip.run import train
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import tbps_clip.datasets as D
+import tbps_clip.fixtures as F
 from tbps_clip.cli import main
 from tbps_clip.core import TBPSError
 from tbps_clip.records import read_annotations
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def broken(tmp_path):
     "A CUHK-PEDES folder with every defect users report."
-    return D.write_fixture("cuhk-pedes", tmp_path / "CUHK-PEDES", defects=D.FIXTURE_DEFECTS, **SIZES)
+    return F.write_fixture("cuhk-pedes", tmp_path / "CUHK-PEDES", defects=F.FIXTURE_DEFECTS, **SIZES)
 
 
 def test_report_counts_every_defect_with_examples_and_writes_nothing(broken):
@@ -30,7 +31,7 @@ def test_report_counts_every_defect_with_examples_and_writes_nothing(broken):
     assert rep["blocking"]["count"] == sum(n for k, n in broken["planted"].items() if D.ISSUE_KINDS[k][0] == "error")
     saved = json.loads(Path(rep["report_file"]).read_text())
     assert saved["issues"]["non_ascii"]["count"] == 1 and saved["written"] is None
-    text = D.format_report(rep)
+    text = D.format_prep_report(rep)
     assert "NOT dropped: blocks writing" in text and "--drop " in text and "official" in text
 
 
@@ -48,7 +49,7 @@ def test_drop_errors_writes_annotations_and_reports_what_went(broken):
     assert rep["dropped"]["captions"] == 1 and rep["dropped"]["entries"] == 7
     assert rep["issues"]["non_ascii"]["dropped"] is False  # warnings are kept unless named
     assert any("\u00e2" in c for r in ann.records for c in r.captions)
-    assert "dropped: 7 entries and 1 captions" in D.format_report(rep)
+    assert "dropped: 7 entries and 1 captions" in D.format_prep_report(rep)
 
 
 def test_drop_warnings_too(broken):
@@ -61,7 +62,7 @@ def test_drop_warnings_too(broken):
 
 
 def test_statistics_against_the_official_numbers(tmp_path, monkeypatch):
-    fx = D.write_fixture("rstpreid", tmp_path / "r", **SIZES)
+    fx = F.write_fixture("rstpreid", tmp_path / "r", **SIZES)
     rep = D.prepare("rstpreid", fx["root"], check_images="exists")
     assert rep["issues"]["statistics"]["count"] == 8  # every published number differs at this size
     monkeypatch.setitem(D.OFFICIAL_STATS, "rstpreid", {"train": dict(ids=5, images=15, captions=30),
@@ -88,9 +89,9 @@ def test_cli_exit_status_and_data_prep_script(broken, tmp_path, capsys):
 
 def test_merge_back_translations(tmp_path):
     root = tmp_path / "CUHK-PEDES"
-    fx = D.write_fixture("cuhk-pedes", root, **SIZES)
+    fx = F.write_fixture("cuhk-pedes", root, **SIZES)
     off = tmp_path / "official"
-    D.write_fixture("cuhk-pedes", off, official=True, **SIZES)  # the authors' files for the same images
+    F.write_fixture("cuhk-pedes", off, official=True, **SIZES)  # the authors' files for the same images
     raw = json.loads((root / "reid_raw.json").read_text())
     raw[0]["captions"][1] = "  " + raw[0]["captions"][1].upper() + " "  # matches loosely (case and spacing)
     raw[1]["captions"][0] = "A caption the authors' files do not have."
@@ -116,7 +117,7 @@ def test_merge_back_translations(tmp_path):
 
 
 def test_merge_needs_the_authors_files(tmp_path):
-    fx = D.write_fixture("rstpreid", tmp_path / "r")
+    fx = F.write_fixture("rstpreid", tmp_path / "r")
     ann_file = D.prepare("rstpreid", fx["root"], check_images="none")["written"]
     with pytest.raises(TBPSError, match="none of train_reid.json"):
         D.merge_back_translations(ann_file, tmp_path)

@@ -14,8 +14,9 @@ from tbps_clip.importance import (ModuleRef, c1_scores, criticality, interpolate
                                   least_important_layers, module_importance, module_parameters, module_refs,
                                   removal_drops, removed, removed_modules)
 from tbps_clip.model import create_model, text_blocks
-from tbps_clip.probes import (adapter_parameters, apply_edits, coop_parameters, count_parameters, fewshot_pids,
-                              fewshot_subset, layer_parameters, trainable_parameters)
+from tbps_clip.data import fewshot_pids, fewshot_subset
+from tbps_clip.probes import (adapter_parameters, apply_edits, coop_parameters, count_parameters, layer_parameters,
+                              trainable_parameters)
 from tbps_clip.records import Annotations, Record, read_annotations
 from tbps_clip.run import evaluate_checkpoint, prepare_model, train
 from tbps_clip.text import tokenize

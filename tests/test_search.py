@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_toy_dataset
+from tbps_clip.fixtures import make_toy_dataset
 from tbps_clip.checkpoint import save_checkpoint
 from tbps_clip.cli import main
 from tbps_clip.config import make_config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_toy_dataset
+from tbps_clip.fixtures import make_toy_dataset
 from test_search import micro_checkpoint, run_cli
 from tbps_clip.core import TBPSError
 from tbps_clip.search import Encoder, GalleryIndex

@@ -11,7 +11,8 @@ from tbps_clip.checkpoint import load_weights, read_checkpoint_file, save_checkp
 from tbps_clip.cli import main
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError
-from tbps_clip.datasets import OFFICIAL_FILES, write_fixture
+from tbps_clip.datasets import OFFICIAL_FILES
+from tbps_clip.fixtures import write_fixture
 from tbps_clip.evaluate import evaluate
 from tbps_clip.model import create_model
 from tbps_clip.records import load_annotations

@@ -23,7 +23,7 @@ from .executors import EXECUTOR_ENV, make_executor
 # %% auto #0
 __all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status']
 
-# %% ../../nbs/35_study_driver.ipynb #08e9920e
+# %% ../../nbs/35_study_driver.ipynb #1dee603c
 def params_key(params: dict) -> str:
     "A short stable hash of a notebook's parameters."
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -40,6 +40,7 @@ def _log(out, msg: str) -> None:
 def _strip_ansi(s: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", s)
 
+# %% ../../nbs/35_study_driver.ipynb #882c1286
 @contextmanager
 def _kernel_env(folder: Path, executor: dict):
     "Kernels started inside this block import the modules in `folder` and run on `executor` (environment restored after)."
@@ -70,6 +71,7 @@ def _check_parameters(nb: Path, params: dict, where: str = "") -> None:
     unknown = [k for k in params if k not in declared]
     if unknown: raise TBPSError(f"{where}{nb.stem}: unknown parameter(s) {', '.join(unknown)}; it declares: {', '.join(declared) or 'none'}")
 
+# %% ../../nbs/35_study_driver.ipynb #27aa3597
 def run_notebook(notebook, params: dict, out, force: bool = False, cwd=None, kernel: str = "python3",
                  timeout: int | None = None, log=print, executor: dict | None = None) -> dict:
     "Execute `notebook` with `params` through papermill unless its status is already ok; its status record."
@@ -107,7 +109,7 @@ def run_notebook(notebook, params: dict, out, force: bool = False, cwd=None, ker
     if log: log(f"{nb.stem}: {st['status']} in {st['seconds']:.0f} s" + (f" ({st['error']})" if st["status"] != "ok" else ""))
     return st
 
-# %% ../../nbs/35_study_driver.ipynb #218107e0
+# %% ../../nbs/35_study_driver.ipynb #e4def41e
 def load_sweep(path) -> dict:
     "A sweep parameter file, checked: out, params, and the notebooks as (name, params) pairs."
     path = Path(path)
@@ -134,6 +136,7 @@ def _notebook_file(nb_dir: Path, name: str) -> Path:
     p = Path(name)
     return p if p.is_absolute() else nb_dir / (p if p.suffix == ".ipynb" else p.with_suffix(".ipynb"))
 
+# %% ../../nbs/35_study_driver.ipynb #572f619e
 def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, cwd=None, timeout: int | None = None,
               log=print, jobs: int = 1, executor: str = "local") -> list:
     "Run the notebooks of sweep file `path` in order (those in `only`, if given), their runs `jobs` at once or on Slurm; their status records."

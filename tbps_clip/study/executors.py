@@ -53,12 +53,21 @@ def threads_per_job(jobs: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // jobs)
 
-# %% ../../nbs/31a_study_executors.ipynb #18ee09c9
+# %% ../../nbs/31a_study_executors.ipynb #1c6f4a62
 def _resolve(target: str):
     "The function `target` names ('module:name')."
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
 
+def _main(argv=None) -> int:
+    "Run the call in a JSON file (one local job of `run_calls`)."
+    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    try: _resolve(spec["target"])(**spec["kwargs"])
+    except TBPSError as e:
+        print(f"error: {e}", file=sys.stderr); return 2
+    return 0
+
+# %% ../../nbs/31a_study_executors.ipynb #98350e8c
 def _run_local(target: str, kwargs: dict, folder: Path, i: int, threads: int) -> str | None:
     "One call in its own process with `threads` threads; None, or the error."
     spec = atomic_write_json(folder / f"{i}.json", dict(target=target, kwargs=kwargs))
@@ -84,6 +93,7 @@ def _run_slurm(fn, calls: list, slurm: dict, folder: Path) -> list:
             errors.append(f"job {job.job_id}: {lines[-1] if lines else type(e).__name__} (logs {folder / 'slurm'})")
     return errors
 
+# %% ../../nbs/31a_study_executors.ipynb #8e9ab656
 def run_calls(target: str, calls: list, executor: dict, folder, labels=None, log=print) -> list:
     "Call the function `target` ('module:name') with every kwargs dict in `calls` on `executor`; the errors, one line each, labelled."
     if not calls: return []
@@ -104,13 +114,6 @@ def run_calls(target: str, calls: list, executor: dict, folder, labels=None, log
         res = list(pool.map(lambda a: _run_local(target, a[1], folder, start + a[0], threads), enumerate(calls)))
     return [f"{label}: {e}" for label, e in zip(labels, res) if e]
 
-def _main(argv=None) -> int:
-    "Run the call in a JSON file (one local job of `run_calls`)."
-    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    try: _resolve(spec["target"])(**spec["kwargs"])
-    except TBPSError as e:
-        print(f"error: {e}", file=sys.stderr); return 2
-    return 0
-
+# %% ../../nbs/31a_study_executors.ipynb #b2d82533
 if __name__ == "__main__" and "__file__" in globals():
     raise SystemExit(_main())

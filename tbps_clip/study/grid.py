@@ -13,7 +13,7 @@ from ..synthpedes import ensure_synthpedes
 __all__ = ['SCALES', 'IRRA_INITS', 'FEWSHOT_METHODS', 'TABLE12_IDS', 'SWEEPS', 'ALIASES', 'scale_overrides', 'e06_rows',
            'fewshot_rows', 'compression_rows', 'batch_size_rows', 'select_rows']
 
-# %% ../../nbs/30_study_grid.ipynb #f2c04934
+# %% ../../nbs/30_study_grid.ipynb #ffca321b
 SCALES: dict[str, dict] = {
     "smoke": dict(
         about="CI: micro architecture, random weights, a tiny SynthPEDES, 2 steps; proves the notebook runs, numbers mean nothing",
@@ -43,6 +43,7 @@ SCALES: dict[str, dict] = {
                    "train.precision": "amp", "train.eval_every": 1, "train.ckpt_every": 500, "train.log_every": 50}),
 }
 
+# %% ../../nbs/30_study_grid.ipynb #93389c92
 def scale_overrides(scale: str, dataset: str = "synthpedes", root: str = "", arch: str = "", weights: str = "",
                     steps: int | None = None) -> dict:
     "The dotted overrides of `scale` for `dataset` in `root` (empty: the scale's own data), `arch`, `weights`, `steps`."

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from .runs import METRICS, flat_rows, load_records
+from ..run import METRICS
+from .runs import flat_rows, load_records
 
 # %% auto #0
 __all__ = ['MIN_SD_DOF', 'summarise', 'pooled_sd_dof', 'pooled_sd', 'records_seed_sd', 'study_seed_sd', 'table_seed_sd',
@@ -34,7 +35,7 @@ def summarise(records, by=("exp", "name"), metrics=METRICS) -> list:
         out.append(row)
     return out
 
-# %% ../../nbs/33_study_marks.ipynb #c741f4a1
+# %% ../../nbs/33_study_marks.ipynb #e27fc6a0
 MIN_SD_DOF = 4  # degrees of freedom a table's own pooled seed sd needs before it is used instead of the study's
 
 def pooled_sd_dof(rows, metric: str = "R@1") -> tuple:
@@ -63,6 +64,7 @@ def table_seed_sd(rows, metric: str, fallback_sd: float | None) -> tuple:
     if s is not None and (dof >= MIN_SD_DOF or fallback_sd is None): return s, "table", dof
     return (fallback_sd, "study", dof) if fallback_sd is not None else (None, None, 0)
 
+# %% ../../nbs/33_study_marks.ipynb #ebadda9d
 def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None,
                    fallback_sd: float | None = None) -> list:
     "Each summary row with our and the paper's effect vs `baseline`, the noise threshold and the agreement mark."
@@ -91,6 +93,7 @@ def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k
         out.append(row)
     return out
 
+# %% ../../nbs/33_study_marks.ipynb #a5bb4975
 def agreement_counts(marked) -> dict:
     "How many rows agree, disagree or sit within seed noise."
     c: dict = {}
@@ -118,7 +121,7 @@ def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
     return (f"Seeds per row: {min(ns)}-{max(ns)}; a {metric} difference is 'within seed noise' when it is at most {k:g} "
             f"standard errors of a difference of seed means ({src}; threshold {min(noise):.2f}-{max(noise):.2f} points).")
 
-# %% ../../nbs/33_study_marks.ipynb #b261072f
+# %% ../../nbs/33_study_marks.ipynb #890e89d0
 def _by_seed(records, metric: str) -> dict:
     "name -> {seed: value of `metric`}, in the records' order."
     out: dict = {}
@@ -162,6 +165,7 @@ def paired_marks(records, paper_rows: dict, baseline: str, metric: str = "R@1", 
         out.append(row)
     return out
 
+# %% ../../nbs/33_study_marks.ipynb #a5d049c3
 def paired_summary(marked) -> dict:
     "Per table: rows marked, the smallest resolvable effect, how many rows resolve, how many of those agree, and the rate."
     rows = [r for r in marked if r["mark"] not in ("baseline", "no baseline run", "no paired seed", "not in the paper")]

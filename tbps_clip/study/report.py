@@ -141,7 +141,7 @@ def plot_forest(marked, path, title: str, metric: str = "R@1", k: float = 2.0) -
     fig.savefig(path, dpi=110)
     return path
 
-# %% ../../nbs/34_study_report.ipynb #4624b08f
+# %% ../../nbs/34_study_report.ipynb #20254bdd
 REPORT_TABLES = tuple(n for n, t in PAPER.items() if t["key"] == "row")  # marked generically, in the paper's order
 
 def paired_section(records, table: str, out, label: str, metric: str, k: float, figures: bool, tables: dict, src: str,
@@ -154,6 +154,7 @@ def paired_section(records, table: str, out, label: str, metric: str, k: float, 
     return [f"Paired by seed ({stem or table}):", "", to_markdown(marked, ["label", "n", "ours_effect", "se", "se_from", "paper_effect", "mark"]),
             "", paired_statement(marked, metric, k), ""]
 
+# %% ../../nbs/34_study_report.ipynb #266e8be2
 def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: bool = True, sections=()) -> dict:
     "Every study table of the records in `sources`, marked; tables, figures and report.md under `out`."
     out = Path(out)

@@ -15,20 +15,19 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import config_from_dict, config_to_dict, load_config, make_config, parse_overrides, save_config
+from ..config import config_to_dict, load_config, make_config, parse_overrides, save_config
 from ..core import TBPSError, atomic_write_json, environment_info, git_commit
-from ..heads import attach_heads
 from .executors import current_executor, is_serial, run_calls
-from ..run import prepare_model, train
+from ..probes import trainable_parameters
+from ..run import METRICS, train
 
 # %% auto #0
-__all__ = ['RECORD_SCHEMA', 'METRICS', 'record_path', 'run_dir_of', 'read_record', 'load_records', 'flat_rows',
-           'config_difference', 'config_fingerprint', 'find_same_run', 'share_checkpoint', 'count_parameters',
-           'run_once', 'run_pending', 'run_rows']
+__all__ = ['RECORD_SCHEMA', 'record_path', 'run_dir_of', 'read_record', 'load_records', 'flat_rows', 'config_difference',
+           'config_fingerprint', 'find_same_run', 'share_checkpoint', 'parameter_millions', 'run_once', 'run_pending',
+           'run_rows']
 
 # %% ../../nbs/31_study_runs.ipynb #bc40582f
 RECORD_SCHEMA = 1
-METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")
 
 def record_path(out, exp: str, name: str, seed: int) -> Path:
     "Where the record of row `name` of `exp` at `seed` lives under `out`."
@@ -101,15 +100,13 @@ def share_checkpoint(src: Path, dst: Path) -> None:
     except OSError: shutil.copy2(src, tmp)
     os.replace(tmp, dst)
 
-# %% ../../nbs/31_study_runs.ipynb #54dd6506
-def count_parameters(cfg, num_classes: int) -> dict:
-    "Total and trainable parameters (millions) of the model `cfg` trains, heads included."
-    c = config_from_dict(config_to_dict(cfg))
-    c.model.pretrained = "none"  # counting needs no weights
-    m = attach_heads(prepare_model(c), c, num_classes)
-    return dict(params_m=round(sum(p.numel() for p in m.parameters()) / 1e6, 3),
-                trainable_m=round(sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6, 3))
+# %% ../../nbs/31_study_runs.ipynb #a7f51904
+def parameter_millions(cfg, num_classes: int) -> dict:
+    "A record's `params_m` and `trainable_m`: total and trainable parameters (millions) of the model `cfg` trains, heads included."
+    n = trainable_parameters(cfg, num_classes)
+    return dict(params_m=round(n["total"] / 1e6, 3), trainable_m=round(n["trainable"] / 1e6, 3))
 
+# %% ../../nbs/31_study_runs.ipynb #f18d7598
 def _torchrun(cfg, nproc: int, resume: bool) -> dict:
     "Train `cfg` with torchrun on `nproc` processes; the result record rank 0 wrote."
     out = Path(cfg.out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +136,7 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
         if keep_checkpoint: share_checkpoint(run_dir_of(out, same["exp"], same["name"], seed) / "checkpoint.pt", run_dir / "checkpoint.pt")
         rec = {**same, "exp": exp, "name": name, "preset": preset, "overrides": dict(parse_overrides(overrides)), "scale": scale,
                "reused_from": f"{same['exp']}/{same['name']}", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if count_params and "params_m" not in rec: rec.update(count_parameters(cfg, same["train_ids"]))
+        if count_params and "params_m" not in rec: rec.update(parameter_millions(cfg, same["train_ids"]))
         atomic_write_json(path, rec)
         return rec
     ckpt = run_dir / "checkpoint.pt"
@@ -156,11 +153,12 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
                train_pairs=res["train_pairs"], train_ids=res["train_ids"],
                config=res["config"], environment=res.get("environment") or environment_info(),
                git_commit=res.get("git_commit") or git_commit(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    if count_params: rec.update(count_parameters(cfg, res["train_ids"]))
+    if count_params: rec.update(parameter_millions(cfg, res["train_ids"]))
     atomic_write_json(path, rec)
     if not keep_checkpoint and ckpt.exists(): ckpt.unlink()
     return rec
 
+# %% ../../nbs/31_study_runs.ipynb #84b9ecea
 def run_pending(calls: list, executor: dict | None = None, log=print) -> None:
     "Train the `run_once` calls (kwargs dicts) not yet recorded on `executor` (default: the driver's), identical settings once."
     executor = executor or current_executor()

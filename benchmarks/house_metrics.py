@@ -1,0 +1,192 @@
+"""House metrics: how readable the package is, in a few figures that can be compared before and after a clean-up.
+
+    python benchmarks/house_metrics.py [--repo DIR] [--top 5]
+
+Figures (all read from the source as text or AST; nothing is imported or run):
+1. largest module of `tbps_clip/` (generated `_modidx.py` and `__init__.py` left out): lines and names in `__all__`;
+2. import side effects: imports kept only to register (`noqa: F401`) and registrations done at module level
+   (a top-level decorator or call whose name contains `register`, also inside a top-level `for`, and a top-level
+   item assignment into an upper-case table imported from another module); "into another module" counts those
+   whose table or registrar is imported;
+3. duplicated shapes: the pair count of the workplace's `duplicates` tool over the repository (n/a without it);
+4. longest `#| export` cell in `nbs/` (code lines, directives left out), and how many have 100 lines or more;
+5. function-level imports: `import` statements inside a function body in `tbps_clip/`;
+6. `show_doc` calls in `nbs/`;
+7. per notebook group (the study notebooks 30-35, all): the longest export cell, and the export cells with no
+   demonstration (no code cell without `#| export` before the next export cell or the notebook's end).
+"""
+import argparse
+import ast
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def package_modules(root: Path) -> list[Path]:
+    "The package's hand-written (notebook-generated) modules."
+    return sorted(p for p in (root / "tbps_clip").rglob("*.py") if p.name not in ("_modidx.py", "__init__.py"))
+
+
+def exported_names(tree: ast.Module) -> int:
+    "Length of the module's `__all__` (0 if it has none)."
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return len(ast.literal_eval(node.value))
+    return 0
+
+
+def largest_module(root: Path) -> tuple[str, int, int]:
+    "(path, lines, exported names) of the longest module."
+    best = max(package_modules(root), key=lambda p: len(p.read_text().splitlines()))
+    src = best.read_text()
+    return str(best.relative_to(root)), len(src.splitlines()), exported_names(ast.parse(src))
+
+
+def _name(node) -> str:
+    "The dotted-ish name of a call's function or a decorator (last part)."
+    if isinstance(node, ast.Call): node = node.func
+    if isinstance(node, ast.Attribute): return node.attr
+    if isinstance(node, ast.Name): return node.id
+    return ""
+
+
+def _imported_names(tree: ast.Module) -> set[str]:
+    "Names bound by module-level relative imports (`from .x import Y`)."
+    return {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.level
+            for a in n.names}
+
+
+def _uses(node, names: set[str]) -> bool:
+    "Whether `node` mentions any of `names`."
+    return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
+
+
+def registrations(path: Path, root: Path) -> list[tuple[str, bool]]:
+    "(place, into another module) for each module-level registration in `path`."
+    tree = ast.parse(path.read_text())
+    imported, rel, out = _imported_names(tree), str(path.relative_to(root)), []
+    def visit(stmts):
+        for n in stmts:
+            where = f"{rel}:{n.lineno}"
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+                for d in n.decorator_list:
+                    if "register" in _name(d): out.append((where, _uses(d, imported)))
+            elif isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) and "register" in _name(n.value):
+                out.append((where, _uses(n.value, imported)))
+            elif isinstance(n, ast.For): visit(n.body)
+            elif isinstance(n, ast.Assign):
+                for t in n.targets:
+                    if (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id.isupper()
+                            and t.value.id in imported):
+                        out.append((where, True))
+    visit(tree.body)
+    return out
+
+
+def side_effect_imports(root: Path) -> list[str]:
+    "Places of imports kept only for their side effect."
+    return [f"{p.relative_to(root)}:{i}" for p in package_modules(root)
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.match(r"\s*(from|import)\b", line) and "noqa: F401" in line]
+
+
+def duplicate_pairs(root: Path) -> str:
+    "The first line of the `duplicates` tool's report (pairs and files read)."
+    exe = shutil.which("duplicates")
+    if exe is None: return "n/a (no duplicates tool on PATH)"
+    r = subprocess.run([exe, "--repo", str(root), "--seconds", "120"], capture_output=True, text=True)
+    return r.stdout.splitlines()[0] if r.stdout else "n/a"
+
+
+def export_cells(root: Path) -> list[tuple[int, str]]:
+    "(code lines, notebook) for every `#| export` cell in nbs/, longest first."
+    out = []
+    for nb in sorted((root / "nbs").glob("*.ipynb")):
+        for cell in json.loads(nb.read_text())["cells"]:
+            if cell["cell_type"] != "code": continue
+            lines = "".join(cell["source"]).splitlines()
+            if not any(re.match(r"#\|\s*export\b", l) for l in lines[:3]): continue
+            code = [l for l in lines if l.strip() and not l.startswith("#|")]
+            out.append((len(code), nb.name))
+    return sorted(out, reverse=True)
+
+
+def function_imports(root: Path) -> list[str]:
+    "Places of import statements inside function bodies in the package."
+    out = []
+    for p in package_modules(root):
+        for f in ast.walk(ast.parse(p.read_text())):
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for n in ast.walk(f):
+                    if isinstance(n, (ast.Import, ast.ImportFrom)): out.append(f"{p.relative_to(root)}:{n.lineno}")
+    return sorted(set(out))
+
+
+def show_doc_calls(root: Path) -> int:
+    "Number of `show_doc(` calls in nbs/ code cells."
+    return sum("".join(c["source"]).count("show_doc(") for nb in (root / "nbs").glob("*.ipynb")
+               for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+
+
+def undemonstrated(root: Path, pattern: str = "*.ipynb") -> tuple[int, int, int]:
+    "(longest export cell, export cells with no demonstration after them, export cells) over nbs/`pattern`."
+    longest, bare, total = 0, 0, 0
+    for nb in sorted((root / "nbs").glob(pattern)):
+        code = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+        kinds = []
+        for c in code:
+            lines = "".join(c["source"]).splitlines()
+            exp = any(re.match(r"#\|\s*export\b", l) for l in lines[:3])
+            if any(l.startswith("#| default_exp") for l in lines[:3]): continue
+            kinds.append(exp)
+            if exp: longest = max(longest, len([l for l in lines if l.strip() and not l.startswith("#|")]))
+        for i, exp in enumerate(kinds):
+            if not exp or i == 0: continue  # the first export cell holds the imports
+            total += 1
+            if i + 1 == len(kinds) or kinds[i + 1]: bare += 1
+    return longest, bare, total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, default=ROOT)
+    ap.add_argument("--top", type=int, default=5)
+    a = ap.parse_args()
+    root = a.repo.resolve()
+    mod, lines, names = largest_module(root)
+    print(f"largest module: {mod}: {lines} lines, {names} exported names")
+    sizes = sorted(((len(p.read_text().splitlines()), str(p.relative_to(root))) for p in package_modules(root)),
+                   reverse=True)
+    print("  next: " + ", ".join(f"{m} {n}" for n, m in sizes[1:a.top]))
+    imps = side_effect_imports(root)
+    regs = [r for p in package_modules(root) for r in registrations(p, root)]
+    cross = [w for w, x in regs if x]
+    print(f"import side effects: {len(imps) + len(regs)} ({len(imps)} imports kept only to register, "
+          f"{len(regs)} module-level registrations, {len(cross)} of them into another module's table)")
+    print("  noqa F401: " + (", ".join(imps) or "none"))
+    print("  into another module: " + (", ".join(cross) or "none"))
+    print("  own tables: " + (", ".join(w for w, x in regs if not x) or "none"))
+    print(f"duplicated shapes: {duplicate_pairs(root)}")
+    cells = export_cells(root)
+    print(f"longest export cell: {cells[0][0]} lines ({cells[0][1]}); export cells >= 100 lines: "
+          f"{sum(n >= 100 for n, _ in cells)} of {len(cells)}")
+    print("  next: " + ", ".join(f"{n} ({nb})" for n, nb in cells[1:a.top]))
+    fi = function_imports(root)
+    print(f"function-level imports: {len(fi)}")
+    per = {}
+    for w in fi: per[w.split(":")[0]] = per.get(w.split(":")[0], 0) + 1
+    print("  by module: " + ", ".join(f"{m} {n}" for m, n in sorted(per.items(), key=lambda kv: -kv[1])))
+    print(f"show_doc calls in nbs/: {show_doc_calls(root)}")
+    for label, pat in (("study notebooks 30-35", "3[0-5]*_study_*.ipynb"), ("10_evaluate", "10_evaluate.ipynb"),
+                       ("all notebooks", "*.ipynb")):
+        longest, bare, total = undemonstrated(root, pat)
+        print(f"{label}: longest export cell {longest} lines; {bare} of {total} export cells (imports aside) "
+              "with no demonstration after them")
+
+
+if __name__ == "__main__":
+    main()
