@@ -50,6 +50,12 @@ def _imports_only(source: str) -> str:
     return "\n".join(ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))
 
 
+def _only_imports_and_show_docs(source: str) -> bool:
+    "Whether a cell is imports and `show_doc(...)` calls alone (nbdev runs such a cell whole, and so do we)."
+    is_show_doc = lambda n: isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) and getattr(n.value.func, "id", "") == "show_doc"
+    return all(isinstance(n, (ast.Import, ast.ImportFrom)) or is_show_doc(n) for n in ast.parse(source).body)
+
+
 def patch_show_doc_runner():
     "nbdev runs every cell that imports anything to make the API docs; ours mix imports with demonstrations that need earlier cells."
     import nbdev.processors as P
@@ -59,8 +65,9 @@ def patch_show_doc_runner():
         if not self.nb.has_docs_ or not hasattr(self, "k") or cell.cell_type != "code": return run(self, cell)
         directives = set(cell.directives_)
         if directives & {"export", "exports", "exporti", "exec_doc"} or not P._do_eval(cell): return run(self, cell)
-        try: imports = _imports_only(cell.source)
+        try: imports, whole = _imports_only(cell.source), _only_imports_and_show_docs(cell.source)
         except SyntaxError: return run(self, cell)
+        if whole: return run(self, cell)
         if imports and imports != cell.source.strip():  # a mixed cell: bring its imports in, keep its (executed) outputs
             self.k.run_cell(imports)
             if self.k.exc: raise Exception(f"Error in the imports of cell {cell.idx_}:\n{imports}") from self.k.exc
@@ -158,6 +165,7 @@ def render_nbconvert(work: Path, out: Path):
     for name in order:
         nb = nbformat.read(proc / name, as_version=4)
         for c in nb.cells:
+            c.pop("has_sd", None)  # nbdev's mark of a show_doc cell, not in the notebook schema (nbconvert complains)
             if c.cell_type != "code": continue
             o = _quarto_options(c)
             if o.get("include") == "false": c.source, c.outputs = "", []
