@@ -608,6 +608,21 @@ def test_paired_se_is_the_rows_own_with_enough_seeds_else_pooled_across_the_tabl
     assert paired_marks([prec("clip", 0, 10.0), prec("dropout", 1, 12.0)], PAPER["table1"]["rows"], "clip")[1]["mark"] == "no paired seed"
 
 
+def test_a_row_identical_to_the_baseline_is_said_so_and_does_not_shrink_the_pooled_sd():
+    "GlobalGrad on one process equals CLIP at every seed: not 'within noise', and its zero variance pools nothing."
+    from tbps_clip.study.marks import IDENTICAL, paired_marks, paired_summary
+    base = {0: 36.85, 1: 37.07, 2: 36.81}
+    recs = [prec("clip", s, v) for s, v in base.items()] + [prec("global_grad", s, v) for s, v in base.items()]
+    recs += [prec("dropout", s, v + d) for (s, v), d in zip(base.items(), (-0.97, 0.04, -1.78))]
+    recs += [prec("lock_bl", s, v + d) for (s, v), d in zip(base.items(), (-0.68, 0.16, 0.51))]
+    marked = {r["name"]: r for r in paired_marks(recs, PAPER["table1"]["rows"], "clip")}
+    assert marked["global_grad"]["mark"] == IDENTICAL and marked["global_grad"]["ours_effect"] == 0
+    import statistics
+    pooled = ((statistics.variance([-0.97, 0.04, -1.78]) + statistics.variance([-0.68, 0.16, 0.51])) / 2) ** 0.5
+    assert marked["dropout"]["pooled_sd"] == pytest.approx(pooled) and marked["dropout"]["pooled_dof"] == 4
+    assert paired_summary(marked.values())["rows"] == 2  # the identical row is not counted as a comparison
+
+
 def test_the_report_gives_paired_tables_forest_plots_and_what_resolves(tmp_path):
     from tbps_clip.core import atomic_write_json
     from tbps_clip.study.report import build_report

@@ -12,8 +12,8 @@ from ..run import METRICS
 from .runs import flat_rows, load_records
 
 # %% auto #0
-__all__ = ['MIN_SD_DOF', 'summarise', 'pooled_sd_dof', 'pooled_sd', 'records_seed_sd', 'study_seed_sd', 'table_seed_sd',
-           'mark_agreement', 'agreement_counts', 'noise_statement', 'paired_marks', 'paired_summary',
+__all__ = ['MIN_SD_DOF', 'IDENTICAL', 'summarise', 'pooled_sd_dof', 'pooled_sd', 'records_seed_sd', 'study_seed_sd',
+           'table_seed_sd', 'mark_agreement', 'agreement_counts', 'noise_statement', 'paired_marks', 'paired_summary',
            'paired_statement']
 
 # %% ../../nbs/33_study_marks.ipynb #a9d4981f
@@ -130,13 +130,15 @@ def _by_seed(records, metric: str) -> dict:
         if v is not None: out.setdefault(r["name"], {})[r["seed"]] = v
     return out
 
+IDENTICAL = "identical to the baseline"  # every paired seed gives exactly the baseline's value
+
 def paired_marks(records, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None) -> list:
     "Each row's effect (mean over seeds of row minus baseline at the same seed), its SE, what it resolves and the mark."
     aliases = aliases or {}
     vals = _by_seed(records, metric)
     base = vals.get(baseline, {})
     diffs = {n: [v[s] - base[s] for s in sorted(v) if s in base] for n, v in vals.items() if n != baseline}
-    multi = [d for d in diffs.values() if len(d) > 1]
+    multi = [d for d in diffs.values() if len(d) > 1 and any(d)]  # a row identical to the baseline carries no noise
     dof = sum(len(d) - 1 for d in multi)
     pooled = math.sqrt(sum((len(d) - 1) * statistics.variance(d) for d in multi) / dof) if dof >= MIN_SD_DOF else None
     pbase = paper_rows.get(baseline, {}).get(metric)
@@ -160,7 +162,8 @@ def paired_marks(records, paper_rows: dict, baseline: str, metric: str = "R@1", 
         else:
             e, pe = row["ours_effect"], row["paper_effect"]
             same = (e > 0) == (pe > 0) if e != 0 and pe != 0 else e == pe
-            if se is not None and abs(e) <= k * se: row["mark"] = "within seed noise"
+            if all(x == 0 for x in d): row["mark"] = IDENTICAL  # e.g. GlobalGrad on one process: nothing to measure
+            elif se is not None and abs(e) <= k * se: row["mark"] = "within seed noise"
             else: row["mark"] = ("no change" if e == 0 else "agrees" if same else "disagrees") + ("" if se is not None else " (SE unknown: direction only)")
         out.append(row)
     return out
@@ -168,7 +171,7 @@ def paired_marks(records, paper_rows: dict, baseline: str, metric: str = "R@1", 
 # %% ../../nbs/33_study_marks.ipynb #a5d049c3
 def paired_summary(marked) -> dict:
     "Per table: rows marked, the smallest resolvable effect, how many rows resolve, how many of those agree, and the rate."
-    rows = [r for r in marked if r["mark"] not in ("baseline", "no baseline run", "no paired seed", "not in the paper")]
+    rows = [r for r in marked if r["mark"] not in ("baseline", "no baseline run", "no paired seed", "not in the paper", IDENTICAL)]
     res = [r["resolvable"] for r in rows if r["resolvable"] is not None]
     resolved = [r for r in rows if r["se"] is not None and r["mark"] != "within seed noise"]
     agree = sum(r["mark"] == "agrees" for r in resolved)
