@@ -257,11 +257,20 @@ def _cmd_study_collect(a):
     print(f"\n{len(res['runs'])} runs; CSV: {a.csv or Path(a.results) / 'runs.csv'}; markdown: {a.md or Path(a.results) / 'summary.md'}")
 
 def _cmd_study_status(a):
-    from tbps_clip.study.driver import sweep_status
-    rows = sweep_status(a.results)
-    if not rows: print(f"no notebook runs under {a.results}"); return
+    from tbps_clip.study.driver import load_sweep, recorded_runs, sweep_progress, sweep_status
+    target = Path(a.results)
+    if target.is_file():  # a sweep file: every notebook in its order, those not started too, with their run records
+        rows, out = sweep_progress(target), Path(load_sweep(target)["out"])
+    elif target.is_dir():
+        rows, out = [dict(r, notebook=Path(r["notebook"]).stem) for r in sweep_status(target)], target
+    else: raise TBPSError(f"{target}: no such sweep file or results folder")
+    counts = recorded_runs(out)
+    if not rows and not counts: print(f"no notebook runs under {out}"); return
     for r in rows:
-        print(f"{Path(r['notebook']).stem:<16} {r['status']:<8} {r.get('seconds', ''):>8} s  {r['key']}  {r.get('error', '')}")
+        secs = f"{r['seconds']:.0f} s" if r.get("seconds") is not None else ""
+        exp = r["notebook"].split("_")[0]
+        print(f"{r['notebook']:<16} {r['status']:<8} {secs:>8}  {counts.get(exp, 0):>4} run records ({exp})  {r.get('error', '')}".rstrip())
+    print(f"{sum(counts.values())} run records in {out / 'records'}" + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""))
 
 def _add_study_commands(sub) -> None:
     "The `study` subcommand: run experiment notebooks, collect their records."
@@ -287,8 +296,8 @@ def _add_study_commands(sub) -> None:
     c.add_argument("--md", help="summary with the paper's values and agreement marks (default: RESULTS/summary.md)")
     c.add_argument("--metric", default="R@1", help="metric whose effects are marked")
     c.set_defaults(func=_cmd_study_collect)
-    t = ss.add_parser("status", help="list the notebook runs of a results folder")
-    t.add_argument("results", help="results folder (a sweep's out)"); t.set_defaults(func=_cmd_study_status)
+    t = ss.add_parser("status", help="where a sweep stands: its notebooks (pending ones too, given its file) and run records")
+    t.add_argument("results", help="a sweep parameter file, or a results folder (a sweep's out)"); t.set_defaults(func=_cmd_study_status)
 
 # %% ../nbs/14_cli.ipynb #5a6d75e4
 def _add_prep_commands(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -21,7 +21,8 @@ from ..core import TBPSError, atomic_write_json, git_commit
 from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
-__all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'run_sweep', 'sweep_status']
+__all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'run_sweep', 'sweep_status',
+           'recorded_runs', 'sweep_progress']
 
 # %% ../../nbs/35_study_driver.ipynb #1dee603c
 def params_key(params: dict) -> str:
@@ -137,11 +138,9 @@ def _notebook_file(nb_dir: Path, name: str) -> Path:
     return p if p.is_absolute() else nb_dir / (p if p.suffix == ".ipynb" else p.with_suffix(".ipynb"))
 
 # %% ../../nbs/35_study_driver.ipynb #572f619e
-def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, cwd=None, timeout: int | None = None,
-              log=print, jobs: int = 1, executor: str = "local") -> list:
-    "Run the notebooks of sweep file `path` in order (those in `only`, if given), their runs `jobs` at once or on Slurm; their status records."
+def sweep_plan(path, only=None, out=None, set_params=None) -> tuple:
+    "The checked plan of sweep file `path`: its results folder and each notebook to run, in order, with its parameters."
     spec = load_sweep(path)
-    ex = make_executor(executor, jobs, spec["slurm"], str(path))
     out = Path(out or spec["out"])
     nb_dir = Path(spec["notebooks_dir"])
     runs = [(n, p) for n, p in spec["runs"] if not only or n in only or Path(n).stem in only]
@@ -153,13 +152,38 @@ def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, c
     nobody = [k for k in shared if not any(k in d for d in declared.values())]
     if nobody: raise TBPSError(f"{path}: parameter(s) {', '.join(nobody)} declared by none of its notebooks ({', '.join(declared)})")
     for name, p in runs: _check_parameters(_notebook_file(nb_dir, name), p, f"{path}: ")
-    _log(out, f"sweep {path}: {len(runs)} notebook(s)" + ("" if ex == make_executor() else f"; runs on {json.dumps(ex)}"))
-    results = []
-    for name, p in runs:  # in order: a notebook may use the runs of one before it (e08 and e11 e10's model, e99 all)
-        params = {k: v for k, v in {**spec["params"], **p, **(set_params or {})}.items() if k in declared[name]}
-        results.append(run_notebook(_notebook_file(nb_dir, name), params, out, force=force, cwd=cwd, timeout=timeout, log=log, executor=ex))
-    return results
+    plan = [(_notebook_file(nb_dir, name), {k: v for k, v in {**shared, **p, **(set_params or {})}.items() if k in declared[name]})
+            for name, p in runs]
+    return out, plan
+
+def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, cwd=None, timeout: int | None = None,
+              log=print, jobs: int = 1, executor: str = "local") -> list:
+    "Run the notebooks of sweep file `path` in order (those in `only`, if given), their runs `jobs` at once or on Slurm; their status records."
+    ex = make_executor(executor, jobs, load_sweep(path)["slurm"], str(path))
+    out, plan = sweep_plan(path, only, out, set_params)
+    _log(out, f"sweep {path}: {len(plan)} notebook(s)" + ("" if ex == make_executor() else f"; runs on {json.dumps(ex)}"))
+    # in order: a notebook may use the runs of one before it (e08 and e11 e10's model, e99 all)
+    return [run_notebook(nb, params, out, force=force, cwd=cwd, timeout=timeout, log=log, executor=ex) for nb, params in plan]
 
 def sweep_status(out) -> list:
     "The status records of every notebook run under `out/sweep`."
     return [json.loads(p.read_text()) for p in sorted((Path(out) / "sweep").glob("*.json"))]
+
+def recorded_runs(out) -> dict:
+    "The number of run records under `out/records`, per experiment."
+    root = Path(out) / "records"
+    return {d.name: len(list(d.glob("*.json"))) for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
+
+def sweep_progress(path, out=None) -> list:
+    "Where sweep file `path` stands: each of its notebooks in order with its status (pending if never started) and its experiment's run records."
+    out, plan = sweep_plan(path, out=out)
+    counts = recorded_runs(out)
+    rows = []
+    for nb, params in plan:
+        st_path = _status_path(out, nb, {**params, "out": str(out)})
+        st = json.loads(st_path.read_text()) if st_path.exists() else dict(status="pending")
+        exp = nb.stem.split("_")[0]
+        rows.append(dict(notebook=nb.stem, key=params_key({**params, "out": str(out)}), status=st["status"],
+                         seconds=st.get("seconds"), error=st.get("error", ""), exp=exp, records=counts.get(exp, 0)))
+    return rows
+
