@@ -9,28 +9,20 @@ setting's step budget (evaluation excluded: the same for every row). Whole runs 
 
     PYTHONPATH=$PWD python benchmarks/study_cost.py [--steps 12] [--after-steps 300]
 """
-import argparse, json, statistics, time
+import argparse, json, statistics, sys, time
 from pathlib import Path
 
 import torch
 
 from bench_common import machine, write_results
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the experiments' own code (e07's timing)
+
 
 def time_steps(arch: str, preset: str, n: int) -> dict:
     "Median seconds per step of loading and of stepping, for `preset` on `arch` (random weights: cost only)."
-    from tbps_clip.config import make_config
-    from tbps_clip.heads import attach_heads
-    from tbps_clip.model import create_model
-    from tbps_clip.run import load_data, train_dataset
-    from tbps_clip.train import Trainer
-    cfg = make_config(preset, {"model.arch": arch, "model.pretrained": "none", "data.batch_size": 64,
-                               "train.threads": 1, "out_dir": "/tmp/study_cost"})
-    ann = load_data(cfg)
-    model = create_model(arch)
-    ds = train_dataset(cfg, ann, model.context_length)
-    attach_heads(model, cfg, ds.num_classes)
-    tr = Trainer(cfg, model, ds, progress=False)
+    from tbps_experiments import timing_trainer  # e07's trainer for timing: the benchmark times what Table 9 times
+    tr = timing_trainer(preset, {"model.arch": arch, "data.batch_size": 64}, threads=1)
     it = iter(tr.loader(0, 0))
     load, step = [], []
     for i in range(n + 1):

@@ -91,18 +91,22 @@ def interleaved_step_seconds(rows: dict, base: dict, rounds: int = 8, threads: i
     torch.set_num_threads(threads)
     steppers, times = {}, {name: [] for name in rows}
     for name, (preset, ov) in rows.items():
-        cfg = make_config(preset, {**base, **ov, "model.pretrained": "none", "train.threads": threads,
-                                   "out_dir": tempfile.mkdtemp(prefix="e07-")})
-        model = create_model(cfg.model.arch)
-        ds = train_dataset(cfg, load_data(cfg), model.context_length)
-        attach_heads(model, cfg, ds.num_classes)
-        tr = Trainer(cfg, model, ds, progress=False)
+        tr = timing_trainer(preset, {**base, **ov}, threads)
         steppers[name] = (tr, _endless_batches(tr))
     for r in range(rounds + 1):
         for name, (tr, it) in steppers.items():
             t0 = time.perf_counter(); tr.train_step(next(it)); dt = time.perf_counter() - t0
             if r: times[name].append(dt)  # round 0 is the warm-up
     return {name: statistics.median(t) for name, t in times.items()}
+
+def timing_trainer(preset: str, overrides: dict, threads: int = 1) -> Trainer:
+    "A trainer of `preset` with `overrides` on random weights (cost does not depend on them), for timing its steps."
+    cfg = make_config(preset, {**overrides, "model.pretrained": "none", "train.threads": threads,
+                               "out_dir": tempfile.mkdtemp(prefix="timing-")})
+    model = create_model(cfg.model.arch)
+    ds = train_dataset(cfg, load_data(cfg), model.context_length)
+    attach_heads(model, cfg, ds.num_classes)
+    return Trainer(cfg, model, ds, progress=False)
 
 def _endless_batches(tr):
     "The trainer's batches, epoch after epoch."
