@@ -20,13 +20,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+try: import fcntl  # POSIX file locks (exclusive_lock)
+except ImportError: fcntl = None
+
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
-           'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'check_relative_path',
-           'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit', 'environment_info']
+           'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'exclusive_lock', 'read_json',
+           'check_relative_path', 'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit',
+           'environment_info']
 
 # %% ../nbs/00_core.ipynb #6c150783
 class TBPSError(Exception):
@@ -141,6 +145,18 @@ def atomic_torch_save(obj, path) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+# %% ../nbs/00_core.ipynb #f60cc518
+@contextlib.contextmanager
+def exclusive_lock(target):
+    "Hold an exclusive lock on `.<name>.lock` beside `target` while the block runs (no-op where the OS has no fcntl)."
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as f:
+        if fcntl: fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally:
+            if fcntl: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/00_core.ipynb #29dc7e94
 def _no_duplicate_keys(pairs: list) -> dict:

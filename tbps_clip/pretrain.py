@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from .checkpoint import (CKPT_FORMAT, load_weights, read_checkpoint_file, save_checkpoint, shipped_synthclip,
                                   synthclip_path, tower_state)
 from .config import DataConfig, make_config
-from .core import TBPSError, cache_dir, derive_seed, environment_info, seed_everything
+from .core import TBPSError, cache_dir, derive_seed, environment_info, exclusive_lock, seed_everything
 from .data import test_transform
 from .model import TBPSModel, arch_config, create_model
 from .evaluate import evaluate
@@ -111,11 +111,13 @@ def pretrain_synthclip(arch: str = "tbps-tiny-cs", steps: int | None = None, bat
 def ensure_synthclip(arch: str = "tbps-tiny-cs", progress: bool = True) -> Path:
     "The cached small pretrained CLIP for `arch`, built first if missing."
     p = shipped_synthclip(arch) or synthclip_path(arch)
-    if not p.is_file():
-        if arch not in PRETRAIN_RECIPES:
-            raise TBPSError(f"no embedded pretrained weights for {arch!r}: set model.pretrained to a checkpoint path")
-        print(f"Building the small pretrained CLIP for {arch} (once; cached at {p}) ...")
-        pretrain_synthclip(arch, progress=progress)
+    if p.is_file(): return p
+    if arch not in PRETRAIN_RECIPES:
+        raise TBPSError(f"no embedded pretrained weights for {arch!r}: set model.pretrained to a checkpoint path")
+    with exclusive_lock(p):  # concurrent runs (study --jobs) build it once: the others wait, then find it
+        if not p.is_file():
+            print(f"Building the small pretrained CLIP for {arch} (once; cached at {p}) ...")
+            pretrain_synthclip(arch, progress=progress)
     return p
 
 # %% ../nbs/12_pretrain.ipynb #49362946

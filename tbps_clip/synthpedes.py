@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import contextlib
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -17,10 +16,8 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
-try: import fcntl  # POSIX file locks: two processes never generate one folder at once
-except ImportError: fcntl = None
 
-from .core import TBPSError, atomic_write_json, cache_dir, derive_seed
+from .core import TBPSError, atomic_write_json, cache_dir, derive_seed, exclusive_lock
 from .records import Record, read_annotations, write_annotations
 
 # %% auto #0
@@ -898,7 +895,7 @@ def make_synthpedes(out_dir, n_train_ids: int = 1000, n_val_ids: int = 100, n_te
     "Generate SynthPEDES in `out_dir` (or return it if it already holds the same complete dataset)."
     out = Path(out_dir)
     s = synthpedes_settings(n_train_ids, n_val_ids, n_test_ids, images_per_id, captions_per_image, image_size, seed, p_confusable)
-    with _generation_lock(out):  # a second process waits here, then finds the dataset complete
+    with exclusive_lock(out):  # a second process waits here, then finds the dataset complete
         state, detail = _state(out, s)
         if state == "complete": return out
         if state == "foreign":
@@ -908,16 +905,6 @@ def make_synthpedes(out_dir, n_train_ids: int = 1000, n_val_ids: int = 100, n_te
                             "to replace it, or choose another folder")
         _generate(out, s, progress)
     return out
-
-@contextlib.contextmanager
-def _generation_lock(out: Path):
-    "Hold an exclusive lock on `.<name>.lock` beside folder `out` (no-op where the OS has no fcntl)."
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as f:
-        if fcntl: fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally:
-            if fcntl: fcntl.flock(f, fcntl.LOCK_UN)
 
 def _generate(out: Path, s: dict, progress: bool) -> None:
     "Write images, attributes.json, then annotations.json; a marker file flags the work in progress."

@@ -40,3 +40,21 @@ def test_shipped_clip_reproduces_its_cards_zero_shot_metrics(split):
     for k in ("R@1", "R@5", "R@10", "mAP"):
         assert got[k] == pytest.approx(want[k], abs=0.15), (split, k, got[k], want[k])
     assert got["R@1"] >= 8, "the analogue's zero-shot R@1 target (at least 8) is not met"
+
+
+def test_concurrent_callers_build_a_missing_small_clip_once(tmp_path, monkeypatch):
+    "Runs started together (study --jobs) that need an unbuilt small CLIP: one builds it, the others wait and load it."
+    import threading, time
+    import tbps_clip.pretrain as pt
+    target = tmp_path / "synthclip-tbps-micro.pt"
+    monkeypatch.setattr(pt, "shipped_synthclip", lambda arch: None)
+    monkeypatch.setattr(pt, "synthclip_path", lambda arch: target)
+    builds = []
+    def slow_build(arch, progress=True):  # stands in for pretraining: slow, then the file appears
+        builds.append(arch); time.sleep(0.3); target.write_bytes(b"weights")
+    monkeypatch.setattr(pt, "pretrain_synthclip", slow_build)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(pt.ensure_synthclip("tbps-micro", progress=False))) for _ in range(3)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert builds == ["tbps-micro"] and got == [target] * 3
