@@ -160,8 +160,10 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
     out = Path(out)
     md, tables = [f"# Study report ({metric}; effects vs each table's baseline row)", ""], {}
     for src in sources:
+        if not Path(src).is_dir(): raise TBPSError(f"{src}: no such results folder (give a sweep's out folder, which holds records/)")
         recs = load_records(src)
-        if not recs: continue
+        if not recs:  # said, not skipped: a report from an empty folder is almost always the wrong folder
+            md += [f"## {src}", "", "No run records yet.", ""]; continue
         label = data_label(recs)
         sec = Path(src).name
         fsd = records_seed_sd(recs, metric)  # the noise of tables whose rows all have one seed
