@@ -345,8 +345,11 @@ def e11_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
     if not e11: return [], {}
     rows = compression_table(e11, metric, k, fallback_sd)
     write_csv(rows, out / "tables" / "table12.csv")
-    return [f"### {PAPER['table12']['title']}: ours {label} ({metric}; drop vs full, freeze vs drop at the same x)", "",
+    title = PAPER["table12"]["title"].split(" (")[0]  # the paper's title names its ViT-B/16 counts (M), not ours
+    return [f"### {title}: ours {label} ({metric}; drop vs full, freeze vs drop at the same x)", "",
             to_markdown(rows, ["label", "n", "ours", "ours_sd", "ours_effect", "trainable", "vs", "noise", "mark"]), "",
+            f"trainable: our model's exact trainable parameters ({', '.join(sorted({r['config']['model']['arch'] for r in e11}))}); the paper's ViT-B/16 counts (M) "
+            "beside ours counted on ViT-B/16 are e11's tables/table12_vit_b16.csv. "
             "Paper (figure only): freezing the layers barely changes R@1, dropping them lowers it. "
             f"Counts: {agreement_counts(rows)}.", ""], {"table12": rows}
 
