@@ -271,6 +271,7 @@ def _draw_legs(d, a, k, skin):
     if lt == "skirt":
         d.polygon([(cx - h * 0.85, Y(0.45)), (cx + h * 0.85, Y(0.45)), (cx + h * 1.35, Y(0.7)), (cx - h * 1.35, Y(0.7))], fill=low)
 
+# %% ../nbs/03_synthpedes.ipynb #c01cabf8
 def _upper_polys(a, k) -> list:
     "The polygons of the upper garment's body (torso, and the skirt of a dress or a coat's tails)."
     Y, cx, h, t = k["Y"], k["cx"], k["half"], a["upper_type"]
@@ -366,6 +367,7 @@ def _draw_details(d, a, k, skin, up):
         x0, x1 = (cx - h * 1.05, cx + h * 0.85) if view == "side" else (cx - k["hw"], cx + k["hw"])
         d.rectangle([x0, Y(0.455), x1, Y(0.475)], fill=dark)
 
+# %% ../nbs/03_synthpedes.ipynb #f8dfe619
 def _draw_bag(d, a, k, layer: str):
     "The bag, in one of three layers: 'behind' the body, 'over' the torso, or in the 'hand'."
     bag, view, u, Y, cx, h = a["bag"], k["view"], k["u"], k["Y"], k["cx"], k["half"]
@@ -397,6 +399,7 @@ def _draw_bag(d, a, k, layer: str):
         d.line([(hx - 0.022 * u, top), (hx, hy - 0.005 * u), (hx + 0.022 * u, top)], fill=_scale(bc, 0.7), width=max(1, int(0.008 * u)))
         d.polygon([(hx - 0.032 * u, top), (hx + 0.032 * u, top), (hx + 0.04 * u, top + 0.065 * u), (hx - 0.04 * u, top + 0.065 * u)], fill=bc)
 
+# %% ../nbs/03_synthpedes.ipynb #cd69f39c
 def _draw_head(d, a, k, skin, layer: str):
     "Hair, face, glasses and headwear; `layer='behind'` draws only what lies behind the body (long hair, a hood)."
     view, u, Y = k["view"], k["u"], k["Y"]
