@@ -256,8 +256,12 @@ def _cmd_study_collect(a):
     print(res["markdown"])
     print(f"\n{len(res['runs'])} runs; CSV: {a.csv or Path(a.results) / 'runs.csv'}; markdown: {a.md or Path(a.results) / 'summary.md'}")
 
+def _ago(seconds: float) -> str:
+    "A duration in words, for how long ago something happened."
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago" if seconds < 7200 else f"{seconds / 3600:.1f} h ago"
+
 def _cmd_study_status(a):
-    from tbps_clip.study.driver import load_sweep, recorded_runs, sweep_progress, sweep_status
+    from tbps_clip.study.driver import load_sweep, recorded_runs, sweep_progress, sweep_status, unfinished_runs
     target = Path(a.results)
     if target.is_file():  # a sweep file: every notebook in its order, those not started too, with their run records
         rows, out = sweep_progress(target), Path(load_sweep(target)["out"])
@@ -271,6 +275,11 @@ def _cmd_study_status(a):
         exp = r["notebook"].split("_")[0]
         print(f"{r['notebook']:<16} {r['status']:<8} {secs:>8}  {counts.get(exp, 0):>4} run records ({exp})  {r.get('error', '')}".rstrip())
     print(f"{sum(counts.values())} run records in {out / 'records'}" + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""))
+    open_runs = unfinished_runs(out)
+    if open_runs: print(f"{len(open_runs)} run(s) without a record yet (training now, or stopped: the next `study run` resumes each from its last save):")
+    for r in open_runs:
+        step = "saved at step ?" if r["saved_step"] is None else f"saved at step {r['saved_step']}" + (f" of {r['steps']}" if r["steps"] else "")
+        print(f"  {r['run']:<28} {step:<26} {'checkpoint' if r['checkpoint'] else 'no checkpoint':<14} last written {_ago(r['idle_seconds'])}")
 
 def _add_study_commands(sub) -> None:
     "The `study` subcommand: run experiment notebooks, collect their records."

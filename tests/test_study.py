@@ -177,6 +177,26 @@ def test_killed_sweep_resumes_without_redoing_or_duplicating(tmp_path, kernel_en
     assert sorted(r["name"] for r in load_records(out)) == ["a", "b", "c"]
 
 
+def test_status_names_runs_without_a_record_and_where_each_resumes(tmp_path, capsys):
+    from tbps_clip.cli import main
+    from tbps_clip.core import atomic_write_json
+    out = tmp_path / "out"
+    atomic_write_json(out / "records" / "e01" / "clip-s0.json", dict(exp="e01", name="clip", seed=0, metrics={}))
+    (out / "runs" / "e01" / "clip-s0").mkdir(parents=True)  # finished: it has its record
+    stopped = out / "runs" / "e01" / "tbps-s1"
+    stopped.mkdir(parents=True)
+    (stopped / "config.yaml").write_text("train:\n  max_steps: 300\n")
+    atomic_write_json(stopped / "history.json", {"train": [{"step": 100}, {"step": 200}], "eval": []})
+    (stopped / "checkpoint.pt").write_bytes(b"")
+    fresh = out / "runs" / "e05" / "nitc-s2"
+    fresh.mkdir(parents=True)  # started, nothing saved yet
+    main(["study", "status", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert "1 run records" in lines[0] and lines[1].startswith("2 run(s) without a record yet"), lines
+    assert lines[2].split()[:10] == ["e01/tbps-s1", "saved", "at", "step", "200", "of", "300", "checkpoint", "last", "written"], lines
+    assert lines[3].split()[:6] == ["e05/nitc-s2", "saved", "at", "step", "0", "no"], lines
+
+
 def test_failing_notebook_is_recorded_and_the_sweep_goes_on(tmp_path, kernel_env, capsys):
     from tbps_clip.cli import main
     sweep, out = fake_sweep(tmp_path, [("a", {}), ("bad", {"fail": True}), ("c", {})])

@@ -22,7 +22,7 @@ from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
 __all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'run_sweep', 'sweep_status',
-           'recorded_runs', 'sweep_progress']
+           'recorded_runs', 'sweep_progress', 'unfinished_runs']
 
 # %% ../../nbs/35_study_driver.ipynb #1dee603c
 def params_key(params: dict) -> str:
@@ -187,3 +187,20 @@ def sweep_progress(path, out=None) -> list:
                          seconds=st.get("seconds"), error=st.get("error", ""), exp=exp, records=counts.get(exp, 0)))
     return rows
 
+def _last_step(history: Path):
+    "The step of a run's last save (its history is written with its checkpoint): 0 before the first, None if unreadable."
+    if not history.exists(): return 0
+    try: return (json.loads(history.read_text()).get("train") or [{}])[-1].get("step", 0)
+    except (OSError, ValueError, AttributeError): return None
+
+def unfinished_runs(out) -> list:
+    "The run folders under `out/runs` without a record: training now, or stopped and resumed from their checkpoint by the next run."
+    out, rows = Path(out), []
+    for d in sorted(p for p in (Path(out) / "runs").glob("*/*") if p.is_dir()):
+        if (out / "records" / d.parent.name / f"{d.name}.json").exists(): continue
+        try: steps = (yaml.safe_load((d / "config.yaml").read_text()) or {}).get("train", {}).get("max_steps")
+        except (OSError, yaml.YAMLError, AttributeError): steps = None
+        newest = max((f.stat().st_mtime for f in d.iterdir() if f.is_file()), default=d.stat().st_mtime)
+        rows.append(dict(run=f"{d.parent.name}/{d.name}", saved_step=_last_step(d / "history.json"), steps=steps,
+                         checkpoint=(d / "checkpoint.pt").exists(), idle_seconds=round(time.time() - newest)))
+    return rows
