@@ -127,7 +127,7 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
     log(f"finished {trainer.step} steps; {cfg.eval.split} R@1 {test['R@1']:.2f} mAP {test['mAP']:.2f}")
     rec = run_record(cfg, ann, kind="train", split=cfg.eval.split, metrics=test, zero_shot=zs,
                      val_history=trainer.history["eval"], steps=trainer.step,
-                     train_seconds=round(getattr(trainer, "train_seconds", 0.0), 2),
+                     train_seconds=round(getattr(trainer, "train_seconds", 0.0), 2), resumed_from_step=trainer.resumed_from,
                      train_pairs=len(ds), train_ids=ds.num_classes, world_size=di.world_size,
                      text_synonyms=synonyms, skipped_images=dict(count=len(ds.skipped), examples=[i for i, _ in ds.skipped[:20]]),
                      fewshot=ds.fewshot, parameters=params, model_edits=model.edits or None)

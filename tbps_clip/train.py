@@ -126,6 +126,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.train.precision))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history = dict(train=[], eval=[])
+        # training time of the processes before this one (a resumed run counts all of it); the step this one resumed at
+        self.seconds_before, self.resumed_from, self._fit_t0 = 0.0, None, None
 
     def _cb(self, name: str):
         for cb in self.cbs:
@@ -137,10 +139,15 @@ class Trainer:
 
 # %% ../nbs/11_train.ipynb #5e0fd50f
 @patch_to(Trainer)
+def elapsed_seconds(self) -> float:
+    "Training time so far, the processes before a resume included."
+    return self.seconds_before + (time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else 0.0)
+
+@patch_to(Trainer)
 def state(self) -> dict:
     "Everything besides model and optimizer needed to continue the run exactly."
     st = dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, history=self.history,
-              **rng_state(), scaler=self.scaler.state_dict())
+              train_seconds=self.elapsed_seconds(), **rng_state(), scaler=self.scaler.state_dict())
     if self.world_size > 1: st["rank_rng"] = gather_objects(rng_state())  # every process's own
     return st
 
@@ -165,6 +172,7 @@ def load(self) -> None:
     self.opt.load_state_dict(obj["optimizer"])
     st = obj["state"]
     self.step, self.epoch, self.batch_in_epoch, self.history = st["step"], st["epoch"], st["batch_in_epoch"], st["history"]
+    self.seconds_before, self.resumed_from = float(st.get("train_seconds", 0.0)), self.step  # older checkpoints lack the time
     if self.world_size > 1:
         if len(st.get("rank_rng") or []) != self.world_size:
             raise TBPSError(f"{self.ckpt_path}: saved by a run with another number of processes; resume with the same number")
@@ -247,7 +255,7 @@ def fit(self, resume: bool = False) -> dict:
         save_config(self.cfg, self.out_dir / "config.yaml")
     self.model.train()
     self._cb("before_fit")
-    t0 = time.perf_counter()
+    self._fit_t0 = time.perf_counter()
     bar = None
     if self.progress:
         from tqdm.auto import tqdm
@@ -278,7 +286,7 @@ def fit(self, resume: bool = False) -> dict:
         self.save()
     if bar: bar.close()
     self._cb("after_fit")
-    self.train_seconds = time.perf_counter() - t0
+    self.train_seconds = self.elapsed_seconds()
     return self.history
 
 # %% ../nbs/11_train.ipynb #7c893816

@@ -47,6 +47,11 @@ class Crash(Callback):
         if t.step == self.at: raise KeyboardInterrupt(f"crash at step {t.step}")
 
 
+class Seen(Callback):
+    "Remembers the training time a resumed trainer carries from the processes before it."
+    def before_fit(self, t): self.seconds = t.seconds_before
+
+
 @pytest.mark.parametrize("crash_at", [5, 6, 8])  # mid-epoch, at an epoch end, just after a checkpoint
 def test_resume_is_exact(toy, tmp_path, crash_at):
     extra = {"train.ckpt_every": 4, "trick.text_dropout": 0.1}  # dropout: the RNG state must be restored too
@@ -54,8 +59,12 @@ def test_resume_is_exact(toy, tmp_path, crash_at):
     cfg = make_config("clip", micro_overrides(toy, tmp_path / "cut", **extra))
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False, callbacks=[Crash(crash_at)])
-    resumed = train(cfg, progress=False, resume=True)
+    before = Seen()
+    resumed = train(cfg, progress=False, resume=True, callbacks=[before])
     wf, wr = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    # the record says where it resumed, and its training time includes the interrupted process's
+    assert full["resumed_from_step"] is None and 0 < resumed["resumed_from_step"] < crash_at
+    assert before.seconds > 0 and resumed["train_seconds"] >= round(before.seconds, 2)
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     assert resumed["metrics"] == {**full["metrics"], "encode_s": resumed["metrics"]["encode_s"],
                                   "rank_s": resumed["metrics"]["rank_s"]}
