@@ -278,8 +278,10 @@ def _cmd_study_status(a):
     open_runs = unfinished_runs(out)
     if open_runs: print(f"{len(open_runs)} run(s) without a record yet (training now, or stopped: the next `study run` resumes each from its last save):")
     for r in open_runs:
-        step = "saved at step ?" if r["saved_step"] is None else f"saved at step {r['saved_step']}" + (f" of {r['steps']}" if r["steps"] else "")
-        print(f"  {r['run']:<28} {step:<26} {'checkpoint' if r['checkpoint'] else 'no checkpoint':<14} last written {_ago(r['idle_seconds'])}")
+        of = f" of {r['steps']}" if r["steps"] else ""
+        step = ("history unreadable" if r["saved_step"] is None else f"saved after step {r['saved_step']}{of}" if r["saved_step"]
+                else f"nothing saved yet{of.replace(' of', ', of')}")
+        print(f"  {r['run']:<28} {step:<28} {'checkpoint' if r['checkpoint'] else 'no checkpoint':<14} last written {_ago(r['idle_seconds'])}")
 
 def _add_study_commands(sub) -> None:
     "The `study` subcommand: run experiment notebooks, collect their records."

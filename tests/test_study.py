@@ -193,8 +193,8 @@ def test_status_names_runs_without_a_record_and_where_each_resumes(tmp_path, cap
     main(["study", "status", str(out)])
     lines = capsys.readouterr().out.splitlines()
     assert "1 run records" in lines[0] and lines[1].startswith("2 run(s) without a record yet"), lines
-    assert lines[2].split()[:10] == ["e01/tbps-s1", "saved", "at", "step", "200", "of", "300", "checkpoint", "last", "written"], lines
-    assert lines[3].split()[:6] == ["e05/nitc-s2", "saved", "at", "step", "0", "no"], lines
+    assert lines[2].split()[:10] == ["e01/tbps-s1", "saved", "after", "step", "200", "of", "300", "checkpoint", "last", "written"], lines
+    assert lines[3].split()[:6] == ["e05/nitc-s2", "nothing", "saved", "yet", "no", "checkpoint"], lines
 
 
 def test_failing_notebook_is_recorded_and_the_sweep_goes_on(tmp_path, kernel_env, capsys):

@@ -188,7 +188,7 @@ def sweep_progress(path, out=None) -> list:
     return rows
 
 def _last_step(history: Path):
-    "The step of a run's last save (its history is written with its checkpoint): 0 before the first, None if unreadable."
+    "The last step logged in a run's saved history (written with its checkpoint, which is at most `log_every` steps later); 0 before the first save, None if unreadable."
     if not history.exists(): return 0
     try: return (json.loads(history.read_text()).get("train") or [{}])[-1].get("step", 0)
     except (OSError, ValueError, AttributeError): return None
