@@ -21,7 +21,8 @@ from .runs import flat_rows, load_records
 
 # %% auto #0
 __all__ = ['PAIRED_COLUMNS', 'REPORT_TABLES', 'to_markdown', 'write_csv', 'effects_long', 'plot_effects', 'data_label',
-           'table_report', 'table_records', 'paired_report', 'plot_forest', 'paired_section', 'build_report', 'collect']
+           'table_report', 'table_records', 'paired_report', 'plot_forest', 'paired_section', 'run_hardware',
+           'study_cost', 'cost_section', 'build_report', 'collect']
 
 # %% ../../nbs/34_study_report.ipynb #a12bd991
 def _fmt(v) -> str:
@@ -154,6 +155,38 @@ def paired_section(records, table: str, out, label: str, metric: str, k: float, 
     return [f"Paired by seed ({stem or table}):", "", to_markdown(marked, ["label", "n", "ours_effect", "se", "se_from", "paper_effect", "mark"]),
             "", paired_statement(marked, metric, k), ""]
 
+# %% ../../nbs/34_study_report.ipynb #2147323f
+def run_hardware(rec: dict) -> str:
+    "The hardware a run record names, in words."
+    env = rec.get("environment") or {}
+    if env.get("cuda"): return f"{env['cuda']} x {rec.get('world_size', 1)}"
+    return f"{env.get('machine', '?')} CPU, {env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} thread(s) a run"
+
+def study_cost(records) -> list:
+    "Runs trained and reused, steps, and hours of training and testing of `records`, per experiment and in all (last row)."
+    rows = []
+    for exp in [*dict.fromkeys(r["exp"] for r in records), None]:
+        sub = [r for r in records if exp is None or r["exp"] == exp]
+        trained = [r for r in sub if not r.get("reused_from")]  # a reused record repeats its source's cost
+        hours = lambda key: round(sum(float(r.get(key) or 0) for r in trained) / 3600, 2)
+        rows.append(dict(exp=exp or "all", runs=len(sub), trained=len(trained), reused=len(sub) - len(trained),
+                         resumed=sum(r.get("resumed_from_step") is not None for r in trained),
+                         undated=sum("resumed_from_step" not in r for r in trained),
+                         steps=sum(int(r.get("steps") or 0) for r in trained), train_hours=hours("train_seconds"),
+                         test_hours=hours("test_seconds"), hardware="; ".join(sorted({run_hardware(r) for r in trained}))))
+    return rows
+
+def cost_section(records, label: str) -> list:
+    "The report's lines on what the records cost."
+    rows = study_cost(records)
+    note = ("Hours are each run's own training and test time (runs sharing a machine slow each other): the compute, not the "
+            "wall time. A reused run repeated an identical run's result at no cost.")
+    if rows[-1]["undated"]:
+        note += (f" {rows[-1]['undated']} trained record(s) predate the `resumed_from_step` field; any of them resumed after an "
+                 "interruption counts only its last process, so their hours are a lower bound.")
+    return [f"### What it cost ({label})", "", to_markdown(rows, ["exp", "runs", "trained", "reused", "resumed", "steps",
+                                                                "train_hours", "test_hours", "hardware"]), "", note, ""]
+
 # %% ../../nbs/34_study_report.ipynb #266e8be2
 def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: bool = True, sections=()) -> dict:
     "Every study table of the records in `sources`, marked; tables, figures and report.md under `out`."
@@ -187,6 +220,7 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
         if summary:
             md += [f"### What resolves, per table ({label}; paired by seed, {k:g} SE)", "",
                    to_markdown(summary, ["table", "rows", "smallest_resolvable", "resolved", "agree", "agreement"]), ""]
+        md += cost_section(recs, label)
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return tables
 
