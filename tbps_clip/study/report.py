@@ -159,16 +159,18 @@ def paired_section(records, table: str, out, label: str, metric: str, k: float, 
 def run_hardware(rec: dict) -> str:
     "The hardware a run record names, in words."
     env = rec.get("environment") or {}
-    if env.get("cuda"): return f"{env['cuda']} x {rec.get('world_size', 1)}"
-    return f"{env.get('machine', '?')} CPU, {env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} thread(s) a run"
+    ws = int(rec.get("world_size") or 1)
+    if env.get("cuda"): return f"{env['cuda']} x {ws}"
+    procs = f", {ws} processes a run" if ws > 1 else ""
+    return f"{env.get('machine', '?')} CPU, {env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} thread(s) a process{procs}"
 
 def study_cost(records) -> list:
-    "Runs trained and reused, steps, and hours of training and testing of `records`, per experiment and in all (last row)."
+    "Runs trained and reused, steps, and process-hours of training and testing of `records`, per experiment and in all (last row)."
     rows = []
     for exp in [*dict.fromkeys(r["exp"] for r in records), None]:
         sub = [r for r in records if exp is None or r["exp"] == exp]
         trained = [r for r in sub if not r.get("reused_from")]  # a reused record repeats its source's cost
-        hours = lambda key: round(sum(float(r.get(key) or 0) for r in trained) / 3600, 2)
+        hours = lambda key: round(sum(float(r.get(key) or 0) * int(r.get("world_size") or 1) for r in trained) / 3600, 2)
         rows.append(dict(exp=exp or "all", runs=len(sub), trained=len(trained), reused=len(sub) - len(trained),
                          resumed=sum(r.get("resumed_from_step") is not None for r in trained),
                          undated=sum("resumed_from_step" not in r for r in trained),
@@ -179,8 +181,8 @@ def study_cost(records) -> list:
 def cost_section(records, label: str) -> list:
     "The report's lines on what the records cost."
     rows = study_cost(records)
-    note = ("Hours are each run's own training and test time (runs sharing a machine slow each other): the compute, not the "
-            "wall time. A reused run repeated an identical run's result at no cost.")
+    note = ("Hours are each run's own training and test time, times its processes (runs sharing a machine slow each other): "
+            "the compute, not the wall time. A reused run repeated an identical run's result at no cost.")
     if rows[-1]["undated"]:
         note += (f" {rows[-1]['undated']} trained record(s) predate the `resumed_from_step` field; any of them resumed after an "
                  "interruption counts only its last process, so their hours are a lower bound.")
