@@ -1,4 +1,5 @@
-"""The README's Python example runs as written (in a fresh folder, on the tiny model it names)."""
+"""The README's Python example runs as written (in a fresh folder, on the tiny model it names), and its measured numbers
+(the demo table, the study's effects and counts) are those of the committed records."""
 import os
 import re
 import subprocess
@@ -43,3 +44,43 @@ def test_readme_demo_table_is_the_committed_demo_record():
     assert rows["zero-shot"] == [round(rec["zero_shot"][k], 2) for k in keys], (rows, rec["zero_shot"])
     assert rows["fine-tuned"] == [round(rec["metrics"][k], 2) for k in keys], (rows, rec["metrics"])
     assert f"{rec['steps']} fine-tuning steps" in block and rec["synthetic"] is True
+
+
+STUDY = ROOT / "results" / "study" / "synthpedes-v3"
+# the README's row labels -> (the report's paired table, its row label)
+README_ROWS = {"+ Dropout": ("table1", "+ Dropout"), "+ LockBL": ("table1", "+ LockBL"), "+ SoftLabel": ("table1", "+ SoftLabel"),
+               "CLIP* (all four)": ("table1", "CLIP* (all four)"),
+               "TBPS-CLIP (the `tbps` preset)": ("table6_8-tbps-tiny-cs", "CUHK-PEDES TBPS-CLIP ViT-B/16"),
+               "Simplified": ("table6_8-tbps-tiny-cs", "CUHK-PEDES Simplified ViT-B/16")}
+README_TABLES = {"2": "table2", "3": "table3", "4": "table4", "5": "table5", "10": "table10", "batch size": "table12_batch"}
+
+
+def study_tables(tmp_path) -> dict:
+    "The v3 report's paired tables, rebuilt from the committed records (no figures), by table name."
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tbps_clip.study.report import build_report
+    from tbps_experiments import REPORT_SECTIONS
+    tables = build_report([STUDY], tmp_path, figures=False, sections=REPORT_SECTIONS)
+    return {t.removesuffix(" paired"): m for (_, t), m in tables.items() if t.endswith(" paired")}
+
+
+def test_readme_study_numbers_are_the_records(tmp_path):
+    "Every paired effect, 2-SE figure and count of the README's v3 study section is what the committed records give."
+    from tbps_clip.study.marks import paired_summary
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("### The second analogue (v3)", 1)[1].split("### History", 1)[0]
+    tables = study_tables(tmp_path)
+    rows = re.findall(r"^\| ([^|]+?) \| [^|]* \| ([+-]?\d+\.\d\d) \((\d+\.\d\d)\) \|", text, re.M)
+    assert {label for label, _, _ in rows} == set(README_ROWS), rows
+    for label, effect, two_se in rows:
+        table, name = README_ROWS[label]
+        r = next(r for r in tables[table] if r["label"] == name)
+        assert (float(effect), float(two_se)) == (round(r["ours_effect"], 2), round(r["resolvable"], 2)), (label, r)
+    summary = re.findall(r"^\| (\d+|batch size)[^|]*\| ([0-9.]+|unknown)[^|]*\| (\d+ of \d+|direction only)", text, re.M)
+    assert {t for t, _, _ in summary} == set(README_TABLES), summary
+    for t, smallest, resolved in summary:
+        s = paired_summary(tables[README_TABLES[t]])
+        assert smallest == ("unknown" if s["smallest_resolvable"] is None else f"{s['smallest_resolvable']:.2f}"), (t, s)
+        assert resolved == ("direction only" if s["smallest_resolvable"] is None else f"{s['resolved']} of {s['rows']}"), (t, s)
+    main = [paired_summary(tables[t]) for t in ("table1", "table2", "table3", "table4", "table5", "table6_8-tbps-tiny-cs", "table10")]
+    said = re.search(r"In the main tables (\d+) rows resolve and (\d+) agree", text)
+    assert said and (int(said[1]), int(said[2])) == (sum(s["resolved"] for s in main), sum(s["agree"] for s in main)), said
