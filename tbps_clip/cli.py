@@ -280,7 +280,7 @@ def _cmd_study_status(a):
     for r in open_runs:
         of = f" of {r['steps']}" if r["steps"] else ""
         step = ("history unreadable" if r["saved_step"] is None else f"saved after step {r['saved_step']}{of}" if r["saved_step"]
-                else f"nothing saved yet{of.replace(' of', ', of')}")
+                else "nothing saved yet" + (f" ({r['steps']} steps)" if r["steps"] else ""))
         print(f"  {r['run']:<28} {step:<28} {'checkpoint' if r['checkpoint'] else 'no checkpoint':<14} last written {_ago(r['idle_seconds'])}")
 
 def _add_study_commands(sub) -> None:
