@@ -57,6 +57,15 @@ def effects_long(marked, ours_label: str = "ours") -> dict:
             for c, v in zip(out, (r["label"], source, effect, noise, r["mark"])): out[c].append(v)
     return out
 
+def _save_effects_figure(fig, ax, path, title: str, metric: str) -> Path:
+    "Finish a figure of effects per row (zero line, first row on top, labels) and save it to `path`."
+    ax.axvline(0, color="k", lw=0.8); ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} change vs baseline (points)"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
 def plot_effects(marked, path, title: str, ours_label: str = "ours", metric: str = "R@1") -> Path:
     "Grouped horizontal bars of our and the paper's effect per row; saved to `path`."
     rows = [r for r in marked if r["ours_effect"] is not None]
@@ -67,12 +76,7 @@ def plot_effects(marked, path, title: str, ours_label: str = "ours", metric: str
             xerr=[r["noise"] or 0 for r in rows], capsize=2)
     ax.barh([y + 0.2 for y in ys], [r["paper_effect"] for r in rows], height=0.4, label="paper")
     ax.set_yticks(list(ys), [f"{r['label']} [{r['mark']}]" for r in rows], fontsize=7)
-    ax.axvline(0, color="k", lw=0.8); ax.invert_yaxis()
-    ax.set_xlabel(f"{metric} change vs baseline (points)"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save_effects_figure(fig, ax, path, title, metric)
 
 # %% ../../nbs/34_study_report.ipynb #7cd9b6e2
 def data_label(records) -> str:
@@ -135,12 +139,7 @@ def plot_forest(marked, path, title: str, metric: str = "R@1", k: float = 2.0) -
     pe = [(r["paper_effect"], y) for r, y in zip(rows, ys) if r["paper_effect"] is not None]
     if pe: ax.plot([e for e, _ in pe], [y for _, y in pe], "D", color="tab:orange", label="paper")
     ax.set_yticks(ys, [f"{r['label']} (n={r['n']}) [{r['mark']}]" for r in rows], fontsize=7)
-    ax.axvline(0, color="k", lw=0.8); ax.invert_yaxis()
-    ax.set_xlabel(f"{metric} change vs baseline (points)"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save_effects_figure(fig, ax, path, title, metric)
 
 # %% ../../nbs/34_study_report.ipynb #20254bdd
 REPORT_TABLES = tuple(n for n, t in PAPER.items() if t["key"] == "row")  # marked generically, in the paper's order
