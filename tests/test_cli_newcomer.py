@@ -9,12 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import micro_overrides
-from test_search import micro_checkpoint, run_cli
+from test_search import indexed_toy_gallery, run_cli
 from test_train import Crash
 from tbps_clip.cli import build_parser
 from tbps_clip.config import config_to_dict, load_config, make_config
 from tbps_clip.core import TBPSError
-from tbps_clip.fixtures import make_toy_dataset
 from tbps_clip.run import train
 
 
@@ -33,12 +32,7 @@ def refused(rc, out, err, *says):
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
     "A toy dataset, a micro checkpoint and an index of the test images."
-    root = tmp_path_factory.mktemp("newcomer")
-    ann = make_toy_dataset(root / "toy", n_ids=(2, 1, 3))
-    ckpt = micro_checkpoint(root / "m.pt", ann)
-    rc, _, err = run_cli("index", root / "toy/images/test", "--out", root / "idx", "--checkpoint", ckpt, "--quiet")
-    assert rc == 0, err
-    return dict(root=root, ann=ann, ckpt=ckpt, idx=root / "idx", images=root / "toy/images/test")
+    return indexed_toy_gallery(tmp_path_factory.mktemp("newcomer"), (2, 1, 3))
 
 
 # ---- 1. a file that is not a checkpoint is named for what it is -------------------------------------------

@@ -44,15 +44,19 @@ def run_cli(*args):
     return rc, out.getvalue(), err.getvalue()
 
 
+def indexed_toy_gallery(root, n_ids) -> dict:
+    "A toy dataset under `root` with `n_ids` (train, val, test) identities, a micro checkpoint, and an index of its test images."
+    ann = make_toy_dataset(root / "toy", n_ids=n_ids)
+    ckpt = micro_checkpoint(root / "a.pt", ann)
+    rc, _, err = run_cli("index", root / "toy/images/test", "--out", root / "idx", "--checkpoint", ckpt, "--quiet")
+    assert rc == 0, err
+    return dict(root=root, ann=ann, ckpt=ckpt, idx=root / "idx", images=root / "toy/images/test")
+
+
 @pytest.fixture(scope="module")
 def toy_gallery(tmp_path_factory):
     "A toy dataset, a checkpoint, and an index of its test images."
-    root = tmp_path_factory.mktemp("search")
-    ann = make_toy_dataset(root / "toy", n_ids=(2, 1, 6))
-    ckpt = micro_checkpoint(root / "a.pt", ann)
-    rc, out, err = run_cli("index", root / "toy/images/test", "--out", root / "idx", "--checkpoint", ckpt, "--quiet")
-    assert rc == 0, err
-    return dict(root=root, ann=ann, ckpt=ckpt, idx=root / "idx", images=root / "toy/images/test")
+    return indexed_toy_gallery(tmp_path_factory.mktemp("search"), (2, 1, 6))
 
 
 # ---- the CLI search agrees with the evaluator --------------------------------------------------------
