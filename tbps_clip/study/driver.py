@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 import traceback
 from contextlib import contextmanager
@@ -89,7 +90,7 @@ def run_notebook(notebook, params: dict, out, force: bool = False, cwd=None, ker
     executed = Path(out) / "notebooks" / f"{nb.stem}-{params_key(params)}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     st = dict(notebook=str(nb), params=params, key=params_key(params), output=str(executed), status="running",
-              started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=git_commit())
+              started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=git_commit(), host=socket.gethostname(), pid=os.getpid())
     atomic_write_json(status, st)
     _log(out, f"start {nb.name} {json.dumps(params, default=str)}")
     if log: log(f"{nb.stem}: running")
@@ -165,9 +166,21 @@ def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, c
     # in order: a notebook may use the runs of one before it (e08 and e11 e10's model, e99 all)
     return [run_notebook(nb, params, out, force=force, cwd=cwd, timeout=timeout, log=log, executor=ex) for nb, params in plan]
 
+def _driver_alive(st: dict) -> bool:
+    "Whether the driver that marked a notebook running still runs (unknowable from another host: assumed so)."
+    if st.get("host") != socket.gethostname() or not st.get("pid"): return True
+    try: os.kill(int(st["pid"]), 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass  # another user's process: it exists
+    return True
+
+def _as_found(st: dict) -> dict:
+    "A status record as it stands now: `running` whose driver is gone becomes `stopped` (the next run resumes it)."
+    return {**st, "status": "stopped"} if st.get("status") == "running" and not _driver_alive(st) else st
+
 def sweep_status(out) -> list:
-    "The status records of every notebook run under `out/sweep`."
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / "sweep").glob("*.json"))]
+    "The status records of every notebook run under `out/sweep` (`stopped`: marked running by a driver that is gone)."
+    return [_as_found(json.loads(p.read_text())) for p in sorted((Path(out) / "sweep").glob("*.json"))]
 
 def recorded_runs(out) -> dict:
     "The number of run records under `out/records`, per experiment."
@@ -181,7 +194,7 @@ def sweep_progress(path, out=None) -> list:
     rows = []
     for nb, params in plan:
         st_path = _status_path(out, nb, {**params, "out": str(out)})
-        st = json.loads(st_path.read_text()) if st_path.exists() else dict(status="pending")
+        st = _as_found(json.loads(st_path.read_text())) if st_path.exists() else dict(status="pending")
         exp = nb.stem.split("_")[0]
         rows.append(dict(notebook=nb.stem, key=params_key({**params, "out": str(out)}), status=st["status"],
                          seconds=st.get("seconds"), error=st.get("error", ""), exp=exp, records=counts.get(exp, 0)))
