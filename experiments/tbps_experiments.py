@@ -25,9 +25,9 @@ from tbps_clip.probes import trainable_parameters
 from tbps_clip.model import create_model
 from tbps_clip.run import eval_config, load_data, prepare_model, set_threads, train_dataset
 from tbps_clip.study.grid import IRRA_INITS
-from tbps_clip.study.marks import agreement_counts, noise_statement, study_seed_sd, summarise, table_seed_sd
+from tbps_clip.study.marks import MIN_SD_DOF, agreement_counts, noise_statement, paired_statement, study_seed_sd, summarise, table_seed_sd
 from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
-from tbps_clip.study.report import data_label, paired_section, plot_effects, table_report, to_markdown, write_csv
+from tbps_clip.study.report import data_label, paired_section, plot_effects, plot_forest, table_report, to_markdown, write_csv
 from tbps_clip.study.runs import record_path, run_dir_of, run_once, run_pending, run_rows
 from tbps_clip.train import Trainer
 
@@ -339,19 +339,50 @@ def compression_table(records, metric: str = "R@1", k: float = 2.0, fallback_sd:
         out.append(row)
     return out
 
+def _compared_with(name: str) -> str:
+    "What an e11 row is compared with: drop@x with full, freeze@x with drop@x."
+    strategy, x = name.split("@")
+    return f"drop@{x}" if strategy == "freeze" else "full"
+
+def compression_paired(records, metric: str = "R@1", k: float = 2.0) -> list:
+    """e11 from paired differences: each drop@x minus full and each freeze@x minus drop@x at the same seeds, the SE from
+    a row's own differences or, with too few seeds, pooled across the table's; marked as `compression_table` marks."""
+    vals = {}
+    for r in records: vals.setdefault(r["name"], {})[r["seed"]] = r["metrics"][metric]
+    names = sorted((n for n in vals if "@" in n), key=lambda n: (int(n.split("@")[1]), n))
+    diffs = {n: [vals[n][s] - vals[_compared_with(n)][s] for s in sorted(vals[n]) if s in vals.get(_compared_with(n), {})] for n in names}
+    multi = [d for d in diffs.values() if len(d) > 1]
+    dof = sum(len(d) - 1 for d in multi)
+    pooled = math.sqrt(sum((len(d) - 1) * statistics.variance(d) for d in multi) / dof) if dof >= MIN_SD_DOF else None
+    rows = []
+    for n in names:
+        d, other = diffs[n], _compared_with(n)
+        se, se_from = ((statistics.stdev(d) / math.sqrt(len(d)), "row") if len(d) - 1 >= MIN_SD_DOF else
+                       (pooled / math.sqrt(len(d)), "table") if pooled is not None and d else (None, None))
+        eff = statistics.mean(d) if d else None
+        rows.append(dict(name=n, label=f"{n} vs {other}", n=len(d), ours_effect=eff, se=se, se_from=se_from,
+                         resolvable=k * se if se is not None else None, paper_effect=None, pooled_sd=pooled, pooled_dof=dof,
+                         mark=_mark(eff, k * se if se is not None else None, n.startswith("freeze")) if d else "no paired seed"))
+    return rows
+
 def e11_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
     "The report's Table 12: dropping vs freezing x text layers, with exact trainable parameters."
     e11 = [r for r in recs if r["exp"] == "e11"]
     if not e11: return [], {}
     rows = compression_table(e11, metric, k, fallback_sd)
     write_csv(rows, out / "tables" / "table12.csv")
+    paired = compression_paired(e11, metric, k)
+    write_csv(paired, out / "tables" / "table12-paired.csv")
+    if figures: plot_forest(paired, out / "figures" / "table12-forest.png", f"Table 12: drop vs full, freeze vs drop, paired by seed\nours: {label}", metric, k)
+    paired_lines = ["Paired by seed (table12; the paper's effects are a figure, so marks give directions):", "",
+                    to_markdown(paired, ["label", "n", "ours_effect", "se", "se_from", "mark"]), "", paired_statement(paired, metric, k), ""]
     title = PAPER["table12"]["title"].split(" (")[0]  # the paper's title names its ViT-B/16 counts (M), not ours
     return [f"### {title}: ours {label} ({metric}; drop vs full, freeze vs drop at the same x)", "",
             to_markdown(rows, ["label", "n", "ours", "ours_sd", "ours_effect", "trainable", "vs", "noise", "mark"]), "",
             f"trainable: our model's exact trainable parameters ({', '.join(sorted({r['config']['model']['arch'] for r in e11}))}); the paper's ViT-B/16 counts (M) "
             "beside ours counted on ViT-B/16 are e11's tables/table12_vit_b16.csv. "
             "Paper (figure only): freezing the layers barely changes R@1, dropping them lowers it. "
-            f"Counts: {agreement_counts(rows)}.", ""], {"table12": rows}
+            f"Counts: {agreement_counts(rows)}.", ""] + paired_lines, {"table12": rows, "table12 paired": paired}
 
 
 # the e99 report's sections beyond the tables marked generically, in the report's order

@@ -676,3 +676,20 @@ def test_gpu_study_script_runs_concurrent_jobs(tmp_path, kernel_env):
     assert len(list((tmp_path / "gpu" / "jobs").glob("*.log"))) == 6  # six trainings, two at a time
     hw = (tmp_path / "gpu" / "HARDWARE.txt").read_text()
     assert hw.startswith("device: cpu; jobs at once: 2") and "finished in" in hw
+
+
+def test_compression_is_marked_from_paired_differences():
+    "e11: drop@x against full and freeze@x against drop@x at the same seeds; the SE pooled across the table's comparisons."
+    from tbps_experiments import compression_paired
+    r1 = {("full", 0): 36.0, ("full", 1): 37.0, ("full", 2): 35.0,
+          ("drop@1", 0): 34.0, ("drop@1", 1): 35.5, ("drop@1", 2): 32.5,    # -2, -1.5, -2.5 against full
+          ("freeze@1", 0): 34.2, ("freeze@1", 1): 35.4, ("freeze@1", 2): 32.9}  # +0.2, -0.1, +0.4 against drop@1
+    recs = [dict(exp="e11", name=n, seed=s, metrics={"R@1": v}) for (n, s), v in r1.items()]
+    rows = {r["name"]: r for r in compression_paired(recs)}
+    assert list(rows) == ["drop@1", "freeze@1"] and rows["drop@1"]["label"] == "drop@1 vs full"
+    assert rows["drop@1"]["ours_effect"] == pytest.approx(-2.0) and rows["freeze@1"]["ours_effect"] == pytest.approx(0.5 / 3)
+    pooled = ((0.25 + 0.19 / 3) / 2) ** 0.5  # the two comparisons' variances (0.25 and 0.19 / 3), 2 degrees of freedom each
+    assert rows["drop@1"]["se_from"] == "table" and rows["drop@1"]["se"] == pytest.approx(pooled / 3 ** 0.5, rel=1e-3)
+    assert rows["drop@1"]["mark"] == "agrees" and rows["freeze@1"]["mark"] == "within seed noise"
+    one_seed = compression_paired([r for r in recs if r["seed"] == 0])  # no degrees of freedom: direction only
+    assert [r["se"] for r in one_seed] == [None, None] and one_seed[0]["mark"] == "agrees (noise unknown: one seed)"
