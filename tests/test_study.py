@@ -693,3 +693,12 @@ def test_compression_is_marked_from_paired_differences():
     assert rows["drop@1"]["mark"] == "agrees" and rows["freeze@1"]["mark"] == "within seed noise"
     one_seed = compression_paired([r for r in recs if r["seed"] == 0])  # no degrees of freedom: direction only
     assert [r["se"] for r in one_seed] == [None, None] and one_seed[0]["mark"] == "agrees (noise unknown: one seed)"
+
+
+def test_an_appendix_sweep_alone_builds_its_tables(tmp_path, kernel_env):
+    "e03 run with only an appendix row into a folder without its main rows: the empty main table says so (it failed before)."
+    assert noise_statement([]) == "No row of this table has run yet, so there is nothing to mark."
+    st = run_notebook(ROOT / "experiments" / "e03_text_aug.ipynb", dict(scale="smoke", seeds=[0], rows=["bt@0.2"]), tmp_path, log=None)
+    assert st["status"] == "ok", st.get("error")
+    assert "No row of this table has run yet" in (tmp_path / "tables" / "table3.md").read_text()
+    assert "| bt@0.2 | BT alpha 0.2 |" in (tmp_path / "tables" / "table3_appendix.md").read_text()

@@ -107,6 +107,7 @@ def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
     "One sentence on how the noise threshold was derived for a marked table."
     marked = list(marked)
     ns = [r["n"] for r in marked]
+    if not ns: return "No row of this table has run yet, so there is nothing to mark."
     noise = [r["noise"] for r in marked if r["noise"] is not None]
     if not any(r.get("ours_effect") is not None for r in marked):
         return f"Seeds per row: {min(ns)}-{max(ns)}; no row has an effect to mark yet (only the baseline row has run, or the baseline has not), so there is nothing to mark."
