@@ -137,7 +137,7 @@ def e07_section(recs, out, src, label, **kw) -> tuple:
     "The report's Table 9: our cost beside the paper's (different hardware and data sizes)."
     e07 = [r for r in recs if r["exp"] == "e07"]
     if not e07: return [], {}
-    timing_path = Path(out) / "tables" / TIMING_FILE
+    timing_path = Path(src) / "tables" / TIMING_FILE  # written by e07 beside its records, not under the report
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     rows = cost_rows(e07, timing.get("step_seconds"))
     write_csv(rows, out / "tables" / "table9.csv")

@@ -1,4 +1,5 @@
 """The study: every experiment notebook at smoke scale through papermill, and the driver under interruption and failure."""
+import csv
 import json
 import os
 import signal
@@ -660,6 +661,21 @@ def test_the_report_gives_paired_tables_forest_plots_and_what_resolves(tmp_path)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "### What resolves, per table" in md and "| table5 | 2 |" in md
 
+
+
+def test_the_reports_table9_gives_e07s_interleaved_timing_from_the_source_folder(tmp_path):
+    from tbps_clip.core import atomic_write_json
+    from tbps_clip.study.report import build_report
+    src = tmp_path / "study"
+    for name in ("clip", "tbps"):
+        r = dict(prec(name, 0, 10.0, "e07"), steps=300, train_seconds=999.0, test_seconds=1.0, params_m=8.0)
+        atomic_write_json(record_path(src, "e07", name, 0), r)
+    atomic_write_json(src / "tables" / tbps_experiments.TIMING_FILE, dict(step_seconds={"clip": 0.5, "tbps": 1.5}, rounds=8,
+                      threads=1, load_average=0.1, machine="x86_64, 2 cores"))
+    build_report([src], tmp_path / "report", figures=False, sections=tbps_experiments.REPORT_SECTIONS)
+    rows = {r["method"].split(" ")[0]: r for r in csv.DictReader((tmp_path / "report" / "study" / "tables" / "table9.csv").open())}
+    assert (float(rows["clip"]["train_seconds_alone"]), float(rows["tbps"]["train_seconds_alone"])) == (150.0, 450.0)
+    assert "timed alone and interleaved with the other rows (8 steps each" in (tmp_path / "report" / "report.md").read_text()
 
 @pytest.mark.slow
 def test_gpu_study_script_runs_concurrent_jobs(tmp_path, kernel_env):
