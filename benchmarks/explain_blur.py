@@ -37,14 +37,14 @@ def study_record(seed: int) -> dict:
     return json.loads((STUDY / f"clip-s{seed}.json").read_text())
 
 
-def train_clip(out: Path, seed: int):
-    "Train (or reuse) `clip` with the study's overrides at `seed`; its config and results."
+def train_clip(out: Path, seed: int) -> Path:
+    "Train (or reuse) `clip` with the study's overrides at `seed`; its run folder."
     from tbps_clip.config import make_config
     from tbps_clip.run import train
     rec, run = study_record(seed), out / f"clip-s{seed}"
     cfg = make_config(rec["preset"], {**rec["overrides"], "train.seed": seed, "out_dir": str(run)})
-    res = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else train(cfg, resume=True, progress=False)
-    return cfg, res
+    if not (run / "results.json").is_file(): train(cfg, resume=True, progress=False)
+    return run
 
 
 def test_time_op(name: str, settings: dict, image_size, normalize: str):
@@ -79,11 +79,10 @@ def main():
     import torch
     from tbps_clip.run import eval_config, load_data, prepare_model
     torch.set_num_threads(1)
-    r1 = {}
+    r1, ann = {}, None
     for s in SEEDS:
-        cfg, res = train_clip(Path(args.out), s)
-        ecfg = eval_config(str(Path(args.out) / f"clip-s{s}" / "checkpoint.pt"), ["data.num_workers=0"])
-        model, ann = prepare_model(ecfg), load_data(ecfg)
+        ecfg = eval_config(str(train_clip(Path(args.out), s) / "checkpoint.pt"), ["data.num_workers=0"])
+        model, ann = prepare_model(ecfg), ann or load_data(ecfg)  # every seed's model is tested on the same split
         r1[s] = {"clean": r1_under(model, ann, ecfg)}
         r1[s] |= {k: r1_under(model, ann, ecfg, test_time_op(op, st, model.image_size, ecfg.data.normalize)) for k, (op, st) in OPS.items()}
         print(s, {k: round(v, 2) for k, v in r1[s].items()}, flush=True)

@@ -662,7 +662,6 @@ def test_the_report_gives_paired_tables_forest_plots_and_what_resolves(tmp_path)
     assert "### What resolves, per table" in md and "| table5 | 2 |" in md
 
 
-
 def test_the_reports_table9_gives_e07s_interleaved_timing_from_the_source_folder(tmp_path):
     from tbps_clip.core import atomic_write_json
     from tbps_clip.study.report import build_report
@@ -676,6 +675,7 @@ def test_the_reports_table9_gives_e07s_interleaved_timing_from_the_source_folder
     rows = {r["method"].split(" ")[0]: r for r in csv.DictReader((tmp_path / "report" / "study" / "tables" / "table9.csv").open())}
     assert (float(rows["clip"]["train_seconds_alone"]), float(rows["tbps"]["train_seconds_alone"])) == (150.0, 450.0)
     assert "timed alone and interleaved with the other rows (8 steps each" in (tmp_path / "report" / "report.md").read_text()
+
 
 @pytest.mark.slow
 def test_gpu_study_script_runs_concurrent_jobs(tmp_path, kernel_env):
