@@ -4,7 +4,6 @@ Every benchmark records the machine (CPU model, cores, torch version and threads
 average next to its figures (the project's CPU machine is shared), and writes JSON + a text table under
 benchmarks/results/.
 """
-import json
 import os
 import platform
 import sys

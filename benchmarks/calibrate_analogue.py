@@ -92,7 +92,8 @@ def main():
                        "train_seconds, which include the val evaluations of the curve",
                curves={k: curve(v) for k, v in recs.items() if k.startswith("clip")})
     rec_dir = Path(args.record); rec_dir.mkdir(parents=True, exist_ok=True)
-    (rec_dir / "calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
+    from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+    atomic_write_json(rec_dir / "calibration.json", cal)
     plot(cal, rec_dir / "calibration.png")
     print(json.dumps({k: v for k, v in cal.items() if k != "curves"}, indent=1))
 

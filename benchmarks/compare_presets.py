@@ -51,8 +51,9 @@ def main():
         lines.append(f"{preset:>11}  {statistics.mean(r1):6.2f} ({sd(r1):4.2f})  {statistics.mean(mp):6.2f} ({sd(mp):4.2f})")
     table = "\n".join(lines)
     print(table)
-    (out / "summary.json").write_text(json.dumps(dict(table=table, steps=a.steps, seeds=a.seeds, synthetic=synthetic,
-                                                      overrides=a.overrides, presets=summary), indent=1))
+    from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+    atomic_write_json(out / "summary.json", dict(table=table, steps=a.steps, seeds=a.seeds, synthetic=synthetic,
+                                                overrides=a.overrides, presets=summary))
 
 
 if __name__ == "__main__":

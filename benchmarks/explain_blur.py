@@ -97,7 +97,8 @@ def main():
     rec = dict(synthetic=True, what=__doc__.split("\n\n")[0], seeds=list(SEEDS), reproduced_study_r1=reproduced,
                test_r1={s: {k: round(v, 2) for k, v in d.items()} for s, d in r1.items()}, mean_drop=mean,
                hue01_minus_blur11=dict(effect=round(gap, 2), se=round(se, 2)), verdict=verdict)
-    Path(args.record).write_text(json.dumps(rec, indent=1) + "\n")
+    from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+    atomic_write_json(args.record, rec)
     print(json.dumps(rec, indent=1))
 
 

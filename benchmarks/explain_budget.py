@@ -37,7 +37,8 @@ def main():
     out = dict(synthetic=True, what=__doc__.split("\n\n")[0], steps=args.steps, seed=0, test_r1_2x=r1, test_r1_1x=AT_BUDGET,
                gap_vs_clip=gaps, explained={row: g["at_2x"] > g["at_budget"] for row, g in gaps.items()},
                val_curves={k: cal.curve(v) for k, v in recs.items()})
-    Path(args.record).write_text(json.dumps(out, indent=1) + "\n")
+    from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+    atomic_write_json(args.record, out)
     print(json.dumps({k: v for k, v in out.items() if k != "val_curves"}, indent=1))
 
 

@@ -63,7 +63,8 @@ def main():
                | {"100 steps (e09)": {s: round(v, 2) for s, v in at100.items()}, "coop 100 steps (e09)": {s: round(v, 2) for s, v in coop.items()}},
                effect_10_vs_100=round(effect, 2), se=round(se, 2), mean_10=round(mean10, 2), coop_mean=round(coop_mean, 2),
                verdict=verdict)
-    Path(args.record).write_text(json.dumps(rec, indent=1) + "\n")
+    from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+    atomic_write_json(args.record, rec)
     print(json.dumps(rec, indent=1))
 
 

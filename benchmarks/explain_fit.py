@@ -23,7 +23,7 @@ those rows and never replaces them. Readings fixed in advance:
 
     PYTHONPATH=$PWD python benchmarks/explain_fit.py [--runs runs/calibration-lr1e-3]
 """
-import argparse, dataclasses, json, random, statistics, sys
+import argparse, dataclasses, json, random, statistics
 from pathlib import Path
 
 CHECKPOINTS = ["clip-s0", "clip-s1", "clip-s2", "clip-s3", "clip-s4", "clip-s0-2x", "clip_star-s0-2x", "tbps-s0-2x"]
@@ -77,7 +77,8 @@ def main():
                                     for row in ("clip_star", "tbps")}
     rec = dict(synthetic=True, what=__doc__.split("\n\n")[0], probe=probe.summary()[PROBE], test=ann.summary()["test"],
                evaluations=out, readings=readings)
-    Path(args.record).write_text(json.dumps(rec, indent=1) + "\n")
+    from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+    atomic_write_json(args.record, rec)
     print(json.dumps(readings, indent=1))
 
 

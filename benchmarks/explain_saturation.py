@@ -97,7 +97,8 @@ def main():
                           for row in ROWS[1:]})
     rec = dict(synthetic=True, what=__doc__.split("\n\n")[0], fraction=FRACTION, steps=STEPS, seeds=list(SEEDS),
                own_identities=own.summary()["test"], runs=out, readings=readings)
-    Path(args.record).write_text(json.dumps(rec, indent=1) + "\n")
+    from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+    atomic_write_json(args.record, rec)
     print(json.dumps(readings, indent=1))
 
 

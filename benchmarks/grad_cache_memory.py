@@ -110,8 +110,8 @@ def main():
     for r in rows:
         print(f"{r['chunk'] or 'full':>8} {r['peak_increase_mib']:>24.1f} {r['step_seconds']:>9.2f} {r['max_rel_grad_diff_vs_first']:>19.2e}")
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(rows=rows, machine=platform.machine(), cpu_count=os.cpu_count(),
-                                               torch=torch.__version__), indent=1))
+        from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+        atomic_write_json(a.out, dict(rows=rows, machine=platform.machine(), cpu_count=os.cpu_count(), torch=torch.__version__))
 
 
 if __name__ == "__main__":

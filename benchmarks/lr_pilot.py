@@ -49,7 +49,8 @@ def main():
     rec["chosen_lr"] = best if final[best] >= final[3e-4] + MARGIN else 3e-4
     rec["rule"] = (f"highest seed-0 final val R@1 at {B} steps, adopted only if it beats 3e-4 by at least {MARGIN}; "
                    "fixed before the session-8 runs (6e-4, 1e-3)")
-    Path(args.record).write_text(json.dumps(rec, indent=1) + "\n")
+    from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+    atomic_write_json(args.record, rec)
     print(json.dumps({lr: final[lr] for lr in final}), "chosen:", rec["chosen_lr"])
 
 

@@ -197,8 +197,8 @@ def main():
             res["synthetic_index"].append(row)
             print(json.dumps(row, indent=1), flush=True)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+        from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
+        atomic_write_json(a.out, res)  # makes its folder
         print(f"results written to {a.out}")
 
 

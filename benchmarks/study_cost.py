@@ -9,7 +9,7 @@ setting's step budget (evaluation excluded: the same for every row). Whole runs 
 
     PYTHONPATH=$PWD python benchmarks/study_cost.py [--steps 12] [--after-steps 300]
 """
-import argparse, json, statistics, sys, time
+import argparse, statistics, sys, time
 from pathlib import Path
 
 import torch
