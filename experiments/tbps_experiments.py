@@ -387,3 +387,148 @@ def e11_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallba
 
 # the e99 report's sections beyond the tables marked generically, in the report's order
 REPORT_SECTIONS = (e06_section, e07_section, e08_section, e09_section, e10_section, e11_section)
+
+
+# ---- e13: the regime map (ours): each preset's effect over clip against how well clip fits its training identities ----
+
+MAP_PRESETS = ("clip_star", "simplified", "tbps")
+
+def training_identities(overrides) -> int:
+    "How many training identities the data that `overrides` configures holds."
+    return len({r.pid for r in load_data(make_config("clip", overrides)).split("train")})
+
+def regime_rows(presets, ids, n_ids: int) -> dict:
+    "Rows `preset@N`: `preset` trained on N of the `n_ids` training identities (the nested seed-0 few-shot draw; N = n_ids: all)."
+    bad = [n for n in ids if not 0 < n <= n_ids]
+    if bad: raise TBPSError(f"ids {bad}: each N must lie in 1..{n_ids} (the training identities of this data)")
+    return {f"{p}@{n}": (p, {"data.fewshot": 0.0 if n == n_ids else n / n_ids}) for p in presets for n in ids}
+
+def paper_preset_effects(metric: str = "R@1") -> dict:
+    "The paper's effect of each preset over CLIP: CLIP* from Table 1 (CUHK-PEDES, ViT-B/32), the others from Table 6 (ViT-B/16)."
+    t1, t6 = PAPER["table1"]["rows"], e06_paper_rows("cuhk-pedes", "ViT-B-16")
+    return {"clip_star": t1["clip_star"][metric] - t1["clip"][metric],
+            **{p: t6[p][metric] - t6["clip"][metric] for p in ("simplified", "tbps")}}
+
+def regime_effects(records, baseline: str = "clip", metric: str = "R@1", k: float = 2.0) -> list:
+    """Per N and preset: the paired effect over `baseline` (mean over seeds of row minus baseline), its SE (the paired sd
+    pooled over the presets at that N, `study.marks.paired_marks`' rule), and the baseline's and the row's fit."""
+    from tbps_clip.study.marks import paired_marks
+    by_n: dict = {}
+    for r in records:
+        preset, n = r["name"].rsplit("@", 1)
+        by_n.setdefault(int(n), []).append({**r, "name": preset})
+    out = []
+    for n in sorted(by_n):
+        base_fit = [r["fit"]["R@1"] for r in by_n[n] if r["name"] == baseline and r.get("fit")]
+        for m in paired_marks(by_n[n], {}, baseline, metric, k):
+            if m["name"] == baseline or m["ours_effect"] is None: continue
+            out.append(dict(N=n, preset=m["name"], n=m["n"], effect=m["ours_effect"], se=m["se"], se_from=m["se_from"],
+                            resolved=m["se"] is not None and abs(m["ours_effect"]) > k * m["se"], fit=m["fit"],
+                            clip_fit=statistics.mean(base_fit) if base_fit else None,
+                            clip_fit_sd=statistics.stdev(base_fit) if len(base_fit) > 1 else None))
+    return out
+
+def fit_rule(records, threshold: float = 90.0, baseline: str = "clip") -> dict:
+    "N*: the largest N at which `baseline`'s mean fit (R@1 on the fit probe) over its seeds is at least `threshold`; the rows that chose it."
+    fits: dict = {}
+    for r in records:
+        preset, n = r["name"].rsplit("@", 1)
+        if preset == baseline and r.get("fit"): fits.setdefault(int(n), []).append(r["fit"]["R@1"])
+    means = {n: statistics.mean(v) for n, v in sorted(fits.items())}
+    ok = [n for n, v in means.items() if v >= threshold]
+    return dict(threshold=threshold, n_star=max(ok) if ok else None, clip_fit=means,
+                seeds={n: len(v) for n, v in sorted(fits.items())})
+
+def sign_change(rows, preset: str, k: float = 2.0) -> dict:
+    """Where `preset`'s mean effect first turns from positive to non-positive as N grows (linear interpolation in N), and
+    the bracket the resolved rows give: positive beyond k SE up to one N, negative beyond k SE from another."""
+    rs = sorted((r for r in rows if r["preset"] == preset), key=lambda r: r["N"])
+    cross = next((a["N"] + (b["N"] - a["N"]) * a["effect"] / (a["effect"] - b["effect"])
+                  for a, b in zip(rs, rs[1:]) if a["effect"] > 0 >= b["effect"]), None)
+    pos = [r["N"] for r in rs if r["se"] is not None and r["effect"] > k * r["se"]]
+    neg = [r["N"] for r in rs if r["se"] is not None and r["effect"] < -k * r["se"]]
+    if cross is None:
+        where = ("positive at every N" if all(r["effect"] > 0 for r in rs) else "not positive at any N"
+                 if all(r["effect"] <= 0 for r in rs) else "rises above 0 as N grows")
+    else: where = "changes sign"
+    return dict(preset=preset, sign_change_N=cross, where=where,
+                positive_resolved_up_to=max((n for n in pos if cross is None or n <= cross), default=None),
+                negative_resolved_from=min((n for n in neg if cross is None or n >= cross), default=None))
+
+def _ranks(xs: list) -> list:
+    "Ranks 1..n of `xs`, ties given their mean rank."
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]: j += 1
+        for t in range(i, j + 1): ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+def spearman(xs: list, ys: list) -> float | None:
+    "Spearman's rank correlation of two equally long lists (None when either is constant or has fewer than 3 values)."
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2: return None
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return num / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+def regime_readings(rows, presets, k: float = 2.0, min_corr: float = 0.6) -> dict:
+    """The map's readings, as fixed in its parameter file before its runs. Per preset: supported when its effect at the
+    smallest N is positive beyond k SE and its effect rises with clip's fit (Spearman >= `min_corr` over the Ns);
+    refuted when the effect at the smallest N is not positive or the correlation is not positive; else inconclusive."""
+    out = {}
+    for p in presets:
+        rs = sorted((r for r in rows if r["preset"] == p), key=lambda r: r["N"])
+        if not rs: out[p] = dict(reading="not run"); continue
+        first = rs[0]
+        pairs = [(r["clip_fit"], r["effect"]) for r in rs if r["clip_fit"] is not None]
+        rho = spearman([a for a, _ in pairs], [b for _, b in pairs])
+        if first["effect"] <= 0 or (rho is not None and rho <= 0): reading = "refuted"
+        elif first["se"] is not None and first["effect"] > k * first["se"] and rho is not None and rho >= min_corr: reading = "supported"
+        else: reading = "inconclusive"
+        out[p] = dict(reading=reading, effect_at_smallest_N=first["effect"], se_at_smallest_N=first["se"], spearman_fit_effect=rho,
+                      Ns=[r["N"] for r in rs])
+    return out
+
+def plot_regime_map(rows, paper: dict, path, title: str, k: float = 2.0) -> Path:
+    "Each preset's paired effect over clip with k SE against clip's fit at each N (left) and against N (right); the paper's effect dashed."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    for i, p in enumerate(presets):
+        rs = sorted((r for r in rows if r["preset"] == p), key=lambda r: r["N"])
+        color = f"C{i}"
+        for ax, x in ((axes[0], [r["clip_fit"] for r in rs]), (axes[1], [r["N"] for r in rs])):
+            ax.errorbar(x, [r["effect"] for r in rs], yerr=[k * r["se"] if r["se"] is not None else 0 for r in rs],
+                        fmt="o-", capsize=3, color=color, label=p)
+            if p in paper: ax.axhline(paper[p], ls="--", lw=1, color=color, alpha=0.7)
+        for r in rs: axes[0].annotate(f"{r['N']}", (r["clip_fit"], r["effect"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for ax in axes: ax.axhline(0, color="k", lw=0.8)
+    axes[0].set_xlabel("clip's fit: R@1 on the fit probe of training identities (%)")
+    axes[1].set_xlabel("training identities N"); axes[1].set_xscale("log")
+    axes[1].set_xticks(sorted({r["N"] for r in rows}), [str(n) for n in sorted({r["N"] for r in rows})])
+    axes[0].set_ylabel(f"effect over clip, R@1 points (bars: {k:g} SE)")
+    axes[0].legend(fontsize=8, title="dashed: the paper's effect", title_fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120); plt.close(fig)
+    return path
+
+def same_runs_elsewhere(records, other_out, metrics=("R@1", "R@5", "R@10", "mAP", "mINP")) -> list:
+    "Each record with a run of identical settings and seed under `other_out` (e.g. v3's): both metrics, and whether they are equal."
+    from tbps_clip.study.runs import config_difference, load_records
+    others = [o for o in load_records(other_out) if not o.get("reused_from")]
+    out = []
+    for r in records:
+        same = next((o for o in others if o["seed"] == r["seed"] and not config_difference(o["config"], r["config"])), None)
+        if same is None: continue
+        out.append(dict(name=r["name"], seed=r["seed"], there=f"{same['exp']}/{same['name']}", commit_there=same.get("git_commit"),
+                        commit_here=r.get("git_commit"), equal=all(same["metrics"][m] == r["metrics"][m] for m in metrics),
+                        **{f"{m} here": r["metrics"][m] for m in metrics[:1]}, **{f"{m} there": same["metrics"][m] for m in metrics[:1]}))
+    return out

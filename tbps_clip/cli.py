@@ -232,11 +232,14 @@ def _study_params(items) -> dict:
     return out
 
 def _cmd_study_run(a):
-    from tbps_clip.study.driver import run_notebook, run_sweep
+    from tbps_clip.study.driver import check_provenance, load_sweep, run_notebook, run_sweep
     from tbps_clip.study.executors import make_executor
     params = _study_params(a.params + _deprecated_set(a.old_set, "write notebook parameters as -p NAME=VALUE"))
-    if Path(a.target).suffix == ".ipynb":
-        if not a.out: raise TBPSError("give --out for a single notebook (where its records go)")
+    notebook = Path(a.target).suffix == ".ipynb"
+    if notebook and not a.out: raise TBPSError("give --out for a single notebook (where its records go)")
+    diff = check_provenance(a.out or load_sweep(a.target)["out"], a.allow_dirty)  # before anything runs
+    if diff: print(f"uncommitted changes: the records made now name a commit without them; the diff is in {diff}")
+    if notebook:
         ex = make_executor(a.executor, a.jobs, None, f"{a.target} (a notebook, not a parameter file)")
         results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout, executor=ex)]
     else:
@@ -295,6 +298,8 @@ def _add_study_commands(sub) -> None:
                    help="notebook parameter for every notebook, read as YAML (repeatable; default: the sweep file's)")
     r.add_argument("--set", dest="old_set", action="append", default=[], help=argparse.SUPPRESS)  # the old spelling of -p
     r.add_argument("--force", action="store_true", help="run notebooks again even if they finished (recorded runs are still reused)")
+    r.add_argument("--allow-dirty", action="store_true",
+                   help="run from a checkout with uncommitted changes to tracked files, storing the diff under OUT/provenance/ (default: refuse)")
     r.add_argument("--timeout", type=int, help="seconds a notebook cell may run (default: no limit)")
     r.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="training runs at once, each in its own process with the CPU threads divided between them (default 1)")

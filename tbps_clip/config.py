@@ -162,6 +162,8 @@ class EvalConfig:
     split: str = "test"  # split evaluated at the end of training and by `tbps-clip eval`
     val_split: str = "val"  # split used for periodic evaluation and model selection ('' = none)
     chunk_size: int = 1024  # queries ranked at a time (bounds memory for large galleries)
+    fit_probe: float = 0.1  # fit: R@1 on this fraction of the training identities (the few-shot draw at `fit_probe_seed`, nested in every larger one); 0 = none
+    fit_probe_seed: int = 0  # the draw of the fit probe (the same as `data.fewshot_seed` keeps it inside a few-shot run's identities)
 
 @dataclass
 class Config:
@@ -235,7 +237,7 @@ CHECKS: dict = {
     "train.compile": _one_of("off", "default", "reduce-overhead", "max-autotune"),
     "train.dist_backend": _one_of("auto", "nccl", "gloo"),
     "train.freeze_text_layers": _items(lambda x: _int(x) and x >= 0, "layer numbers (0 or more)"),
-    "eval.chunk_size": _at_least(1),
+    "eval.chunk_size": _at_least(1), "eval.fit_probe": _between(0, 1),
 }
 
 def _get(cfg, key: str):

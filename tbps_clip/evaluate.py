@@ -5,6 +5,7 @@
 # %% ../nbs/10_evaluate.ipynb #31218104
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 import time
 from pathlib import Path
@@ -15,14 +16,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from .core import autocast
-from .data import ImageSet, eval_split, load_image, test_transform
+from .data import ImageSet, eval_split, fewshot_subset, load_image, test_transform
 from .metrics import rank_metrics
 from .model import TBPSModel
 from .records import Annotations
 from .text import tokenize
 
 # %% auto #0
-__all__ = ['encode_texts', 'encode_images', 'evaluate', 'top_k', 'spread_queries', 'retrieval_figure']
+__all__ = ['FIT_PROBE', 'encode_texts', 'encode_images', 'evaluate', 'fit_probe', 'fit_metrics', 'top_k', 'spread_queries',
+           'retrieval_figure']
 
 # %% ../nbs/10_evaluate.ipynb #9975ea33
 @torch.no_grad()
@@ -68,6 +70,24 @@ def evaluate(model: TBPSModel, ann: Annotations, split: str = "test", data_cfg=N
                rank_s=round(time.perf_counter() - t1, 3))
     model.train(was_training)
     return res
+
+# %% ../nbs/10_evaluate.ipynb #463a315c
+FIT_PROBE = "fit_probe"  # the split name the probe's records carry
+
+def fit_probe(ann: Annotations, fraction: float = 0.1, seed: int = 0, split: str = "train") -> Annotations:
+    "Annotations holding only split `fit_probe`: the `split` records of the identities a few-shot draw at `fraction` (seed) keeps."
+    sub, rep = fewshot_subset(ann, fraction, seed, split)
+    recs = [dataclasses.replace(r, split=FIT_PROBE) for r in sub.split(split)]
+    return dataclasses.replace(ann, records=recs, source=f"{ann.source} (fit probe: {rep['ids']} {split} ids, fraction {fraction:g}, seed {seed})")
+
+def fit_metrics(model: TBPSModel, ann: Annotations, fraction: float = 0.1, seed: int = 0, trained_pids=None, data_cfg=None,
+                chunk_size: int = 1024, precision: str = "amp") -> dict:
+    "Metrics on the fit probe of `ann`, what it holds, and the share of its identities in `trained_pids` (None: all trained)."
+    probe = fit_probe(ann, fraction, seed)
+    pids = {r.pid for r in probe.records}
+    res = evaluate(model, probe, FIT_PROBE, data_cfg, chunk_size, precision=precision)
+    trained = 1.0 if trained_pids is None else len(pids & set(trained_pids)) / len(pids)
+    return {**res, "probe": dict(fraction=fraction, seed=seed, ids=len(pids), images=len(probe.records)), "trained_on": round(trained, 4)}
 
 # %% ../nbs/10_evaluate.ipynb #396158b5
 def top_k(model: TBPSModel, ann: Annotations, split: str, queries: list, k: int = 5, data_cfg=None, device=None,

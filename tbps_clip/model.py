@@ -106,11 +106,11 @@ class TBPSModel(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        "exp(learnable log-scale), at most 100 in value; its gradient is the used value, as in the official code."
-        t = self.clip.logit_scale
-        s = t.exp().clamp(max=100).detach()
-        # value s, d/dt = s: a plain clamp has no gradient above 100, and OpenAI's weights load exp(t) = 100.003
-        return s * (1 + t - t.detach())
+        "exp(learnable log-scale), at most 100 in value; its gradient is d exp(t)/dt = exp(t), unclamped, as in the official code."
+        e = self.clip.logit_scale.exp()
+        # the official code overwrites the value's .data with the clamp, so autograd keeps exp's own derivative, exp(t):
+        # 100.003 at OpenAI's ln(100) start (a plain clamp would give 0 above 100, a clamped gradient 100)
+        return e + (e.clamp(max=100) - e).detach()
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
         "Features of a batch of images and captions."

@@ -19,7 +19,7 @@ from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, 
 from .augment import configure_pairs, image_transform, synonym_source
 from .data import TrainPairs
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
-from .evaluate import evaluate, retrieval_figure
+from .evaluate import evaluate, fit_metrics, retrieval_figure
 from .heads import attach_heads
 from .model import TBPSModel, set_text_attention_dropout
 from .data import fewshot_subset
@@ -124,13 +124,16 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
     if not main:  # only rank 0 evaluates and writes results; the others wait for it in cleanup
         return dict(rank=di.rank, steps=trainer.step)
     test = ev(cfg.eval.split)(model)
-    log(f"finished {trainer.step} steps; {cfg.eval.split} R@1 {test['R@1']:.2f} mAP {test['mAP']:.2f}")
+    fit = (fit_metrics(model, ann, cfg.eval.fit_probe, cfg.eval.fit_probe_seed, ds.fewshot["pids"] if ds.fewshot else None,
+                       cfg.data, cfg.eval.chunk_size, cfg.train.precision) if cfg.eval.fit_probe else None)
+    log(f"finished {trainer.step} steps; {cfg.eval.split} R@1 {test['R@1']:.2f} mAP {test['mAP']:.2f}"
+        + (f"; fit (R@1 on {fit['probe']['ids']} training ids) {fit['R@1']:.2f}" if fit else ""))
     rec = run_record(cfg, ann, kind="train", split=cfg.eval.split, metrics=test, zero_shot=zs,
                      val_history=trainer.history["eval"], steps=trainer.step,
                      train_seconds=round(getattr(trainer, "train_seconds", 0.0), 2), resumed_from_step=trainer.resumed_from,
                      train_pairs=len(ds), train_ids=ds.num_classes, world_size=di.world_size,
                      text_synonyms=synonyms, skipped_images=dict(count=len(ds.skipped), examples=[i for i, _ in ds.skipped[:20]]),
-                     fewshot=ds.fewshot, parameters=params, model_edits=model.edits or None)
+                     fewshot=ds.fewshot, fit=fit, parameters=params, model_edits=model.edits or None)
     atomic_write_json(Path(cfg.out_dir) / "results.json", rec)
     return rec
 

@@ -32,16 +32,30 @@ LN100 = math.log(100.0)
 
 # ---- 1. the logit scale ----------------------------------------------------------------------------------
 
-def test_logit_scale_clamps_the_value_and_keeps_the_gradient():
-    "Official: the used scale is min(exp(t), 100) and d scale / d t is that used value, also above the clamp."
+def official_logit_scale(t: torch.Tensor) -> torch.Tensor:
+    "The official rule in its own form: exp(t), then its `.data` overwritten by the clamp (autograd keeps exp's output)."
+    s = t.exp()
+    s.data = torch.clamp(s.data, max=100)
+    return s
+
+
+def test_logit_scale_clamps_the_value_and_keeps_the_unclamped_gradient():
+    "Official: the used scale is min(exp(t), 100) and d scale / d t is exp(t), unclamped (100.003 at OpenAI's 4.6052)."
     m = create_model("tbps-micro")
-    for t, used in ((LN100 + 0.01, 100.0), (LN100 - 0.5, math.exp(LN100 - 0.5)), (math.log(1 / 0.07), 1 / 0.07)):
+    for t in (4.6052, LN100 + 0.01, LN100 + 1.0, LN100 - 0.5, math.log(1 / 0.07)):
+        ref = torch.tensor(t, requires_grad=True)
+        official_logit_scale(ref).backward()
         m.clip.logit_scale.grad = None
         with torch.no_grad(): m.clip.logit_scale.fill_(t)
         s = m.logit_scale
         s.backward()
-        assert s.item() == pytest.approx(used, rel=1e-6) and s.item() <= 100.0
-        assert m.clip.logit_scale.grad.item() == pytest.approx(used, rel=1e-6)  # non-zero at ln(100) + 0.01
+        assert s.item() == pytest.approx(min(math.exp(t), 100.0), rel=1e-6) and s.item() <= 100.0
+        assert m.clip.logit_scale.grad.item() == pytest.approx(math.exp(t), rel=1e-6)  # exp(t), also above the clamp
+        assert m.clip.logit_scale.grad.item() == pytest.approx(ref.grad.item(), rel=1e-6)  # the official rule itself
+    with torch.no_grad(): m.clip.logit_scale.fill_(LN100 + 1.0)
+    m.clip.logit_scale.grad = None
+    m.logit_scale.backward()
+    assert m.clip.logit_scale.grad.item() > 270  # e^5.6 = 271.8, not the clamped 100: the rule is pinned, not just near it
 
 
 @pytest.mark.parametrize("direction", [1.0, -1.0])
@@ -54,7 +68,7 @@ def test_logit_scale_from_openai_weights_trains_and_never_exceeds_100(direction)
     for _ in range(5):
         opt.zero_grad()
         (-direction * m.logit_scale).backward()  # direction 1: a loss that wants a larger scale; -1: a smaller one
-        assert m.clip.logit_scale.grad.item() == pytest.approx(-direction * min(100.0, m.clip.logit_scale.exp().item()))
+        assert m.clip.logit_scale.grad.item() == pytest.approx(-direction * m.clip.logit_scale.exp().item())
         opt.step()
         used.append(m.logit_scale.item())
     assert max(used) <= 100.0

@@ -24,7 +24,7 @@ import tbps_experiments  # noqa: E402
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("e*.ipynb"))
 FIGURES = {"e01_tricks": ["e01"], "e02_image_aug": ["e02", "e02_appendix"], "e03_text_aug": ["e03", "e03_appendix"],
            "e04_both_aug": ["e04"], "e05_losses": ["e05"], "e06_main": ["e06"], "e07_cost": ["e07"], "e08_irra_init": ["e08"],
-           "e09_fewshot": ["e09"], "e10_importance": ["e10"], "e11_compression": ["e11"], "e12_batch_size": ["e12"]}
+           "e09_fewshot": ["e09"], "e10_importance": ["e10"], "e11_compression": ["e11"], "e12_batch_size": ["e12"], "e13_regime_map": ["e13"]}
 papermill = pytest.importorskip("papermill", reason="papermill is a dev dependency (pip install -e '.[dev]')")
 
 
@@ -156,7 +156,7 @@ def executions(out, name):
 
 def test_killed_sweep_resumes_without_redoing_or_duplicating(tmp_path, kernel_env):
     sweep, out = fake_sweep(tmp_path, [("a", {}), ("b", {"block": True}), ("c", {})])
-    cmd = [sys.executable, "-m", "tbps_clip.cli", "study", "run", str(sweep)]
+    cmd = [sys.executable, "-m", "tbps_clip.cli", "study", "run", str(sweep), "--allow-dirty"]  # a checkout under development may differ from HEAD
     p = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(1200):  # wait until b runs, then kill the driver and its kernel mid-notebook
@@ -208,7 +208,7 @@ def test_failing_notebook_is_recorded_and_the_sweep_goes_on(tmp_path, kernel_env
     assert bad["error"] == "ValueError: boom from bad" and "boom from bad" in bad["traceback"] and "\x1b[" not in bad["traceback"]
     assert json.loads(Path(out / "sweep" / f"bad-{bad['key']}.json").read_text())["traceback"] == bad["traceback"]
     assert "failed bad.ipynb" in (out / "sweep" / "sweep.log").read_text()
-    assert main(["study", "run", str(sweep)]) == 2  # again: a and c skipped, bad retried and still failing
+    assert main(["study", "run", str(sweep), "--allow-dirty"]) == 2  # again: a and c skipped, bad retried and still failing
     err = capsys.readouterr().err
     assert "1 notebook(s) failed: bad: ValueError: boom from bad" in err
     assert (executions(out, "a"), executions(out, "bad"), executions(out, "c")) == (1, 2, 1)
@@ -524,7 +524,7 @@ def test_two_jobs_write_the_records_of_a_serial_run(tmp_path, kernel_env, capsys
     from tbps_clip.cli import main
     sweep = small_sweep(tmp_path)
     serial = run_sweep(sweep, out=tmp_path / "serial", log=None)
-    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "jobs"), "--jobs", "2", "--allow-dirty"]) == 0
     recs = same_records(tmp_path / "serial", tmp_path / "jobs")
     assert len(recs) == 7 and [r["name"] for r in recs if r.get("reused_from")] == ["clip_star"]
     logs = sorted((tmp_path / "jobs" / "jobs").glob("*.log"))
@@ -565,11 +565,11 @@ def test_slurm_executor_through_submitits_local_executor(tmp_path, kernel_env):
     from tbps_clip.cli import main
     sweep = small_sweep(tmp_path, slurm={"cluster": "local", "timeout_min": 10, "cpus_per_task": 1, "partition": "ignored-locally"})
     run_sweep(sweep, out=tmp_path / "serial", log=None)
-    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "slurm"), "--executor", "slurm"]) == 0
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--allow-dirty"]) == 0
     same_records(tmp_path / "serial", tmp_path / "slurm")
     jobs = sorted((tmp_path / "slurm" / "jobs" / "slurm").glob("*_submitted.pkl"))
     assert len(jobs) == 6  # one job per training run
-    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--force"]) == 0
+    assert main(["study", "run", str(sweep), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--force", "--allow-dirty"]) == 0
     assert len(list((tmp_path / "slurm" / "jobs" / "slurm").glob("*_submitted.pkl"))) == 6  # recorded runs: no new job
     for d in ("b", "c"): (tmp_path / d).mkdir()
     with pytest.raises(TBPSError, match=r"sweep.yaml: unknown slurm setting\(s\) partiton"):

@@ -23,7 +23,8 @@ from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
 __all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'run_sweep', 'sweep_status',
-           'recorded_runs', 'sweep_progress', 'unfinished_runs']
+           'recorded_runs', 'sweep_progress', 'unfinished_runs', 'uncommitted_changes', 'check_provenance',
+           'provenance_diffs']
 
 # %% ../../nbs/35_study_driver.ipynb #1dee603c
 def params_key(params: dict) -> str:
@@ -119,8 +120,9 @@ def load_sweep(path) -> dict:
     except (OSError, yaml.YAMLError) as e: raise TBPSError(f"{path}: cannot read the sweep file: {e}") from None
     if not isinstance(spec, dict) or not spec.get("notebooks"):
         raise TBPSError(f"{path}: a sweep file needs a 'notebooks' list (and 'out', 'params')")
-    unknown = set(spec) - {"out", "params", "notebooks", "notebooks_dir", "about", "slurm"}
-    if unknown: raise TBPSError(f"{path}: unknown entries {', '.join(sorted(unknown))}; known: about, out, params, notebooks, notebooks_dir, slurm")
+    unknown = set(spec) - {"out", "params", "notebooks", "notebooks_dir", "about", "design", "slurm"}
+    if unknown: raise TBPSError(f"{path}: unknown entries {', '.join(sorted(unknown))}; known: about, design, out, params, notebooks, notebooks_dir, slurm")
+    if not isinstance(spec.get("design", {}), dict): raise TBPSError(f"{path}: 'design' must be a mapping (rule, readings, predictions: text fixed before the runs)")
     runs = []
     for i, item in enumerate(spec["notebooks"]):
         if isinstance(item, str): item = {"notebook": item}
@@ -132,7 +134,7 @@ def load_sweep(path) -> dict:
     if spec.get("slurm") is not None: make_executor("slurm", 1, spec["slurm"], str(path))  # checked now, used with --executor slurm
     return dict(out=spec.get("out", "results/sweep"), params=dict(spec.get("params") or {}), runs=runs,
                 notebooks_dir=nb_dir if nb_dir.is_absolute() else Path(os.path.normpath(path.parent / nb_dir)), about=spec.get("about", ""),
-                slurm=spec.get("slurm"))
+                design=dict(spec.get("design") or {}), slurm=spec.get("slurm"))
 
 def _notebook_file(nb_dir: Path, name: str) -> Path:
     p = Path(name)
@@ -217,3 +219,34 @@ def unfinished_runs(out) -> list:
         rows.append(dict(run=f"{d.parent.name}/{d.name}", saved_step=_last_step(d / "history.json"), steps=steps,
                          checkpoint=(d / "checkpoint.pt").exists(), idle_seconds=round(time.time() - newest)))
     return rows
+
+# %% ../../nbs/35_study_driver.ipynb #b804df6c
+def uncommitted_changes(cwd=None) -> list | None:
+    "Tracked files that differ from HEAD in the checkout of `cwd` (default: this package's), or None outside a git checkout."
+    import subprocess
+    cwd = Path(cwd or Path(__file__).resolve().parent)
+    try: r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError): return None
+    return [line[3:] for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else None
+
+def check_provenance(out, allow_dirty: bool = False, cwd=None) -> Path | None:
+    """Refuse to record runs from code that its commit does not name; with `allow_dirty`, store the diff under
+    `out/provenance/` instead and return its path (None when the checkout is clean or not a git checkout)."""
+    import subprocess
+    changed = uncommitted_changes(cwd)
+    if not changed: return None
+    shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    if not allow_dirty:
+        raise TBPSError(f"the checkout has uncommitted changes to tracked files ({shown}), so its commit would not name the code "
+                        "that makes these records: commit them (or run from a worktree at a commit), or pass --allow-dirty "
+                        "to store the diff beside the records")
+    cwd = Path(cwd or Path(__file__).resolve().parent)
+    diff = subprocess.run(["git", "diff", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=60).stdout
+    path = Path(out) / "provenance" / f"{(git_commit(cwd) or 'no-commit')[:12]}-{time.strftime('%Y%m%dT%H%M%S')}.diff"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp"); tmp.write_text(diff); os.replace(tmp, path)
+    return path
+
+def provenance_diffs(out) -> list:
+    "The diffs of uncommitted code that runs under `out` were made with (`check_provenance(allow_dirty=True)`)."
+    return sorted((Path(out) / "provenance").glob("*.diff"))

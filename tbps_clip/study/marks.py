@@ -20,8 +20,8 @@ __all__ = ['MIN_SD_DOF', 'IDENTICAL', 'summarise', 'pooled_sd_dof', 'pooled_sd',
 def _sd(xs: list) -> float | None:
     return statistics.stdev(xs) if len(xs) > 1 else None
 
-def summarise(records, by=("exp", "name"), metrics=METRICS) -> list:
-    "Mean, sd (None for one seed) and seed count of each metric, per group of `by`, in first-seen order."
+def summarise(records, by=("exp", "name"), metrics=(*METRICS, "fit_R@1")) -> list:
+    "Mean, sd (None for one seed) and seed count of each metric (and of fit, R@1 on training identities), per group of `by`, in first-seen order."
     groups: dict = {}
     for r in flat_rows(records): groups.setdefault(tuple(r[k] for k in by), []).append(r)
     out = []
@@ -78,7 +78,7 @@ def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k
         name = r["name"]
         p = paper_rows.get(name) or next((paper_rows[a] for a, n in aliases.items() if n == name and a in paper_rows), None)
         pv = p.get(metric) if p else None
-        row = dict(name=name, label=p["label"] if p else name, n=r["n"], ours=r[metric], ours_sd=r.get(f"{metric}_sd"),
+        row = dict(name=name, label=p["label"] if p else name, n=r["n"], ours=r[metric], ours_sd=r.get(f"{metric}_sd"), fit=r.get("fit_R@1"),
                    paper=pv, ours_effect=None, paper_effect=None, noise=None, mark="", sd=s, sd_from=sd_from, sd_dof=sd_dof)
         if name == baseline: row["mark"] = "baseline"
         elif base is None: row["mark"] = "no baseline run"
@@ -137,6 +137,9 @@ def paired_marks(records, paper_rows: dict, baseline: str, metric: str = "R@1", 
     "Each row's effect (mean over seeds of row minus baseline at the same seed), its SE, what it resolves and the mark."
     aliases = aliases or {}
     vals = _by_seed(records, metric)
+    fits: dict = {}  # name -> fit (R@1 on the fit probe of training identities) of each seed, where recorded
+    for r in records:
+        if (r.get("fit") or {}).get("R@1") is not None: fits.setdefault(r["name"], []).append(r["fit"]["R@1"])
     base = vals.get(baseline, {})
     diffs = {n: [v[s] - base[s] for s in sorted(v) if s in base] for n, v in vals.items() if n != baseline}
     multi = [d for d in diffs.values() if len(d) > 1 and any(d)]  # a row identical to the baseline carries no noise
@@ -155,7 +158,7 @@ def paired_marks(records, paper_rows: dict, baseline: str, metric: str = "R@1", 
                    ours_effect=statistics.mean(d) if d else None, ours_sd=statistics.stdev(d) if len(d) > 1 else None,
                    se=se, se_from=se_from, resolvable=k * se if se is not None else None, paper=pv,
                    paper_effect=pv - pbase if pv is not None and pbase is not None and name != baseline else None,
-                   pooled_sd=pooled, pooled_dof=dof, mark="")
+                   pooled_sd=pooled, pooled_dof=dof, fit=statistics.mean(fits[name]) if name in fits else None, mark="")
         if name == baseline: row["mark"] = "baseline"
         elif not base: row["mark"] = "no baseline run"
         elif not d: row["mark"] = "no paired seed"

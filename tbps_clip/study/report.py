@@ -96,7 +96,7 @@ def table_report(records, table: str, out, metric: str = "R@1", k: float = 2.0, 
     order.update({al[a]: order[a] for a in al if a in order})  # a main row standing for an appendix value sorts there
     summ = sorted(summ, key=lambda r: order.get(r["name"], len(order)))
     marked = mark_agreement(summ, prow, baseline or t["baseline"], metric, k, al, fallback_sd)
-    cols = ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]
+    cols = ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "fit", "mark"]
     head = (f"{t['title']}; ours: {data_label(records)}, scale {', '.join(sorted({str(r.get('scale')) for r in records}))}, "
             f"{metric}; effects are vs {baseline or t['baseline']}")
     atomic_write_text(Path(out) / "tables" / f"{stem or table}.md", f"{head}\n\n{to_markdown(marked, cols)}\n\n{noise_statement(marked, metric, k)}\n")
@@ -110,7 +110,7 @@ def table_records(records, table: str) -> list:
     return [r for r in records if r["exp"] == t["exp"] and r["name"] in names]
 
 # %% ../../nbs/34_study_report.ipynb #0a5e915b
-PAIRED_COLUMNS = ["name", "label", "n", "ours_effect", "se", "se_from", "resolvable", "paper_effect", "mark"]
+PAIRED_COLUMNS = ["name", "label", "n", "ours_effect", "se", "se_from", "resolvable", "paper_effect", "fit", "mark"]
 
 def paired_report(records, table: str, out, metric: str = "R@1", k: float = 2.0, paper_rows=None, baseline=None,
                   stem: str | None = None) -> list:
@@ -151,7 +151,7 @@ def paired_section(records, table: str, out, label: str, metric: str, k: float, 
     tables[(src, f"{stem or table} paired")] = marked
     title = title or PAPER[table]["title"]
     if figures: plot_forest(marked, Path(out) / "figures" / f"{stem or table}-forest.png", f"{title}, paired by seed\nours: {label}", metric, k)
-    return [f"Paired by seed ({stem or table}):", "", to_markdown(marked, ["label", "n", "ours_effect", "se", "se_from", "paper_effect", "mark"]),
+    return [f"Paired by seed ({stem or table}):", "", to_markdown(marked, ["label", "n", "ours_effect", "se", "se_from", "paper_effect", "fit", "mark"]),
             "", paired_statement(marked, metric, k), ""]
 
 # %% ../../nbs/34_study_report.ipynb #2147323f

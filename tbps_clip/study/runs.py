@@ -58,12 +58,13 @@ def flat_rows(records) -> list:
     "One flat dict per run: identity, data, metrics and cost."
     keys = ("exp", "name", "seed", "scale", "dataset", "synthetic", "preset", "steps", "epochs", "train_seconds",
             "test_seconds", "wall_seconds", "params_m", "trainable_m")
-    return [{**{k: r.get(k) for k in keys}, **{m: r["metrics"].get(m) for m in METRICS},
+    return [{**{k: r.get(k) for k in keys}, **{m: r["metrics"].get(m) for m in METRICS}, "fit_R@1": (r.get("fit") or {}).get("R@1"),
              "arch": r.get("config", {}).get("model", {}).get("arch"), "git_commit": r.get("git_commit")} for r in records]
 
 # %% ../../nbs/31_study_runs.ipynb #c56ec28a
 # settings that do not change a run's result (the preset is only a name: its settings are in the config)
-_IGNORED = ("preset", "out_dir", "train.threads", "train.device", "data.num_workers", "data.eval_batch_size")
+_IGNORED = ("preset", "out_dir", "train.threads", "train.device", "data.num_workers", "data.eval_batch_size",
+            "eval.fit_probe", "eval.fit_probe_seed")  # the fit probe is measured after training
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -146,7 +147,7 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
     m = res["metrics"]
     rec = dict(schema=RECORD_SCHEMA, exp=exp, name=name, seed=seed, scale=scale, preset=preset,
                overrides={k: v for k, v in parse_overrides(overrides).items()}, dataset=res["dataset"],
-               synthetic=res["synthetic"], metrics=m, steps=res["steps"],
+               synthetic=res["synthetic"], metrics=m, fit=res.get("fit"), steps=res["steps"],
                epochs=round(res["steps"] * cfg.data.batch_size * res.get("world_size", 1) / max(res["train_pairs"], 1), 3),
                train_seconds=res["train_seconds"], test_seconds=round(m.get("encode_s", 0) + m.get("rank_s", 0), 3),
                wall_seconds=round(wall, 2), resumed_from_step=res.get("resumed_from_step"), world_size=res.get("world_size", 1),
