@@ -718,3 +718,54 @@ def test_an_appendix_sweep_alone_builds_its_tables(tmp_path, kernel_env):
     assert st["status"] == "ok", st.get("error")
     assert "No row of this table has run yet" in (tmp_path / "tables" / "table3.md").read_text()
     assert "| bt@0.2 | BT alpha 0.2 |" in (tmp_path / "tables" / "table3_appendix.md").read_text()
+
+
+# ---- e13: the regime map's reading of its records --------------------------------------------------------------
+
+def _map_rec(preset, n, seed, r1, fit=None):
+    return dict(exp="e13", name=f"{preset}@{n}", seed=seed, metrics={"R@1": r1}, fit={"R@1": fit} if fit is not None else None)
+
+
+def _map_records(effects: dict, noise=(0.3, -0.1, -0.2), clip_fit=None):
+    "Records of clip and two presets at N = 100, 200, 400, seeds 0-2: each preset's R@1 = clip's + effect[N] + a seed's noise."
+    clip_fit = clip_fit or {100: 99.0, 200: 92.0, 400: 70.0}
+    recs = []
+    for n in (100, 200, 400):
+        for s in range(3):
+            base = 30.0 + s
+            recs.append(_map_rec("clip", n, s, base, clip_fit[n] + s * 0.1))
+            for p, eff in effects.items(): recs.append(_map_rec(p, n, s, base + eff[n] + noise[s] * (1 if p == "a" else -1), 50.0))
+    return recs
+
+
+def test_regime_map_effects_fit_rule_sign_change_and_readings():
+    from tbps_experiments import fit_rule, regime_effects, regime_readings, sign_change, spearman
+    recs = _map_records({"a": {100: 3.0, 200: 1.0, 400: -2.0}, "b": {100: -1.0, 200: -1.5, 400: -2.0}})
+    eff = regime_effects(recs)
+    a = {r["N"]: r for r in eff if r["preset"] == "a"}
+    assert a[100]["effect"] == pytest.approx(3.0) and a[400]["effect"] == pytest.approx(-2.0)
+    assert a[100]["se_from"] == "table" and a[100]["se"] is not None  # pooled over the presets at that N
+    assert a[100]["clip_fit"] == pytest.approx(99.1) and a[100]["fit"] == 50.0
+    rule = fit_rule(recs, 90.0)
+    assert rule["n_star"] == 200 and rule["clip_fit"][400] == pytest.approx(70.1)
+    assert fit_rule(recs, 99.5)["n_star"] is None  # no N reaches it
+    sc = sign_change(eff, "a")
+    assert sc["sign_change_N"] == pytest.approx(200 + 200 * 1.0 / 3.0) and sc["where"] == "changes sign"
+    assert sc["positive_resolved_up_to"] == 200 and sc["negative_resolved_from"] == 400
+    assert sign_change(eff, "b")["where"] == "not positive at any N" and sign_change(eff, "b")["sign_change_N"] is None
+    rd = regime_readings(eff, ["a", "b"])
+    assert rd["a"]["reading"] == "supported" and rd["a"]["spearman_fit_effect"] == pytest.approx(1.0)
+    assert rd["b"]["reading"] == "refuted"  # not positive where clip fits
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and spearman([1, 1, 1], [1, 2, 3]) is None
+    # an effect that stays positive but does not fall with fit: inconclusive at best, refuted when it rises as fit falls
+    rising = regime_effects(_map_records({"c": {100: 1.0, 200: 2.0, 400: 3.0}, "a": {100: 3.0, 200: 1.0, 400: -2.0}}))
+    assert regime_readings(rising, ["c"])["c"]["reading"] == "refuted"
+
+
+def test_regime_rows_are_nested_fractions_and_refuse_a_bad_n():
+    from tbps_experiments import regime_rows
+    rows = regime_rows(["clip", "tbps"], [100, 350, 1000], 1000)
+    assert rows["clip@100"] == ("clip", {"data.fewshot": 0.1}) and rows["tbps@1000"] == ("tbps", {"data.fewshot": 0.0})
+    from tbps_clip.data import fewshot_pids
+    assert len(fewshot_pids(range(1000), rows["clip@350"][1]["data.fewshot"])) == 350
+    with pytest.raises(TBPSError, match="1..1000"): regime_rows(["clip"], [0, 1200], 1000)
