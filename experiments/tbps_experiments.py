@@ -25,20 +25,34 @@ from tbps_clip.probes import trainable_parameters
 from tbps_clip.model import create_model
 from tbps_clip.run import eval_config, load_data, prepare_model, set_threads, train_dataset
 from tbps_clip.study.grid import IRRA_INITS
-from tbps_clip.study.marks import MIN_SD_DOF, agreement_counts, noise_statement, paired_statement, study_seed_sd, summarise, table_seed_sd
+from tbps_clip.study.marks import HIGHER, LOWER, NO_CHANGE, summarise
 from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
-from tbps_clip.study.report import data_label, paired_section, plot_effects, plot_forest, table_report, to_markdown, write_csv
-from tbps_clip.study.runs import record_path, run_dir_of, run_once, run_pending, run_rows
+from tbps_clip.study.report import data_label, group, study_marks, table_group, to_markdown, write_csv, write_group
+from tbps_clip.study.runs import load_records, record_path, run_dir_of, run_once, run_pending, run_rows
 from tbps_clip.train import Trainer
 
-MARKED_COLUMNS = ["label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]
+def study_sd(out, metric: str = "R@1") -> tuple:
+    "(the pooled paired sd, its degrees of freedom) with which the e99 report marks the results folder `out`: one for the whole study."
+    from tbps_clip.study.marks import pooled_paired_sd
+    from tbps_clip.study.report import study_groups
+    recs = load_records(out)
+    groups, _ = study_groups(recs, out, Path(out), data_label(recs), metric, 2.0, False, REPORT_SECTIONS)
+    return pooled_paired_sd([(g["records"], s["row"], s["against"]) for g in groups for s in g["specs"]], metric)
 
-def _paired(parts, table: str, out, label: str, metric: str, k: float, figures: bool, baseline: str = "clip") -> tuple:
-    "Paired marks of `parts` [(records, paper rows, stem)] of one paper table: (markdown lines, {name: marked rows})."
-    tables, md = {}, []
-    for recs, prow, stem in parts:
-        md += paired_section(recs, table, out, label, metric, k, figures, tables, "", prow, baseline, stem)
-    return md, {name: m for (_, name), m in tables.items()}
+def marks_in_study(out, groups, metric: str = "R@1", k: float = 2.0, write: bool = True) -> dict:
+    """{stem: marked comparisons} of `groups`, marked with the study sd of the results folder `out` (as the e99 report
+    marks them); each written to out/tables/<stem>.md and .csv."""
+    from tbps_clip.study.marks import compare
+    sd, _ = study_sd(out, metric)
+    marks = {g["stem"]: compare(g["records"], g["specs"], sd, metric, k) for g in groups}
+    if write:
+        for g in groups: write_group(g, marks[g["stem"]], out, data_label(g["records"]) if g["records"] else "no runs", metric, k, figures=False)
+    return marks
+
+def notebook_marks(out, table: str, metric: str = "R@1", k: float = 2.0) -> list:
+    "The marked comparisons of a paper table keyed by our row names (Tables 1-5, their appendices, the batch size) in `out`."
+    from tbps_clip.study.report import table_group, table_records
+    return marks_in_study(out, [table_group(table_records(load_records(out), table), table, metric)], metric, k)[table]
 
 
 # ---- e06: main results, presets x backbones (Tables 6-8) ------------------------------------------------------------
@@ -55,31 +69,21 @@ def paper_backbone(arch: str, mapping: dict | None = None) -> str:
     "The paper's backbone that our `arch` is compared with: `mapping`'s, else itself for a ViT-B, else ViT-B/16 (ours are smaller)."
     return (mapping or {}).get(arch) or (arch if arch.startswith("ViT-B") else "ViT-B-16")
 
-def e06_marks(records, out, paper_dataset: str, paper_backbones: dict | None = None, metric: str = "R@1", fallback_sd="auto", k: float = 2.0) -> list:
-    "Per backbone, the presets marked against the paper's rows of `paper_dataset` and the mapped paper backbone."
-    if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # once, not per backbone
-    marked = []
+def e06_groups(records, paper_dataset: str, paper_backbones: dict | None = None, metric: str = "R@1") -> list:
+    "Per backbone, each preset against clip, beside the paper's rows of `paper_dataset` and the mapped paper backbone."
+    groups = []
     for arch in dict.fromkeys(r["config"]["model"]["arch"] for r in records):
         sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["config"]["model"]["arch"] == arch]
         pb = paper_backbone(arch, paper_backbones)
-        rows = table_report(sub, "table6_8", out, metric, k, paper_rows=e06_paper_rows(paper_dataset, pb), baseline="clip",
-                            stem=f"table6_8-{arch}", fallback_sd=fallback_sd)
-        marked += [dict(r, backbone=arch, paper_backbone=pb, label=f"{r['name']} {arch} (paper {pb})") for r in rows]
-    return marked
+        groups.append(table_group(sub, "table6_8", metric, paper_rows=e06_paper_rows(paper_dataset, pb), baseline="clip",
+                                  stem=f"table6_8-{arch}", title=f"Tables 6-8: main results, ours {arch} (paper: {paper_dataset}, {pb})"))
+    return groups
 
-def e06_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
+def e06_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
     "The report's Tables 6-8: our backbones compared with ViT-B/16 (ours are smaller), or a ViT-B with itself."
     e06 = [r for r in recs if r["exp"] == "e06"]
-    if not e06: return [], {}
-    pds = paper_dataset(e06[0]["dataset"])
-    archs = {r["config"]["model"]["arch"] for r in e06}
-    pbs = {a: paper_backbone(a) for a in archs}
-    marked = e06_marks(e06, out, pds, pbs, metric, fallback_sd, k)
-    md, paired = _paired([([dict(r, name=r["name"].split("@")[0]) for r in e06 if r["config"]["model"]["arch"] == a],
-                           e06_paper_rows(pds, pbs[a]), f"table6_8-{a}") for a in dict.fromkeys(r["config"]["model"]["arch"] for r in e06)],
-                         "table6_8", out, label, metric, k, figures)
-    return [f"### Tables 6-8: main results (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "", *md], \
-           {"table6_8": marked, **paired}
+    if not e06: return [], []
+    return e06_groups(e06, paper_dataset(e06[0]["dataset"]), None, metric), []
 
 
 # ---- e07: training cost (Table 9) -------------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ TIMING_FILE = "table9_timing.json"  # under out/tables: e07's interleaved step t
 def e07_section(recs, out, src, label, **kw) -> tuple:
     "The report's Table 9: our cost beside the paper's (different hardware and data sizes)."
     e07 = [r for r in recs if r["exp"] == "e07"]
-    if not e07: return [], {}
+    if not e07: return [], []
     timing_path = Path(src) / "tables" / TIMING_FILE  # written by e07 beside its records, not under the report
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     rows = cost_rows(e07, timing.get("step_seconds"))
@@ -145,8 +149,7 @@ def e07_section(recs, out, src, label, **kw) -> tuple:
              f"its median step timed alone and interleaved with the other rows ({timing['rounds']} steps each, "
              f"{timing['threads']} thread(s), {timing['machine']}, load average {timing['load_average']}) times its steps.", ""]
             if timing else [])
-    return ["### Table 9: training cost (ours vs the paper; different hardware and data sizes)", "", to_markdown(rows), "",
-            *note], {}
+    return [], ["### Table 9: training cost (ours vs the paper; different hardware and data sizes)", "", to_markdown(rows), "", *note]
 
 
 # ---- e08: IRRA from three initialisations (Table 10) ------------------------------------------------------------------
@@ -179,54 +182,37 @@ def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1
     run_pending([call(init, "irra", {**ov, **row}, seed) for seed, init, row in plan], log=log)
     return [rec for seed, init, row in plan for rec in run_rows("e08", {init: ("irra", row)}, [seed], scale, out, ov, nproc=nproc, log=log)]
 
-def e08_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
-    "The report's Table 10: IRRA from TBPS-CLIP and Simplified vs from CLIP, against the paper's dataset."
+def e08_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
+    "The report's Table 10: IRRA from TBPS-CLIP and Simplified against IRRA from CLIP, beside the paper's dataset."
     e08 = [r for r in recs if r["exp"] == "e08" and r["name"] in IRRA_INITS]
-    if not e08: return [], {}
+    if not e08: return [], []
     pds = paper_dataset(e08[0]["dataset"])
-    marked = table_report(e08, "table10", out, metric, k, paper_rows=dataset_paper_rows("table10", pds), baseline="clip",
-                          fallback_sd=fallback_sd)
-    title = PAPER["table10"]["title"]
-    if figures: plot_effects(marked, out / "figures" / "table10.png", f"{title} (paper {pds})\nours: {label}", f"ours: {label}", metric)
-    md, paired = _paired([(e08, dataset_paper_rows("table10", pds), None)], "table10", out, label, metric, k, figures)
     steps = e08[0].get("steps")
-    start = (f"IRRA from TBPS-CLIP or Simplified starts from that preset's own fine-tuned checkpoint (its `source@` run: "
-             f"{steps} steps at the same seed) and then has its own {steps} steps, as in the paper (IRRA initialised from a "
-             f"TBPS-CLIP trained on the benchmark); IRRA from CLIP has only its own {steps}: the compared rows differ in total "
-             "fine-tuning, by design.")
-    return [f"### {title} (ours {label}; paper {pds})", "", to_markdown(marked, MARKED_COLUMNS), "", start, "",
-            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", "", *md], {"table10": marked, **paired}
+    note = (f"IRRA from TBPS-CLIP or Simplified starts from that preset's own fine-tuned checkpoint (its `source@` run: "
+            f"{steps} steps at the same seed) and then has its own {steps} steps, as in the paper (IRRA initialised from a "
+            f"TBPS-CLIP trained on the benchmark); IRRA from CLIP has only its own {steps}: the compared rows differ in total "
+            "fine-tuning, by design.")
+    g = table_group(e08, "table10", metric, paper_rows=dataset_paper_rows("table10", pds), baseline="clip",
+                    title=f"{PAPER['table10']['title']} (paper: {pds})")
+    return [dict(g, note=note)], []
 
 
 # ---- e09: few-shot (Table 11) -----------------------------------------------------------------------------------------
 
-def e09_marks(records, out, metric: str = "R@1", k: float = 2.0, fallback_sd="auto") -> list:
-    "Per few-shot fraction, each method marked against CLIP fine-tuning on that fraction (Table 11); tables per fraction."
-    paper = PAPER["table11"]["rows"]
-    if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # once, not per fraction
-    marked = []
+def e09_groups(records, metric: str = "R@1") -> list:
+    "Per few-shot fraction, each method against CLIP fine-tuning on that fraction (Table 11)."
+    paper, groups = PAPER["table11"]["rows"], []
     for f in dict.fromkeys(r["name"].split("@")[1] for r in records):
         sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["name"].split("@")[1] == f]
         prow = {n.split("@")[0]: v for n, v in paper.items() if n.split("@")[1] == f}
-        rows = table_report(sub, "table11", out, metric, k, paper_rows=prow, baseline="clip", stem=f"table11-{f}", fallback_sd=fallback_sd)
-        marked += [dict(r, fraction=float(f), row=f"{r['name']}@{f}",
-                        label=r["label"] if r["paper"] is not None else f"{r['name']} {float(f):.0%}") for r in rows]
-    return marked
+        groups.append(table_group(sub, "table11", metric, paper_rows=prow, baseline="clip", stem=f"table11-{f}",
+                                  title=f"Table 11: few-shot, {float(f):.0%} of the training identities: each method vs CLIP fine-tuning"))
+    return groups
 
-def e09_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
+def e09_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
     "The report's Table 11: each method vs CLIP fine-tuning on the same fraction of the training identities."
     e09 = [r for r in recs if r["exp"] == "e09"]
-    if not e09: return [], {}
-    marked = e09_marks(e09, out, metric, k, fallback_sd)
-    title = PAPER["table11"]["title"]
-    if figures: plot_effects(marked, out / "figures" / "table11.png", f"{title}: each method vs CLIP at its fraction\nours: {label}", f"ours: {label}", metric)
-    paper = PAPER["table11"]["rows"]
-    fractions = dict.fromkeys(r["name"].split("@")[1] for r in e09)
-    md, paired = _paired([([dict(r, name=r["name"].split("@")[0]) for r in e09 if r["name"].split("@")[1] == f],
-                           {n.split("@")[0]: v for n, v in paper.items() if n.split("@")[1] == f}, f"table11-{f}") for f in fractions],
-                         "table11", out, label, metric, k, figures)
-    return [f"### {title}: each method vs CLIP fine-tuning on the same fraction (ours {label})", "", to_markdown(marked, MARKED_COLUMNS), "",
-            f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", "", *md], {"table11": marked, **paired}
+    return (e09_groups(e09, metric) if e09 else []), []
 
 
 # ---- e10: module importance (C1, C2) ----------------------------------------------------------------------------------
@@ -296,7 +282,7 @@ def e10_section(recs, out, src, label, **kw) -> tuple:
         md += [f"### e10: module importance of {res['name']} seed {res['seed']} ({res['arch']}; ours {label}; {res['settings']['split']} split)", "",
                f"Text layers from least to most important (summed C1 + C2 of SA, FF, layer; 0-based): {', '.join(map(str, order))}. "
                f"The paper (ViT-B/16, 12 text layers) drops or freezes, in that order: 7, 8, 3, 5, 6 (Table 12).", ""]
-    return md, {}
+    return [], md
 
 
 # ---- e11: text layers dropped or frozen (Table 12) --------------------------------------------------------------------
@@ -307,82 +293,45 @@ def compression_layers(scores: dict, xs) -> tuple:
     ok = [int(x) for x in xs if 0 < int(x) < len(scores)]
     return {x: least_important_layers(scores, x) for x in ok}, [x for x in xs if int(x) not in ok]
 
-def _mark(d: float, noise, want_positive: bool) -> str:
-    if noise is not None and abs(d) <= noise: return "within seed noise"
-    m = "no change" if d == 0 else "agrees" if (d > 0) == want_positive else "disagrees"
-    return m + ("" if noise is not None else " (noise unknown: one seed)")
-
-def compression_table(records, metric: str = "R@1", k: float = 2.0, fallback_sd: float | None = None) -> list:
-    """e11: per strategy and x, mean `metric`, effect vs `full`, exact trainable parameters and the mark: the paper shows
-    (in a figure) that dropping lowers R@1 and freezing barely changes it, so `drop@x` agrees when it is below `full`,
-    and `freeze@x` agrees when it is above `drop@x` (freezing costs less than dropping)."""
+def compression_rows(records, metric: str = "R@1") -> list:
+    "e11 per row: the layers dropped or frozen, mean `metric` over seeds and our model's exact trainable parameters."
     summ = {r["name"]: r for r in summarise(records)}
-    s, sd_from, sd_dof = table_seed_sd(list(summ.values()), metric, fallback_sd)
     by = {r["name"]: r for r in records}
-    full = summ.get("full")
     out = []
     for name, r in sorted(summ.items(), key=lambda kv: (kv[0] != "full", int(kv[0].split("@")[1]) if "@" in kv[0] else 0, kv[0])):
         cfg = config_from_dict(by[name]["config"])
-        strategy, x = (name.split("@")[0], int(name.split("@")[1])) if "@" in name else ("none", 0)
         ids = list(cfg.model.drop_text_layers or cfg.train.freeze_text_layers)
-        row = dict(name=name, label=f"{strategy} {ids}" if ids else "full (x = 0)", strategy=strategy, x=x, layers=ids, n=r["n"],
-                   ours=r[metric], ours_sd=r.get(f"{metric}_sd"), trainable=trainable_parameters(cfg, by[name]["train_ids"])["trainable"],
-                   ours_effect=None, paper_effect=None, vs=None, noise=None, mark="", sd=s, sd_from=sd_from, sd_dof=sd_dof)
-        other = summ.get(f"drop@{x}") if strategy == "freeze" else full
-        if name == "full": row["mark"] = "baseline"
-        elif other is None: row["mark"] = "no baseline run"
-        else:
-            d = r[metric] - other[metric]
-            noise = k * s * math.sqrt(1 / r["n"] + 1 / other["n"]) if s is not None else None
-            row.update(ours_effect=r[metric] - full[metric] if full else None, vs=f"{other['name']}: {d:+.2f}", noise=noise,
-                       mark=_mark(d, noise, strategy == "freeze"))
-        out.append(row)
+        out.append(dict(name=name, label=f"{name.split('@')[0]} {ids}" if ids else "full (x = 0)", n=r["n"], ours=r[metric],
+                        ours_sd=r.get(f"{metric}_sd"), trainable=trainable_parameters(cfg, by[name]["train_ids"])["trainable"]))
     return out
 
-def _compared_with(name: str) -> str:
-    "What an e11 row is compared with: drop@x with full, freeze@x with drop@x."
-    strategy, x = name.split("@")
-    return f"drop@{x}" if strategy == "freeze" else "full"
+def compression_specs(names) -> list:
+    """e11's comparisons, as the paper makes them (its R@1 is a figure): drop@x against the full model (dropping lowers
+    R@1), freeze@x against the full model (freezing barely changes it); freeze@x against drop@x as an extra row, not counted."""
+    xs = sorted({int(n.split("@")[1]) for n in names if "@" in n})
+    specs = []
+    for x in xs:
+        if f"drop@{x}" in names: specs.append(dict(row=f"drop@{x}", against="full", paper=LOWER, label=f"drop@{x} vs full"))
+        if f"freeze@{x}" in names: specs.append(dict(row=f"freeze@{x}", against="full", paper=NO_CHANGE, label=f"freeze@{x} vs full"))
+        if f"freeze@{x}" in names and f"drop@{x}" in names:
+            specs.append(dict(row=f"freeze@{x}", against=f"drop@{x}", paper=HIGHER, label=f"freeze@{x} vs drop@{x} (extra)",
+                              name=f"freeze@{x}-vs-drop", counted=False))
+    return specs
 
-def compression_paired(records, metric: str = "R@1", k: float = 2.0) -> list:
-    """e11 from paired differences: each drop@x minus full and each freeze@x minus drop@x at the same seeds, the SE from
-    a row's own differences or, with too few seeds, pooled across the table's; marked as `compression_table` marks."""
-    vals = {}
-    for r in records: vals.setdefault(r["name"], {})[r["seed"]] = r["metrics"][metric]
-    names = sorted((n for n in vals if "@" in n), key=lambda n: (int(n.split("@")[1]), n))
-    diffs = {n: [vals[n][s] - vals[_compared_with(n)][s] for s in sorted(vals[n]) if s in vals.get(_compared_with(n), {})] for n in names}
-    multi = [d for d in diffs.values() if len(d) > 1]
-    dof = sum(len(d) - 1 for d in multi)
-    pooled = math.sqrt(sum((len(d) - 1) * statistics.variance(d) for d in multi) / dof) if dof >= MIN_SD_DOF else None
-    rows = []
-    for n in names:
-        d, other = diffs[n], _compared_with(n)
-        se, se_from = ((statistics.stdev(d) / math.sqrt(len(d)), "row") if len(d) - 1 >= MIN_SD_DOF else
-                       (pooled / math.sqrt(len(d)), "table") if pooled is not None and d else (None, None))
-        eff = statistics.mean(d) if d else None
-        rows.append(dict(name=n, label=f"{n} vs {other}", n=len(d), ours_effect=eff, se=se, se_from=se_from,
-                         resolvable=k * se if se is not None else None, paper_effect=None, pooled_sd=pooled, pooled_dof=dof,
-                         mark=_mark(eff, k * se if se is not None else None, n.startswith("freeze")) if d else "no paired seed"))
-    return rows
-
-def e11_section(recs, out, src, label, metric="R@1", k=2.0, figures=True, fallback_sd=None) -> tuple:
-    "The report's Table 12: dropping vs freezing x text layers, with exact trainable parameters."
+def e11_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
+    "The report's Table 12: x text layers dropped or frozen against the full model, with exact trainable parameters."
     e11 = [r for r in recs if r["exp"] == "e11"]
-    if not e11: return [], {}
-    rows = compression_table(e11, metric, k, fallback_sd)
+    if not e11: return [], []
+    rows = compression_rows(e11, metric)
     write_csv(rows, out / "tables" / "table12.csv")
-    paired = compression_paired(e11, metric, k)
-    write_csv(paired, out / "tables" / "table12-paired.csv")
-    if figures: plot_forest(paired, out / "figures" / "table12-forest.png", f"Table 12: drop vs full, freeze vs drop, paired by seed\nours: {label}", metric, k)
-    paired_lines = ["Paired by seed (table12; the paper's effects are a figure, so marks give directions):", "",
-                    to_markdown(paired, ["label", "n", "ours_effect", "se", "se_from", "mark"]), "", paired_statement(paired, metric, k), ""]
-    title = PAPER["table12"]["title"].split(" (")[0]  # the paper's title names its ViT-B/16 counts (M), not ours
-    return [f"### {title}: ours {label} ({metric}; drop vs full, freeze vs drop at the same x)", "",
-            to_markdown(rows, ["label", "n", "ours", "ours_sd", "ours_effect", "trainable", "vs", "noise", "mark"]), "",
-            f"trainable: our model's exact trainable parameters ({', '.join(sorted({r['config']['model']['arch'] for r in e11}))}); the paper's ViT-B/16 counts (M) "
-            "beside ours counted on ViT-B/16 are e11's tables/table12_vit_b16.csv. "
-            "Paper (figure only): freezing the layers barely changes R@1, dropping them lowers it. "
-            f"Counts: {agreement_counts(rows)}.", ""] + paired_lines, {"table12": rows, "table12 paired": paired}
+    arch = ", ".join(sorted({r["config"]["model"]["arch"] for r in e11}))
+    g = group("table12", e11, compression_specs({r["name"] for r in e11}),
+              title=f"Table 12: x text layers dropped or frozen, against the full model (ours {arch})",
+              note="The paper's R@1 is a figure: dropping lowers it, freezing barely changes it; freeze vs drop is shown as an extra row and not counted.")
+    lines = [f"Table 12's runs: mean {metric} and our model's exact trainable parameters ({arch}); the paper's ViT-B/16 counts (M) beside "
+             "ours counted on ViT-B/16 are e11's tables/table12_vit_b16.csv.", "",
+             to_markdown(rows, ["label", "n", "ours", "ours_sd", "trainable"]), ""]
+    return [g], lines
 
 
 # the e99 report's sections beyond the tables marked generically, in the report's order
@@ -411,18 +360,21 @@ def paper_preset_effects(metric: str = "R@1") -> dict:
 
 def regime_effects(records, baseline: str = "clip", metric: str = "R@1", k: float = 2.0) -> list:
     """Per N and preset: the paired effect over `baseline` (mean over seeds of row minus baseline), its SE (the paired sd
-    pooled over the presets at that N, `study.marks.paired_marks`' rule), and the baseline's and the row's fit."""
-    from tbps_clip.study.marks import paired_marks
+    pooled over the presets at that N, over sqrt(seeds)), and the baseline's and the row's fit."""
+    from tbps_clip.study.marks import compare, pooled_paired_sd
     by_n: dict = {}
     for r in records:
         preset, n = r["name"].rsplit("@", 1)
         by_n.setdefault(int(n), []).append({**r, "name": preset})
     out = []
     for n in sorted(by_n):
-        base_fit = [r["fit"]["R@1"] for r in by_n[n] if r["name"] == baseline and r.get("fit")]
-        for m in paired_marks(by_n[n], {}, baseline, metric, k):
-            if m["name"] == baseline or m["ours_effect"] is None: continue
-            out.append(dict(N=n, preset=m["name"], n=m["n"], effect=m["ours_effect"], se=m["se"], se_from=m["se_from"],
+        recs = by_n[n]
+        base_fit = [r["fit"]["R@1"] for r in recs if r["name"] == baseline and r.get("fit")]
+        specs = [dict(row=p, against=baseline, paper=None) for p in dict.fromkeys(r["name"] for r in recs) if p != baseline]
+        sd, _ = pooled_paired_sd([(recs, s["row"], s["against"]) for s in specs], metric)
+        for m in compare(recs, specs, sd, metric, k):
+            if m["ours_effect"] is None: continue
+            out.append(dict(N=n, preset=m["row"], n=m["n"], effect=m["ours_effect"], se=m["se"],
                             resolved=m["se"] is not None and abs(m["ours_effect"]) > k * m["se"], fit=m["fit"],
                             clip_fit=statistics.mean(base_fit) if base_fit else None,
                             clip_fit_sd=statistics.stdev(base_fit) if len(base_fit) > 1 else None))

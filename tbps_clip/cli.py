@@ -254,8 +254,7 @@ def _cmd_study_run(a):
 
 def _cmd_study_collect(a):
     from tbps_clip.study.report import collect
-    res = collect(a.results, csv_path=a.csv or Path(a.results) / "runs.csv", md_path=a.md or Path(a.results) / "summary.md",
-                  metric=a.metric)
+    res = collect(a.results, csv_path=a.csv or Path(a.results) / "runs.csv", md_path=a.md or Path(a.results) / "summary.md")
     print(res["markdown"])
     print(f"\n{len(res['runs'])} runs; CSV: {a.csv or Path(a.results) / 'runs.csv'}; markdown: {a.md or Path(a.results) / 'summary.md'}")
 
@@ -310,7 +309,6 @@ def _add_study_commands(sub) -> None:
     c.add_argument("results", help="results folder (a sweep's out)")
     c.add_argument("--csv", help="all runs as CSV (default: RESULTS/runs.csv)")
     c.add_argument("--md", help="summary with the paper's values and agreement marks (default: RESULTS/summary.md)")
-    c.add_argument("--metric", default="R@1", help="metric whose effects are marked")
     c.set_defaults(func=_cmd_study_collect)
     t = ss.add_parser("status", help="where a sweep stands: its notebooks (pending ones too, given its file) and run records")
     t.add_argument("results", help="a sweep parameter file, or a results folder (a sweep's out)"); t.set_defaults(func=_cmd_study_status)

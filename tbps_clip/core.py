@@ -29,7 +29,7 @@ import torch
 # %% auto #0
 __all__ = ['TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'exclusive_lock', 'read_json',
-           'check_relative_path', 'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit',
+           'check_relative_path', 'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit', 'cpu_model',
            'environment_info']
 
 # %% ../nbs/00_core.ipynb #6c150783
@@ -244,12 +244,22 @@ def git_commit(cwd=None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
+def cpu_model() -> str:
+    "The processor's name as the OS gives it (Linux: /proc/cpuinfo's model name), or '' where it does not."
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError: pass
+    return platform.processor()
+
 def environment_info() -> dict:
     "Versions and hardware that a result record should carry."
     import open_clip, torchvision
     from tbps_clip import __version__
+    # the CPU's vector kernels (AVX2, AVX512, ...) change floating-point sums, so a run is bit-identical only on the same capability
     info = dict(tbps_clip=__version__, python=platform.python_version(), torch=torch.__version__,
                 torchvision=torchvision.__version__, open_clip=open_clip.__version__, numpy=np.__version__,
-                machine=platform.machine(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                machine=platform.machine(), cpu_model=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     return info

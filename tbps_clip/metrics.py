@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch
 
 # %% auto #0
-__all__ = ['positive_index', 'relevant_ranks', 'metrics_from_ranks', 'query_chunk', 'rank_metrics']
+__all__ = ['METRICS', 'positive_index', 'relevant_ranks', 'metrics_from_ranks', 'query_chunk', 'rank_metrics']
 
 # %% ../nbs/08_metrics.ipynb #ebff5ef9
+METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")  # what a retrieval evaluation reports, in this order
+
 def positive_index(query_pids: torch.Tensor, gallery_pids: torch.Tensor):
     "Gallery indices (Q, K) of each query's relevant images, in gallery order, padded with 0; counts (Q,)."
     order = torch.argsort(gallery_pids, stable=True)  # stable: the relevant images stay in gallery order

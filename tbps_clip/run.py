@@ -20,6 +20,7 @@ from .augment import configure_pairs, image_transform, synonym_source
 from .data import TrainPairs
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
 from .evaluate import evaluate, fit_metrics, retrieval_figure
+from .metrics import METRICS
 from .heads import attach_heads
 from .model import TBPSModel, set_text_attention_dropout
 from .data import fewshot_subset
@@ -29,8 +30,8 @@ from .records import Annotations, load_annotations
 from .train import SoftLabels, Trainer
 
 # %% auto #0
-__all__ = ['RESUME_KEYS', 'METRICS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record',
-           'run_log', 'train_dataset', 'train', 'resume_config', 'eval_config', 'evaluate_checkpoint', 'results_table',
+__all__ = ['RESUME_KEYS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record', 'run_log',
+           'train_dataset', 'train', 'resume_config', 'eval_config', 'evaluate_checkpoint', 'results_table',
            'plot_results', 'demo']
 
 # %% ../nbs/13_run.ipynb #6750e830
@@ -195,8 +196,6 @@ def evaluate_checkpoint(checkpoint: str | None, overrides=None, split: str = "te
     return rec
 
 # %% ../nbs/13_run.ipynb #42941005
-METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")
-
 def results_table(rows: dict) -> str:
     "A plain-text table: one row per named metrics dict."
     w = max(len(n) for n in rows)

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import statistics
 import signal
 import subprocess
 import sys
@@ -13,9 +14,9 @@ import pytest
 from tbps_clip.core import TBPSError
 from tbps_clip.study.driver import load_sweep, run_notebook, run_sweep, sweep_status
 from tbps_clip.study.grid import batch_size_rows, e06_rows, scale_overrides, select_rows
-from tbps_clip.study.marks import agreement_counts, mark_agreement, noise_statement, study_seed_sd, summarise
+from tbps_clip.study.marks import IDENTICAL, LOWER, NO_CHANGE, agreement_summary, compare, pooled_paired_sd, summarise
 from tbps_clip.study.paper import PAPER
-from tbps_clip.study.report import collect, table_report
+from tbps_clip.study.report import build_report, collect, mark_groups, table_group
 from tbps_clip.study.runs import load_records, read_record, record_path, run_dir_of, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,40 +268,43 @@ def rec(exp, name, seed, r1, dataset="synthpedes"):
                 metrics={"R@1": r1, "R@5": r1 + 10, "mAP": r1 - 1}, config={"model": {"arch": "tbps-tiny"}})
 
 
-def test_agreement_marks_on_hand_made_records(tmp_path):
-    # CLIP 20 +- 1; paper: every trick helps. GlobalGrad +5 (agrees), Dropout +0.5 (noise), LockBL -4 (disagrees),
-    # SoftLabel one seed only: same pooled sd, a wider threshold
+def _marked(recs, table, sd="pooled"):
+    "The table's comparisons marked with the sd pooled over them (or the sd given)."
+    g = table_group(recs, table)
+    if sd == "pooled": sd = pooled_paired_sd([(recs, c["row"], c["against"]) for c in g["specs"]])[0]
+    return {m["name"]: m for m in compare(recs, g["specs"], sd)}
+
+
+def test_agreement_marks_on_hand_made_records():
+    # CLIP 20 +- 1 over seeds; paper: every trick helps. GlobalGrad +5 (agrees), Dropout +0.2 (noise), LockBL -4 (disagrees)
+    noise = (0.3, -0.3, 0.0)
     recs = [rec("e01", "clip", s, v) for s, v in enumerate((19.0, 20.0, 21.0))]
-    recs += [rec("e01", "global_grad", s, v) for s, v in enumerate((24.0, 25.0, 26.0))]
-    recs += [rec("e01", "dropout", s, v) for s, v in enumerate((19.5, 20.5, 21.5))]
-    recs += [rec("e01", "lock_bl", s, v) for s, v in enumerate((15.0, 16.0, 17.0))]
-    recs += [rec("e01", "soft_label", 0, 23.0), rec("e01", "extra_row", 0, 30.0)]
-    marked = {r["name"]: r for r in table_report(recs, "table1", tmp_path)}
-    sd = 1.0  # every row with seeds has sd 1: the pooled sd is 1
-    assert marked["clip"]["mark"] == "baseline"
-    assert marked["global_grad"]["mark"] == "agrees" and marked["global_grad"]["ours_effect"] == pytest.approx(5.0)
-    assert marked["global_grad"]["noise"] == pytest.approx(2 * sd * (1 / 3 + 1 / 3) ** 0.5)
-    assert marked["global_grad"]["paper_effect"] == pytest.approx(63.66 - 60.67)
-    assert marked["dropout"]["mark"] == "within seed noise"
-    assert marked["lock_bl"]["mark"] == "disagrees"
-    assert marked["soft_label"]["noise"] == pytest.approx(2 * sd * (1 + 1 / 3) ** 0.5) and marked["soft_label"]["mark"] == "agrees"
+    recs += [rec("e01", "global_grad", s, 24.0 + s + noise[s]) for s in range(3)]
+    recs += [rec("e01", "dropout", s, 19.2 + s - noise[s]) for s in range(3)]
+    recs += [rec("e01", "lock_bl", s, 15.0 + s + noise[s]) for s in range(3)]
+    recs += [rec("e01", "soft_label", 1, 23.0), rec("e01", "extra_row", 0, 30.0)]
+    marked = _marked(recs, "table1")
+    assert list(marked) == ["global_grad", "dropout", "lock_bl", "soft_label", "extra_row"]  # the paper's order, extra rows last
+    sd = (sum(x * x for x in (0.3, -0.3, 0.0)) / 2) ** 0.5  # every multi-seed comparison has this sd: the pooled sd
+    gg = marked["global_grad"]
+    assert gg["mark"] == "agrees" and gg["ours_effect"] == pytest.approx(5.0) and gg["se"] == pytest.approx(sd / 3 ** 0.5)
+    assert gg["paper_effect"] == pytest.approx(63.66 - 60.67) and gg["against"] == "clip" and gg["n"] == 3
+    assert marked["dropout"]["mark"] == "within seed noise" and marked["lock_bl"]["mark"] == "disagrees"
+    assert marked["soft_label"]["n"] == 1 and marked["soft_label"]["se"] == pytest.approx(sd) and marked["soft_label"]["mark"] == "agrees"
     assert marked["extra_row"]["mark"] == "not in the paper"
-    assert agreement_counts(marked.values()) == {"agrees": 2, "within seed noise": 1, "disagrees": 1}
-    assert [r["name"] for r in marked.values()][:5] == ["clip", "global_grad", "dropout", "lock_bl", "soft_label"]  # paper order
-    assert "within seed noise" in (tmp_path / "tables" / "table1.md").read_text()
-    assert "2 standard errors" in noise_statement(list(marked.values()))
-    # one seed everywhere: direction only, said so; a missing baseline is said too
-    one = mark_agreement(summarise([rec("e01", "clip", 0, 20.0), rec("e01", "dropout", 0, 19.0)]), PAPER["table1"]["rows"], "clip")
-    assert one[1]["mark"] == "disagrees (noise unknown: one seed)" and "noise is unknown" in noise_statement(one)
-    nobase = mark_agreement(summarise([rec("e01", "dropout", 0, 19.0)]), PAPER["table1"]["rows"], "clip")
-    assert nobase[0]["mark"] == "no baseline run"
+    s = agreement_summary(marked.values())
+    assert (s["rows"], s["resolved"], s["agree"]) == (4, 3, 2) and 0 < s["low"] < 2 / 3 < s["high"] < 1
+    # one seed everywhere: no SE, direction only, never counted as agreeing
+    one = _marked([rec("e01", "clip", 0, 20.0), rec("e01", "dropout", 0, 21.0)], "table1")
+    assert one["dropout"]["mark"] == "direction only" and agreement_summary(one.values())["agree"] == 0
+    assert _marked([rec("e01", "clip", 0, 20.0), rec("e01", "dropout", 1, 19.0)], "table1")["dropout"]["mark"] == "no paired seed"
 
 
-def test_appendix_rows_use_the_main_row_for_the_default_value(tmp_path):
+def test_appendix_rows_use_the_main_row_for_the_default_value():
     recs = [rec("e02", "clip_star", 0, 20.0), rec("e02", "rrc", 0, 21.0), rec("e02", "rrc@0.3", 0, 19.0)]
-    app = {r["name"]: r for r in table_report([r for r in recs], "table2_appendix", tmp_path)}
-    assert app["rrc"]["label"] == "RRC scale 0.9" and app["rrc"]["mark"] == "agrees (noise unknown: one seed)"
-    assert app["rrc@0.3"]["paper_effect"] == pytest.approx(64.82 - 64.34) and app["rrc@0.3"]["mark"].startswith("disagrees")
+    app = _marked(recs, "table2_appendix", sd=1.0)
+    assert app["rrc"]["label"] == "RRC scale 0.9" and app["rrc"]["paper_effect"] == pytest.approx(65.29 - 64.34)
+    assert app["rrc@0.3"]["paper_effect"] == pytest.approx(64.82 - 64.34) and app["rrc@0.3"]["mark"] == "within seed noise"
 
 
 def test_collect_gathers_records_into_one_table(tmp_path):
@@ -310,7 +314,7 @@ def test_collect_gathers_records_into_one_table(tmp_path):
     res = collect(tmp_path, csv_path=tmp_path / "runs.csv", md_path=tmp_path / "summary.md")
     assert len(res["runs"]) == 4 and (tmp_path / "runs.csv").read_text().count("\n") == 5
     md = (tmp_path / "summary.md").read_text()
-    assert "## e04 (synthetic data; scale study)" in md and "| both | both | 2 | 24.50" in md and "agrees" in md
+    assert "## e04 (synthetic data; scale study)" in md and "| both | 2 | 24.50 |" in md and "agrees" not in md  # marks: the report
 
 
 def test_collect_refuses_a_missing_folder_and_a_smoke_summary_says_smoke(tmp_path, capsys):
@@ -414,44 +418,27 @@ def test_a_kept_checkpoint_stands_in_for_an_identical_run_and_only_a_kept_one(tm
     assert run_once("e01", "z", "clip", other, 0, "smoke", tmp_path)["reused_from"] == "e06/x"  # records are reused as before
 
 
-def test_one_seed_tables_borrow_the_studys_pooled_seed_sd(tmp_path):
-    "Rows of one seed each get a noise threshold from the study's multi-seed rows, counted once, and say where it came from."
-    rec = lambda exp, name, seed, r1, **kw: dict(exp=exp, name=name, seed=seed, scale="study", dataset="synthpedes",
-                                                  synthetic=True, metrics={"R@1": r1, "mAP": r1}, **kw)
-    multi = [rec("e06", "clip", s, v) for s, v in ((0, 10.0), (1, 11.0), (2, 12.0))]  # sd 1.0
-    multi += [rec("e01", "clip", s, v, reused_from="e06/clip") for s, v in ((0, 10.0), (1, 11.0), (2, 12.0))]  # not counted again
-    multi += [rec("e06", "tbps", s, v) for s, v in ((0, 5.0), (1, 5.0))]  # sd 0.0
+def test_one_comparison_carries_one_mark_in_every_table_and_one_sd_serves_the_study(tmp_path):
+    "The image pool appears in Tables 2 and 4 (e04 reuses e02's run): one effect, SE and mark; the sd is pooled once per comparison."
     from tbps_clip.core import atomic_write_json
-    for r in multi: atomic_write_json(record_path(tmp_path, r["exp"], r["name"], r["seed"]), r)
-    assert abs(study_seed_sd(tmp_path) - (2 * 1.0 / 3) ** 0.5) < 1e-9  # (2 x 1^2 + 1 x 0^2) / 3 degrees of freedom
-    e05 = [rec("e05", "itc", 0, 10.0), rec("e05", "nitc", 0, 10.5), rec("e05", "ss_i", 0, 7.0)]
-    marked = {r["name"]: r for r in table_report(e05, "table5", tmp_path)}
-    noise = 2 * (2 / 3) ** 0.5 * 2 ** 0.5
-    assert abs(marked["nitc"]["noise"] - noise) < 1e-9 and marked["nitc"]["mark"] == "within seed noise"
-    assert marked["ss_i"]["mark"] == "disagrees" and marked["ss_i"]["sd_from"] == "study"
-    assert "pooled over the study's rows" in noise_statement(list(marked.values()))
-    alone = table_report(e05, "table5", tmp_path / "empty")  # no records there: the noise stays unknown
-    assert alone[1]["mark"].endswith("(noise unknown: one seed)")
-
-
-def test_a_table_of_only_its_baseline_says_there_is_nothing_to_mark():
-    rec = lambda name, seed, r1: dict(exp="e02", name=name, seed=seed, scale="study", dataset="synthpedes", synthetic=True,
-                                      metrics={"R@1": r1, "mAP": r1})
-    marked = mark_agreement(summarise([rec("clip_star", s, 8.0 + s) for s in range(3)]), PAPER["table2"]["rows"], "clip_star")
-    assert "nothing to mark" in noise_statement(marked) and "one seed" not in noise_statement(marked)
-
-
-def test_a_table_sd_of_few_degrees_of_freedom_gives_way_to_the_studys():
-    "A table whose only multi-seed row is its 3-seed baseline (2 dof) is marked with the study's seed sd, and says why."
-    rec = lambda name, seed, r1: dict(exp="e05", name=name, seed=seed, scale="study", dataset="synthpedes",
-                                      synthetic=True, metrics={"R@1": r1, "mAP": r1})
-    rows = summarise([rec("itc", s, v) for s, v in ((0, 10.0), (1, 10.1), (2, 10.2))] + [rec("nitc", 0, 11.0)])
-    marked = mark_agreement(rows, PAPER["table5"]["rows"], "itc", fallback_sd=0.5)
-    assert marked[1]["name"] == "nitc" and marked[1]["sd_from"] == "study" and marked[1]["sd_dof"] == 2
-    assert abs(marked[1]["noise"] - 2 * 0.5 * (1 + 1 / 3) ** 0.5) < 1e-9 and marked[1]["mark"] == "within seed noise"
-    assert "only 2 degrees of freedom" in noise_statement(marked)
-    own = mark_agreement(rows, PAPER["table5"]["rows"], "itc", fallback_sd=None)  # nothing better: its own sd, 0.1
-    assert own[1]["sd_from"] == "table" and own[1]["mark"] == "agrees"  # +1.0 is over 2 x 0.1 x 1.15; the paper's is +0.13
+    noise = (0.4, -0.4, 0.0)
+    recs = [rec("e02", "clip_star", s, 30.0 + s) for s in range(3)] + [rec("e02", "pool", s, 29.3 + s + noise[s]) for s in range(3)]
+    recs += [rec("e02", "vflip", s, 26.0 + s - noise[s]) for s in range(3)]
+    recs += [dict(rec("e04", "clip_star", s, 30.0 + s), reused_from="e02/clip_star") for s in range(3)]
+    recs += [dict(rec("e04", "image_pool", s, 29.3 + s + noise[s]), reused_from="e02/pool") for s in range(3)]
+    recs += [rec("e04", "text_bt+rd", s, 30.2 + s + 0.1 * noise[s]) for s in range(3)]
+    for r in recs: atomic_write_json(record_path(tmp_path / "study", r["exp"], r["name"], r["seed"]), r)
+    tables = build_report([tmp_path / "study"], tmp_path / "report", figures=False, sections=tbps_experiments.REPORT_SECTIONS)
+    t2 = {m["name"]: m for m in tables[(str(tmp_path / "study"), "table2")]}
+    t4 = {m["name"]: m for m in tables[(str(tmp_path / "study"), "table4")]}
+    assert (t2["pool"]["ours_effect"], t2["pool"]["se"], t2["pool"]["mark"]) == (t4["image_pool"]["ours_effect"], t4["image_pool"]["se"], t4["image_pool"]["mark"])
+    assert t2["pool"]["key"] == t4["image_pool"]["key"] == ["e02/pool", "e02/clip_star"]
+    sd = ((2 * 0.16 + 2 * 0.16 + 2 * 0.0016) / 6) ** 0.5  # pool, vflip, text_bt+rd: the reused pool is counted once
+    assert t2["vflip"]["se"] == pytest.approx(sd / 3 ** 0.5) and t4["text_bt+rd"]["se"] == t2["vflip"]["se"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.count("one s for the whole study") == 1 and "all ablations (main tables)" in md
+    assert tbps_experiments.study_sd(tmp_path / "study")[1] == 6
+    assert tbps_experiments.notebook_marks(tmp_path / "study", "table4") == tables[(str(tmp_path / "study"), "table4")]
 
 
 # ---- the layout: records written before the split, the paper's numbers as package data --------------------------------
@@ -460,23 +447,15 @@ V2 = ["results/study/synthpedes-v2", "results/study/synthpedes-v2-2000steps", "r
       "results/study/synthpedes-v2-2proc"]
 
 
-def test_records_written_before_the_split_report_the_committed_tables(tmp_path, monkeypatch):
-    "The v2 study's records (written by the one-module study.py) give the committed e99 report and its tables, byte for byte."
+def test_records_written_before_the_split_still_build_every_table(tmp_path, monkeypatch):
+    "The v2 study's records (written by the one-module study.py) build every table with today's marks (its committed report keeps the old rule)."
     from tbps_clip.study.report import build_report
     monkeypatch.chdir(ROOT)  # the report names its sources as e99 was given them: relative to the checkout
-    committed = ROOT / "results/study/synthpedes-v2/report"
     tables = build_report(V2, tmp_path, figures=False, sections=tbps_experiments.REPORT_SECTIONS)
-    files = sorted(p.relative_to(committed) for p in committed.rglob("tables/*") if p.suffix in (".md", ".csv"))
-    assert len(files) > 30
-    assert {t for s, t in tables if s == V2[0]} >= {"table1", "table2_appendix", "table5", "table6_8", "table10", "table11", "table12"}
-    for f in files:
-        assert (tmp_path / f).read_text() == (committed / f).read_text(), f
-    # report.md: every committed line, in order; the paired marks (added since) come between them
-    new = iter((tmp_path / "report.md").read_text().splitlines())
-    missing = [line for line in (committed / "report.md").read_text().splitlines() if not any(line == n for n in new)]
-    assert not missing, missing[:3]
-    marks = [r["mark"] for r in tables[(V2[0], "table5")]]
-    assert marks.count("baseline") == 1 and "disagrees" in marks  # the v2 findings, as the README tells them
+    assert {t for s, t in tables if s == V2[0]} >= {"table1", "table2_appendix", "table5", "table6_8-tbps-tiny", "table10", "table11-0.01", "table12"}
+    assert all(m["mark"] for ms in tables.values() for m in ms) and len((tmp_path / "report.md").read_text().splitlines()) > 200
+    committed = (ROOT / "results/study/synthpedes-v2/report/report.md").read_text()
+    assert "Study report" in committed  # the v2 report stays as it was made (history), beside these records
 
 
 def test_the_papers_numbers_ship_with_the_package(tmp_path):
@@ -585,81 +564,44 @@ def prec(name, seed, r1, exp="e01"):
 
 
 def test_paired_effects_remove_what_the_seed_does_to_both():
-    "Seed 1 is 6 points better for every row: the seed-mean comparison drowns the +1 in seed noise, the paired one resolves it."
-    from tbps_clip.study.marks import paired_marks
+    "Seed 1 is 6 points better for every row: across seeds the +1 drowns in seed noise, paired by seed it resolves."
     seed = {0: 0.0, 1: 6.0, 2: 3.0}
     recs = [prec("clip", s, 20 + b) for s, b in seed.items()] + [prec("global_grad", s, 21 + b + (0.1, -0.1, 0.0)[s]) for s, b in seed.items()]
-    recs += [prec("dropout", s, 20 + b + (-0.1, 0.1, 0.0)[s]) for s, b in seed.items()]  # 2 + 2 degrees of freedom to pool
-    paired = {r["name"]: r for r in paired_marks(recs, PAPER["table1"]["rows"], "clip")}
-    unpaired = {r["name"]: r for r in mark_agreement(summarise(recs), PAPER["table1"]["rows"], "clip")}
-    assert unpaired["global_grad"]["mark"] == "within seed noise"
-    gg = paired["global_grad"]
-    assert gg["ours_effect"] == pytest.approx(1.0) and gg["n"] == 3 and gg["mark"] == "agrees" and gg["se_from"] == "table"
+    recs += [prec("dropout", s, 20 + b + (-0.1, 0.1, 0.0)[s]) for s, b in seed.items()]
+    g = table_group(recs, "table1")
+    sd, dof, marks = mark_groups([g])
+    gg = {m["name"]: m for m in marks["table1"]}["global_grad"]
+    assert dof == 4 and sd == pytest.approx(0.1) and gg["ours_effect"] == pytest.approx(1.0) and gg["mark"] == "agrees"
     assert gg["se"] == pytest.approx(0.1 / 3 ** 0.5) and gg["resolvable"] == pytest.approx(2 * 0.1 / 3 ** 0.5)
-    assert paired["clip"]["mark"] == "baseline" and paired["clip"]["ours_effect"] is None
-
-
-def test_paired_se_is_the_rows_own_with_enough_seeds_else_pooled_across_the_table_and_said_so():
-    from tbps_clip.study.marks import MIN_SD_DOF, paired_marks, paired_statement, paired_summary
-    n = MIN_SD_DOF + 1  # seeds a row needs for its own SE
-    noise = [0.5, -0.5, 0.2, -0.2, 0.0, 0.3, -0.3][:n]
-    recs = [prec("clip", s, 10.0) for s in range(n)]
-    recs += [prec("global_grad", s, 12.0 + noise[s]) for s in range(n)]  # own SE
-    recs += [prec("dropout", s, 10.0 + (0.1, -0.1)[s]) for s in range(2)]  # 2 seeds: the table's pooled sd
-    recs += [prec("lock_bl", 0, 9.0)]  # 1 seed: pooled too
-    marked = {r["name"]: r for r in paired_marks(recs, PAPER["table1"]["rows"], "clip")}
-    import statistics
-    own = statistics.stdev(noise) / n ** 0.5
-    pooled = ((n - 1) * statistics.variance(noise) + 1 * statistics.variance([0.1, -0.1])) / (n - 1 + 1)
-    assert marked["global_grad"]["se_from"] == "row" and marked["global_grad"]["se"] == pytest.approx(own)
-    assert marked["dropout"]["se_from"] == "table" and marked["dropout"]["se"] == pytest.approx(pooled ** 0.5 / 2 ** 0.5)
-    assert marked["lock_bl"]["se"] == pytest.approx(pooled ** 0.5) and marked["lock_bl"]["mark"] == "disagrees"  # -1: beyond 2 SE
-    assert marked["dropout"]["mark"] == "within seed noise" and marked["global_grad"]["mark"] == "agrees"
-    s = paired_summary(marked.values())
-    assert s["rows"] == 3 and s["resolved"] == 2 and s["agree"] == 1 and s["agreement"] == 0.5
-    assert s["smallest_resolvable"] == pytest.approx(min(2 * own, 2 * pooled ** 0.5 / 2 ** 0.5))
-    text = paired_statement(marked.values())
-    assert "1 row(s) with their own SE" in text and "2 row(s) with too few seeds for their own SE use the paired sd pooled across the table" in text
-    assert "2 of 3 rows resolve, 1 of them agree" in text
-    # one seed everywhere: no SE at all, the direction only, and nothing resolves
-    one = paired_marks([prec("clip", 0, 10.0), prec("dropout", 0, 12.0)], PAPER["table1"]["rows"], "clip")
-    assert one[1]["mark"] == "agrees (SE unknown: direction only)" and paired_summary(one)["resolved"] == 0
-    assert "only 0 degree(s) of freedom" in paired_statement(one) and "SE is unknown" in paired_statement(one)
-    two = paired_marks([prec("clip", s, 10.0) for s in range(3)] + [prec("dropout", s, 12.0 + 0.1 * s) for s in range(3)],
-                       PAPER["table1"]["rows"], "clip")  # 2 degrees of freedom: too loose to pool on
-    assert two[1]["se"] is None and two[1]["mark"] == "agrees (SE unknown: direction only)"
-    # rows without a seed of the baseline are not compared
-    assert paired_marks([prec("clip", 0, 10.0), prec("dropout", 1, 12.0)], PAPER["table1"]["rows"], "clip")[1]["mark"] == "no paired seed"
+    assert statistics.stdev([r["metrics"]["R@1"] for r in recs if r["name"] == "clip"]) > 2  # the seed-mean comparison could not
 
 
 def test_a_row_identical_to_the_baseline_is_said_so_and_does_not_shrink_the_pooled_sd():
-    "GlobalGrad on one process equals CLIP at every seed: not 'within noise', and its zero variance pools nothing."
-    from tbps_clip.study.marks import IDENTICAL, paired_marks, paired_summary
+    "GlobalGrad on one process equals CLIP at every seed: not 'within noise', not counted, and its zero variance pools nothing."
     base = {0: 36.85, 1: 37.07, 2: 36.81}
     recs = [prec("clip", s, v) for s, v in base.items()] + [prec("global_grad", s, v) for s, v in base.items()]
     recs += [prec("dropout", s, v + d) for (s, v), d in zip(base.items(), (-0.97, 0.04, -1.78))]
     recs += [prec("lock_bl", s, v + d) for (s, v), d in zip(base.items(), (-0.68, 0.16, 0.51))]
-    marked = {r["name"]: r for r in paired_marks(recs, PAPER["table1"]["rows"], "clip")}
+    sd, dof, marks = mark_groups([table_group(recs, "table1")])
+    marked = {m["name"]: m for m in marks["table1"]}
     assert marked["global_grad"]["mark"] == IDENTICAL and marked["global_grad"]["ours_effect"] == 0
-    import statistics
     pooled = ((statistics.variance([-0.97, 0.04, -1.78]) + statistics.variance([-0.68, 0.16, 0.51])) / 2) ** 0.5
-    assert marked["dropout"]["pooled_sd"] == pytest.approx(pooled) and marked["dropout"]["pooled_dof"] == 4
-    assert paired_summary(marked.values())["rows"] == 2  # the identical row is not counted as a comparison
+    assert sd == pytest.approx(pooled) and dof == 4
+    assert agreement_summary(marked.values())["rows"] == 2  # the identical row is not counted as a comparison
 
 
-def test_the_report_gives_paired_tables_forest_plots_and_what_resolves(tmp_path):
+def test_the_report_gives_tables_forest_plots_what_resolves_and_the_rule_once(tmp_path):
     from tbps_clip.core import atomic_write_json
-    from tbps_clip.study.report import build_report
     recs = [prec("itc", s, 10.0 + s, "e05") for s in range(3)] + [prec("nitc", s, 11.0 + s + (0.05, -0.05, 0)[s], "e05") for s in range(3)]
     recs += [prec("ss_t", s, 10.0 + s + 0.01 * s, "e05") for s in range(3)]
     for r in recs: atomic_write_json(record_path(tmp_path / "study", r["exp"], r["name"], r["seed"]), r)
     tables = build_report([tmp_path / "study"], tmp_path / "report", sections=tbps_experiments.REPORT_SECTIONS)
-    paired = {r["name"]: r for r in tables[(str(tmp_path / "study"), "table5 paired")]}
-    assert paired["nitc"]["mark"] == "agrees" and paired["ss_t"]["mark"] == "within seed noise"
+    marked = {r["name"]: r for r in tables[(str(tmp_path / "study"), "table5")]}
+    assert marked["nitc"]["mark"] == "agrees" and marked["ss_t"]["mark"] == "within seed noise"
     assert (tmp_path / "report" / "study" / "figures" / "table5-forest.png").stat().st_size > 5000
-    assert "Paired by seed" in (tmp_path / "report" / "study" / "tables" / "table5-paired.md").read_text()
+    assert "paired by seed" in (tmp_path / "report" / "study" / "tables" / "table5.md").read_text()
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "### What resolves, per table" in md and "| table5 | 2 |" in md
+    assert "### What resolves and agrees" in md and "| table5 | 2 | 1 | 1 |" in md and md.count("one s for the whole study") == 1
 
 
 def test_the_reports_table9_gives_e07s_interleaved_timing_from_the_source_folder(tmp_path):
@@ -694,30 +636,32 @@ def test_gpu_study_script_runs_concurrent_jobs(tmp_path, kernel_env):
     assert hw.startswith("device: cpu; jobs at once: 2") and "finished in" in hw
 
 
-def test_compression_is_marked_from_paired_differences():
-    "e11: drop@x against full and freeze@x against drop@x at the same seeds; the SE pooled across the table's comparisons."
-    from tbps_experiments import compression_paired
+def test_compression_compares_drop_and_freeze_with_the_full_model():
+    "e11: drop@x and freeze@x against full at the same seeds, as the paper compares them; freeze vs drop an extra, uncounted row."
+    from tbps_experiments import compression_specs
     r1 = {("full", 0): 36.0, ("full", 1): 37.0, ("full", 2): 35.0,
-          ("drop@1", 0): 34.0, ("drop@1", 1): 35.5, ("drop@1", 2): 32.5,    # -2, -1.5, -2.5 against full
-          ("freeze@1", 0): 34.2, ("freeze@1", 1): 35.4, ("freeze@1", 2): 32.9}  # +0.2, -0.1, +0.4 against drop@1
+          ("drop@1", 0): 34.0, ("drop@1", 1): 35.5, ("drop@1", 2): 32.5,      # -2, -1.5, -2.5 against full
+          ("freeze@1", 0): 35.9, ("freeze@1", 1): 37.2, ("freeze@1", 2): 34.8}  # -0.1, +0.2, -0.2 against full
     recs = [dict(exp="e11", name=n, seed=s, metrics={"R@1": v}) for (n, s), v in r1.items()]
-    rows = {r["name"]: r for r in compression_paired(recs)}
-    assert list(rows) == ["drop@1", "freeze@1"] and rows["drop@1"]["label"] == "drop@1 vs full"
-    assert rows["drop@1"]["ours_effect"] == pytest.approx(-2.0) and rows["freeze@1"]["ours_effect"] == pytest.approx(0.5 / 3)
-    pooled = ((0.25 + 0.19 / 3) / 2) ** 0.5  # the two comparisons' variances (0.25 and 0.19 / 3), 2 degrees of freedom each
-    assert rows["drop@1"]["se_from"] == "table" and rows["drop@1"]["se"] == pytest.approx(pooled / 3 ** 0.5, rel=1e-3)
-    assert rows["drop@1"]["mark"] == "agrees" and rows["freeze@1"]["mark"] == "within seed noise"
-    one_seed = compression_paired([r for r in recs if r["seed"] == 0])  # no degrees of freedom: direction only
-    assert [r["se"] for r in one_seed] == [None, None] and one_seed[0]["mark"] == "agrees (noise unknown: one seed)"
+    specs = compression_specs({r["name"] for r in recs})
+    assert [(c["row"], c["against"], c["paper"], c.get("counted", True)) for c in specs] == [
+        ("drop@1", "full", LOWER, True), ("freeze@1", "full", NO_CHANGE, True), ("freeze@1", "drop@1", "higher", False)]
+    sd, _ = pooled_paired_sd([(recs, c["row"], c["against"]) for c in specs])
+    rows = {m["name"]: m for m in compare(recs, specs, sd)}
+    assert rows["drop@1"]["mark"] == "agrees" and rows["drop@1"]["ours_effect"] == pytest.approx(-2.0)
+    assert rows["freeze@1"]["mark"] == "agrees" and rows["freeze@1"]["paper_claim"] == NO_CHANGE  # no resolved change
+    assert rows["freeze@1-vs-drop"]["mark"] == "agrees" and rows["freeze@1-vs-drop"]["ours_effect"] == pytest.approx(5.9 / 3)
+    assert agreement_summary(rows.values())["rows"] == 2  # the extra row is shown, not counted
+    changed = compare(recs, [dict(row="drop@1", against="full", paper=NO_CHANGE)], sd)[0]
+    assert changed["mark"] == "disagrees"  # a resolved change against a claim of none
 
 
 def test_an_appendix_sweep_alone_builds_its_tables(tmp_path, kernel_env):
     "e03 run with only an appendix row into a folder without its main rows: the empty main table says so (it failed before)."
-    assert noise_statement([]) == "No row of this table has run yet, so there is nothing to mark."
     st = run_notebook(ROOT / "experiments" / "e03_text_aug.ipynb", dict(scale="smoke", seeds=[0], rows=["bt@0.2"]), tmp_path, log=None)
     assert st["status"] == "ok", st.get("error")
-    assert "No row of this table has run yet" in (tmp_path / "tables" / "table3.md").read_text()
-    assert "| bt@0.2 | BT alpha 0.2 |" in (tmp_path / "tables" / "table3_appendix.md").read_text()
+    assert "(no rows)" in (tmp_path / "tables" / "table3.md").read_text()
+    assert "| BT alpha 0.2 | clip_star |" in (tmp_path / "tables" / "table3_appendix.md").read_text()
 
 
 # ---- e13: the regime map's reading of its records --------------------------------------------------------------
@@ -744,7 +688,7 @@ def test_regime_map_effects_fit_rule_sign_change_and_readings():
     eff = regime_effects(recs)
     a = {r["N"]: r for r in eff if r["preset"] == "a"}
     assert a[100]["effect"] == pytest.approx(3.0) and a[400]["effect"] == pytest.approx(-2.0)
-    assert a[100]["se_from"] == "table" and a[100]["se"] is not None  # pooled over the presets at that N
+    assert a[100]["se"] is not None and a[100]["se"] == {r["N"]: r for r in eff if r["preset"] == "b"}[100]["se"]  # pooled over the presets at that N
     assert a[100]["clip_fit"] == pytest.approx(99.1) and a[100]["fit"] == 50.0
     rule = fit_rule(recs, 90.0)
     assert rule["n_star"] == 200 and rule["clip_fit"][400] == pytest.approx(70.1)

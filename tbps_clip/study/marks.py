@@ -8,13 +8,12 @@ from __future__ import annotations
 import math
 import statistics
 
-from ..run import METRICS
+from ..metrics import METRICS
 from .runs import flat_rows, load_records
 
 # %% auto #0
-__all__ = ['MIN_SD_DOF', 'IDENTICAL', 'summarise', 'pooled_sd_dof', 'pooled_sd', 'records_seed_sd', 'study_seed_sd',
-           'table_seed_sd', 'mark_agreement', 'agreement_counts', 'noise_statement', 'paired_marks', 'paired_summary',
-           'paired_statement']
+__all__ = ['NO_CHANGE', 'LOWER', 'HIGHER', 'IDENTICAL', 'RESOLVED', 'summarise', 'run_source', 'paired_diffs', 'comparison_key',
+           'pooled_paired_sd', 'compare', 'wilson_interval', 'agreement_summary']
 
 # %% ../../nbs/33_study_marks.ipynb #a9d4981f
 def _sd(xs: list) -> float | None:
@@ -35,171 +34,86 @@ def summarise(records, by=("exp", "name"), metrics=(*METRICS, "fit_R@1")) -> lis
         out.append(row)
     return out
 
-# %% ../../nbs/33_study_marks.ipynb #e27fc6a0
-MIN_SD_DOF = 4  # degrees of freedom a table's own pooled seed sd needs before it is used instead of the study's
+# %% ../../nbs/33_study_marks.ipynb #a7610b3d
+NO_CHANGE = "no change"  # what the paper says of a comparison when it reports no difference (e.g. freezing text layers)
+LOWER, HIGHER = "lower", "higher"  # what it says when it gives a direction without a number (e.g. a figure)
+IDENTICAL = "identical to the baseline"  # every paired seed gives exactly the compared run's value
+_SIGN = {LOWER: -1.0, HIGHER: 1.0}
 
-def pooled_sd_dof(rows, metric: str = "R@1") -> tuple:
-    "(seed sd of `metric` pooled over the summary `rows` with two or more seeds, its degrees of freedom); (None, 0) if none."
-    multi = [r for r in rows if r["n"] > 1 and r.get(f"{metric}_sd") is not None]
-    dof = sum(r["n"] - 1 for r in multi)
-    return (math.sqrt(sum((r["n"] - 1) * r[f"{metric}_sd"] ** 2 for r in multi) / dof), dof) if dof else (None, 0)
+def run_source(rec: dict) -> str:
+    "The run a record stands for: the one it reuses, else itself (`exp/name`)."
+    return rec.get("reused_from") or f"{rec['exp']}/{rec['name']}"
 
-def pooled_sd(rows, metric: str = "R@1") -> float | None:
-    "The seed standard deviation of `metric` pooled over the summary `rows` with two or more seeds."
-    return pooled_sd_dof(rows, metric)[0]
-
-def records_seed_sd(records, metric: str = "R@1") -> float | None:
-    "The seed sd of `metric` pooled over every row of `records` with several seeds (each run counted once: reuses skipped)."
-    recs = [r for r in records if not r.get("reused_from")]
-    return pooled_sd(summarise(recs), metric) if recs else None
-
-def study_seed_sd(out, metric: str = "R@1") -> float | None:
-    "`records_seed_sd` of every record under `out` (None when it holds none)."
-    return records_seed_sd(load_records(out), metric)
-
-def table_seed_sd(rows, metric: str, fallback_sd: float | None) -> tuple:
-    """(s, where it comes from, the table's own degrees of freedom): the table's pooled seed sd when it has
-    `MIN_SD_DOF` degrees of freedom, else `fallback_sd` (the study's), else the table's own, else (None, None, 0)."""
-    s, dof = pooled_sd_dof(rows, metric)
-    if s is not None and (dof >= MIN_SD_DOF or fallback_sd is None): return s, "table", dof
-    return (fallback_sd, "study", dof) if fallback_sd is not None else (None, None, 0)
-
-# %% ../../nbs/33_study_marks.ipynb #ebadda9d
-def mark_agreement(rows, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None,
-                   fallback_sd: float | None = None) -> list:
-    "Each summary row with our and the paper's effect vs `baseline`, the noise threshold and the agreement mark."
-    aliases = aliases or {}
-    by = {r["name"]: r for r in rows}
-    base = by.get(baseline)
-    s, sd_from, sd_dof = table_seed_sd(rows, metric, fallback_sd)
-    pbase = paper_rows.get(baseline, {}).get(metric)
-    out = []
-    for r in rows:
-        name = r["name"]
-        p = paper_rows.get(name) or next((paper_rows[a] for a, n in aliases.items() if n == name and a in paper_rows), None)
-        pv = p.get(metric) if p else None
-        row = dict(name=name, label=p["label"] if p else name, n=r["n"], ours=r[metric], ours_sd=r.get(f"{metric}_sd"), fit=r.get("fit_R@1"),
-                   paper=pv, ours_effect=None, paper_effect=None, noise=None, mark="", sd=s, sd_from=sd_from, sd_dof=sd_dof)
-        if name == baseline: row["mark"] = "baseline"
-        elif base is None: row["mark"] = "no baseline run"
-        elif pv is None or pbase is None: row["mark"] = "not in the paper"
-        else:
-            d, pd = r[metric] - base[metric], pv - pbase
-            noise = k * s * math.sqrt(1 / r["n"] + 1 / base["n"]) if s is not None else None
-            same = (d > 0) == (pd > 0) if d != 0 and pd != 0 else d == pd
-            if noise is not None and abs(d) <= noise: mark = "within seed noise"
-            else: mark = ("no change" if d == 0 else "agrees" if same else "disagrees") + ("" if noise is not None else " (noise unknown: one seed)")
-            row.update(ours_effect=d, paper_effect=pd, noise=noise, mark=mark)
-        out.append(row)
-    return out
-
-# %% ../../nbs/33_study_marks.ipynb #a5bb4975
-def agreement_counts(marked) -> dict:
-    "How many rows agree, disagree or sit within seed noise."
-    c: dict = {}
-    for r in marked:
-        if r["mark"] in ("baseline", "no baseline run", "not in the paper"): continue
-        key = r["mark"].split(" (")[0]
-        c[key] = c.get(key, 0) + 1
-    return c
-
-def noise_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
-    "One sentence on how the noise threshold was derived for a marked table."
-    marked = list(marked)
-    ns = [r["n"] for r in marked]
-    if not ns: return "No row of this table has run yet, so there is nothing to mark."
-    noise = [r["noise"] for r in marked if r["noise"] is not None]
-    if not any(r.get("ours_effect") is not None for r in marked):
-        return f"Seeds per row: {min(ns)}-{max(ns)}; no row has an effect to mark yet (only the baseline row has run, or the baseline has not), so there is nothing to mark."
-    if not noise:
-        return f"Seeds per row: {min(ns)}-{max(ns)}; with one seed per row the seed noise is unknown, so marks give the direction only."
-    sd = next((r for r in marked if r.get("sd") is not None), {})
-    own = sd.get("sd_dof", 0)
-    why = ("this table has none" if not own else
-           f"this table's own give only {own} degree{'s' if own > 1 else ''} of freedom, fewer than {MIN_SD_DOF}")
-    src = (f"seed sd {sd['sd']:.2f} pooled over the study's rows with several seeds, since {why}"
-           if sd.get("sd_from") == "study" else f"seed sd {sd['sd']:.2f} pooled over this table's rows, {own} degrees of freedom")
-    return (f"Seeds per row: {min(ns)}-{max(ns)}; a {metric} difference is 'within seed noise' when it is at most {k:g} "
-            f"standard errors of a difference of seed means ({src}; threshold {min(noise):.2f}-{max(noise):.2f} points).")
-
-# %% ../../nbs/33_study_marks.ipynb #890e89d0
-def _by_seed(records, metric: str) -> dict:
-    "name -> {seed: value of `metric`}, in the records' order."
-    out: dict = {}
+def paired_diffs(records, row: str, against: str, metric: str = "R@1") -> dict:
+    "{seed: row minus `against`} over the seeds both have, from records named `row` and `against`."
+    vals: dict = {}
     for r in records:
         v = r["metrics"].get(metric)
-        if v is not None: out.setdefault(r["name"], {})[r["seed"]] = v
-    return out
+        if r["name"] in (row, against) and v is not None: vals.setdefault(r["name"], {})[r["seed"]] = v
+    a, b = vals.get(row, {}), vals.get(against, {})
+    return {s: a[s] - b[s] for s in sorted(a) if s in b}
 
-IDENTICAL = "identical to the baseline"  # every paired seed gives exactly the baseline's value
+def comparison_key(records, row: str, against: str) -> tuple:
+    "The runs a comparison compares: the same key in two tables means the same comparison."
+    src = {r["name"]: run_source(r) for r in records}
+    return (src.get(row, row), src.get(against, against))
 
-def paired_marks(records, paper_rows: dict, baseline: str, metric: str = "R@1", k: float = 2.0, aliases=None) -> list:
-    "Each row's effect (mean over seeds of row minus baseline at the same seed), its SE, what it resolves and the mark."
-    aliases = aliases or {}
-    vals = _by_seed(records, metric)
-    fits: dict = {}  # name -> fit (R@1 on the fit probe of training identities) of each seed, where recorded
-    for r in records:
-        if (r.get("fit") or {}).get("R@1") is not None: fits.setdefault(r["name"], []).append(r["fit"]["R@1"])
-    base = vals.get(baseline, {})
-    diffs = {n: [v[s] - base[s] for s in sorted(v) if s in base] for n, v in vals.items() if n != baseline}
-    multi = [d for d in diffs.values() if len(d) > 1 and any(d)]  # a row identical to the baseline carries no noise
-    dof = sum(len(d) - 1 for d in multi)
-    pooled = math.sqrt(sum((len(d) - 1) * statistics.variance(d) for d in multi) / dof) if dof >= MIN_SD_DOF else None
-    pbase = paper_rows.get(baseline, {}).get(metric)
+def pooled_paired_sd(comparisons, metric: str = "R@1") -> tuple:
+    """(sd, degrees of freedom) of paired differences pooled over the distinct comparisons [(records, row, against)] with
+    two or more seeds and some difference; (None, 0) when there are none."""
+    seen, ss, dof = set(), 0.0, 0
+    for records, row, against in comparisons:
+        key = comparison_key(records, row, against)
+        d = list(paired_diffs(records, row, against, metric).values())
+        if key in seen or len(d) < 2 or not any(d): continue
+        seen.add(key)
+        ss += (len(d) - 1) * statistics.variance(d); dof += len(d) - 1
+    return (math.sqrt(ss / dof), dof) if dof else (None, 0)
+
+def _fit_of(records, name: str):
+    xs = [r["fit"]["R@1"] for r in records if r["name"] == name and (r.get("fit") or {}).get("R@1") is not None]
+    return statistics.mean(xs) if xs else None
+
+def compare(records, specs, sd: float | None, metric: str = "R@1", k: float = 2.0) -> list:
+    """Mark each comparison of `specs` (dicts: row, against, paper = the paper's effect, `NO_CHANGE`, `LOWER`, `HIGHER`
+    or None, and optional label, name, group, counted) on `records`, with the study's pooled paired sd `sd`."""
     out = []
-    for name, v in vals.items():
-        p = paper_rows.get(name) or next((paper_rows[a] for a, n in aliases.items() if n == name and a in paper_rows), None)
-        pv = p.get(metric) if p else None
-        d = diffs.get(name, [])
-        own = len(d) - 1 >= MIN_SD_DOF
-        se, se_from = ((statistics.stdev(d) / math.sqrt(len(d)), "row") if own else
-                       (pooled / math.sqrt(len(d)), "table") if pooled is not None and d else (None, None))
-        row = dict(name=name, label=p["label"] if p else name, n=len(d) if name != baseline else len(v), seeds=sorted(v),
-                   ours_effect=statistics.mean(d) if d else None, ours_sd=statistics.stdev(d) if len(d) > 1 else None,
-                   se=se, se_from=se_from, resolvable=k * se if se is not None else None, paper=pv,
-                   paper_effect=pv - pbase if pv is not None and pbase is not None and name != baseline else None,
-                   pooled_sd=pooled, pooled_dof=dof, fit=statistics.mean(fits[name]) if name in fits else None, mark="")
-        if name == baseline: row["mark"] = "baseline"
-        elif not base: row["mark"] = "no baseline run"
-        elif not d: row["mark"] = "no paired seed"
-        elif row["paper_effect"] is None: row["mark"] = "not in the paper"
-        else:
-            e, pe = row["ours_effect"], row["paper_effect"]
-            same = (e > 0) == (pe > 0) if e != 0 and pe != 0 else e == pe
-            if all(x == 0 for x in d): row["mark"] = IDENTICAL  # e.g. GlobalGrad on one process: nothing to measure
-            elif se is not None and abs(e) <= k * se: row["mark"] = "within seed noise"
-            else: row["mark"] = ("no change" if e == 0 else "agrees" if same else "disagrees") + ("" if se is not None else " (SE unknown: direction only)")
-        out.append(row)
+    for sp in specs:
+        row, against, paper = sp["row"], sp["against"], sp.get("paper")
+        d = list(paired_diffs(records, row, against, metric).values())
+        ours = [r["metrics"][metric] for r in records if r["name"] == row and r["metrics"].get(metric) is not None]
+        se = sd / math.sqrt(len(d)) if sd is not None and d else None
+        e = statistics.mean(d) if d else None
+        res = dict(name=sp.get("name", row), label=sp.get("label", row), group=sp.get("group", ""), row=row, against=against,
+                   n=len(d), ours=statistics.mean(ours) if ours else None, ours_effect=e, ours_sd=statistics.stdev(d) if len(d) > 1 else None,
+                   se=se, resolvable=k * se if se is not None else None, paper_effect=paper if isinstance(paper, (int, float)) else None,
+                   paper_claim=paper if isinstance(paper, str) else None, fit=_fit_of(records, row), counted=sp.get("counted", True),
+                   key=list(comparison_key(records, row, against)), mark="")
+        paper = _SIGN.get(paper, paper)  # a direction without a number compares by its sign
+        if not d: res["mark"] = "no paired seed"
+        elif paper is None: res["mark"] = "not in the paper"
+        elif all(x == 0 for x in d): res["mark"] = IDENTICAL  # e.g. GlobalGrad on one process: nothing to measure
+        elif se is None: res["mark"] = "direction only"
+        elif abs(e) <= k * se: res["mark"] = "agrees" if paper == NO_CHANGE else "within seed noise"
+        elif paper == NO_CHANGE: res["mark"] = "disagrees"
+        else: res["mark"] = "agrees" if (e > 0) == (paper > 0) and paper != 0 else "disagrees"
+        out.append(res)
     return out
 
-# %% ../../nbs/33_study_marks.ipynb #a5d049c3
-def paired_summary(marked) -> dict:
-    "Per table: rows marked, the smallest resolvable effect, how many rows resolve, how many of those agree, and the rate."
-    rows = [r for r in marked if r["mark"] not in ("baseline", "no baseline run", "no paired seed", "not in the paper", IDENTICAL)]
-    res = [r["resolvable"] for r in rows if r["resolvable"] is not None]
-    resolved = [r for r in rows if r["se"] is not None and r["mark"] != "within seed noise"]
-    agree = sum(r["mark"] == "agrees" for r in resolved)
-    return dict(rows=len(rows), smallest_resolvable=min(res) if res else None, resolved=len(resolved), agree=agree,
-                agreement=agree / len(resolved) if resolved else None)
+def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple:
+    "The Wilson score interval (95% by default) of a proportion agree/n, as fractions; (None, None) for n = 0."
+    if not n: return (None, None)
+    p = agree / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
-def paired_statement(marked, metric: str = "R@1", k: float = 2.0) -> str:
-    "One paragraph on how a table's paired marks were made and what they resolve."
-    marked = list(marked)
-    base = next((r["name"] for r in marked if r["mark"] == "baseline"), "the baseline")
-    s = paired_summary(marked)
-    if not s["rows"]: return f"Paired by seed against {base}: no row has a seed in common with it yet, so there is nothing to mark."
-    own = sum(r["se_from"] == "row" for r in marked)
-    pooled = sum(r["se_from"] == "table" for r in marked)
-    dof = next((r["pooled_dof"] for r in marked), 0)
-    if own + pooled == 0:
-        how = (f"the table's rows give only {dof} degree(s) of freedom of paired differences, fewer than {MIN_SD_DOF}, so the SE is "
-               "unknown and the marks give the direction only")
-    else:
-        how = "; ".join(filter(None, [f"{own} row(s) with their own SE ({MIN_SD_DOF + 1} or more paired seeds)" if own else "",
-                                      f"{pooled} row(s) with too few seeds for their own SE use the paired sd pooled across the table "
-                                      f"({next(r['pooled_sd'] for r in marked):.2f}, {dof} degrees of freedom)" if pooled else ""]))
-    res = (f"smallest resolvable effect {s['smallest_resolvable']:.2f} points ({k:g} SE); {s['resolved']} of {s['rows']} rows resolve"
-           + (f", {s['agree']} of them agree with the paper's direction ({s['agreement']:.0%})" if s["resolved"] else "")
-           if s["smallest_resolvable"] is not None else f"no row resolves: 0 of {s['rows']}")
-    return (f"Paired by seed: each {metric} effect is the mean over the seeds both have of (row minus {base}), its SE from "
-            f"those differences: {how}. Per table: {res}.")
+RESOLVED = ("agrees", "disagrees")  # marks of comparisons that resolve (a NO_CHANGE agreement is a claim of no difference)
+
+def agreement_summary(marked) -> dict:
+    "How many comparisons were marked, resolve (or support a no-change claim) and agree, with the rate and its 95% Wilson interval."
+    rows = [r for r in marked if r.get("counted", True) and r["mark"] not in ("no paired seed", "not in the paper", IDENTICAL)]
+    res = [r for r in rows if r["mark"] in RESOLVED]
+    agree = sum(r["mark"] == "agrees" for r in res)
+    lo, hi = wilson_interval(agree, len(res))
+    return dict(rows=len(rows), resolved=len(res), agree=agree, agreement=agree / len(res) if res else None, low=lo, high=hi,
+                direction_only=sum(r["mark"] == "direction only" for r in rows))

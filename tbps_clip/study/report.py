@@ -14,15 +14,15 @@ from matplotlib.figure import Figure
 
 from ..core import TBPSError, atomic_write_text
 from .grid import ALIASES
-from .marks import (agreement_counts, mark_agreement, noise_statement, paired_marks, paired_statement, paired_summary,
-                                   records_seed_sd, study_seed_sd, summarise)
+from .marks import agreement_summary, compare, pooled_paired_sd, summarise
 from .paper import PAPER, paper_table
 from .runs import flat_rows, load_records
 
 # %% auto #0
-__all__ = ['PAIRED_COLUMNS', 'REPORT_TABLES', 'to_markdown', 'write_csv', 'effects_long', 'plot_effects', 'data_label',
-           'table_report', 'table_records', 'paired_report', 'plot_forest', 'paired_section', 'run_hardware',
-           'study_cost', 'cost_section', 'build_report', 'collect']
+__all__ = ['PROBES', 'MARK_COLUMNS', 'AGREEMENT_COLUMNS', 'REPORT_TABLES', 'SUMMARY_COLUMNS', 'to_markdown', 'write_csv',
+           'effects_long', 'plot_forest', 'data_label', 'table_records', 'group', 'table_group', 'mark_groups',
+           'se_statement', 'write_group', 'agreement_rows', 'study_groups', 'study_marks', 'run_hardware', 'study_cost',
+           'cost_section', 'provenance_lines', 'build_report', 'collect']
 
 # %% ../../nbs/34_study_report.ipynb #a12bd991
 def _fmt(v) -> str:
@@ -48,88 +48,27 @@ def write_csv(rows, path, columns=None) -> Path:
 
 # %% ../../nbs/34_study_report.ipynb #a3a0e96a
 def effects_long(marked, ours_label: str = "ours") -> dict:
-    "Long-form columns (row, source, effect, noise, mark) of a marked table, for seaborn; empty columns for a baseline-only table."
-    out = {c: [] for c in ("row", "source", "effect", "noise", "mark")}
+    "Long-form columns (row, source, effect, resolvable, mark) of marked comparisons, for seaborn (resolvable: k SE of ours)."
+    out = {c: [] for c in ("row", "source", "effect", "resolvable", "mark")}
     for r in marked:
         if r["ours_effect"] is None: continue
-        paper = "paper (CUHK-PEDES)" if r["paper_effect"] is not None else "paper"
-        for source, effect, noise in ((ours_label, r["ours_effect"], r["noise"]), (paper, r["paper_effect"], None)):
-            for c, v in zip(out, (r["label"], source, effect, noise, r["mark"])): out[c].append(v)
+        rows = [(ours_label, r["ours_effect"], r["resolvable"])]
+        if r["paper_effect"] is not None: rows.append(("paper (CUHK-PEDES)", r["paper_effect"], None))
+        for source, effect, res in rows:
+            for c, v in zip(out, (r["label"], source, effect, res, r["mark"])): out[c].append(v)
     return out
 
 def _save_effects_figure(fig, ax, path, title: str, metric: str) -> Path:
     "Finish a figure of effects per row (zero line, first row on top, labels) and save it to `path`."
     ax.axvline(0, color="k", lw=0.8); ax.invert_yaxis()
-    ax.set_xlabel(f"{metric} change vs baseline (points)"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7)
+    ax.set_xlabel(f"{metric} change vs the compared run (points)"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
 
-def plot_effects(marked, path, title: str, ours_label: str = "ours", metric: str = "R@1") -> Path:
-    "Grouped horizontal bars of our and the paper's effect per row; saved to `path`."
-    rows = [r for r in marked if r["ours_effect"] is not None]
-    fig = Figure(figsize=(7, 0.45 * max(len(rows), 2) + 1.2))
-    ax = fig.subplots()
-    ys = range(len(rows))
-    ax.barh([y - 0.2 for y in ys], [r["ours_effect"] for r in rows], height=0.4, label=ours_label,
-            xerr=[r["noise"] or 0 for r in rows], capsize=2)
-    ax.barh([y + 0.2 for y in ys], [r["paper_effect"] for r in rows], height=0.4, label="paper")
-    ax.set_yticks(list(ys), [f"{r['label']} [{r['mark']}]" for r in rows], fontsize=7)
-    return _save_effects_figure(fig, ax, path, title, metric)
-
-# %% ../../nbs/34_study_report.ipynb #7cd9b6e2
-def data_label(records) -> str:
-    "How results on the records' data are labelled: 'SynthPEDES (synthetic)' or the dataset's name."
-    names = sorted({str(r.get("dataset")) for r in records})
-    if any(r.get("synthetic") for r in records): return "SynthPEDES (synthetic)" if names == ["synthpedes"] else f"{'/'.join(names)} (synthetic)"
-    return "/".join(names) or "no data"
-
-def table_report(records, table: str, out, metric: str = "R@1", k: float = 2.0, paper_rows=None, baseline=None,
-                 stem: str | None = None, fallback_sd="auto") -> list:
-    "Summarise `records`, mark them against paper `table`; write out/tables/<stem or table>.md and .csv; the marked rows."
-    if fallback_sd == "auto": fallback_sd = study_seed_sd(out, metric)  # `out` holds the study's records (a notebook's)
-    t = paper_table(table)
-    summ = summarise(records)
-    prow, al = paper_rows or t["rows"], ALIASES.get(t["exp"], {})
-    order = {n: i for i, n in enumerate(prow)}
-    order.update({al[a]: order[a] for a in al if a in order})  # a main row standing for an appendix value sorts there
-    summ = sorted(summ, key=lambda r: order.get(r["name"], len(order)))
-    marked = mark_agreement(summ, prow, baseline or t["baseline"], metric, k, al, fallback_sd)
-    cols = ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "fit", "mark"]
-    head = (f"{t['title']}; ours: {data_label(records)}, scale {', '.join(sorted({str(r.get('scale')) for r in records}))}, "
-            f"{metric}; effects are vs {baseline or t['baseline']}")
-    atomic_write_text(Path(out) / "tables" / f"{stem or table}.md", f"{head}\n\n{to_markdown(marked, cols)}\n\n{noise_statement(marked, metric, k)}\n")
-    write_csv(marked, Path(out) / "tables" / f"{stem or table}.csv", cols)
-    return marked
-
-def table_records(records, table: str) -> list:
-    "The records whose rows belong to paper `table` (its rows, and main rows standing for appendix values)."
-    t = paper_table(table)
-    names = set(t["rows"]) | {n for a, n in ALIASES.get(t["exp"], {}).items() if a in t["rows"]}
-    return [r for r in records if r["exp"] == t["exp"] and r["name"] in names]
-
-# %% ../../nbs/34_study_report.ipynb #0a5e915b
-PAIRED_COLUMNS = ["name", "label", "n", "ours_effect", "se", "se_from", "resolvable", "paper_effect", "fit", "mark"]
-
-def paired_report(records, table: str, out, metric: str = "R@1", k: float = 2.0, paper_rows=None, baseline=None,
-                  stem: str | None = None) -> list:
-    "Mark `records` against paper `table` from paired differences; write out/tables/<stem or table>-paired.md and .csv."
-    t = paper_table(table)
-    prow, al = paper_rows or t["rows"], ALIASES.get(t["exp"], {})
-    order = {n: i for i, n in enumerate(prow)}
-    order.update({al[a]: order[a] for a in al if a in order})
-    recs = sorted(records, key=lambda r: (order.get(r["name"], len(order)), str(r["name"]), r["seed"]))
-    marked = paired_marks(recs, prow, baseline or t["baseline"], metric, k, al)
-    head = (f"{t['title']}, paired by seed; ours: {data_label(records)}, scale "
-            f"{', '.join(sorted({str(r.get('scale')) for r in records}))}, {metric}; effects are vs {baseline or t['baseline']}")
-    name = f"{stem or table}-paired"
-    atomic_write_text(Path(out) / "tables" / f"{name}.md", f"{head}\n\n{to_markdown(marked, PAIRED_COLUMNS)}\n\n{paired_statement(marked, metric, k)}\n")
-    write_csv(marked, Path(out) / "tables" / f"{name}.csv", PAIRED_COLUMNS)
-    return marked
-
 def plot_forest(marked, path, title: str, metric: str = "R@1", k: float = 2.0) -> Path:
-    "Each row's paired effect with k SE (ours) beside the paper's effect; saved to `path`."
+    "Each comparison's paired effect with k SE (ours) beside the paper's effect, one line each (a forest plot); saved to `path`."
     rows = [r for r in marked if r["ours_effect"] is not None]
     fig = Figure(figsize=(7, 0.4 * max(len(rows), 2) + 1.4))
     ax = fig.subplots()
@@ -141,18 +80,106 @@ def plot_forest(marked, path, title: str, metric: str = "R@1", k: float = 2.0) -
     ax.set_yticks(ys, [f"{r['label']} (n={r['n']}) [{r['mark']}]" for r in rows], fontsize=7)
     return _save_effects_figure(fig, ax, path, title, metric)
 
-# %% ../../nbs/34_study_report.ipynb #20254bdd
-REPORT_TABLES = tuple(n for n, t in PAPER.items() if t["key"] == "row")  # marked generically, in the paper's order
+# %% ../../nbs/34_study_report.ipynb #7cd9b6e2
+def data_label(records) -> str:
+    "How results on the records' data are labelled: 'SynthPEDES (synthetic)' or the dataset's name."
+    names = sorted({str(r.get("dataset")) for r in records})
+    if any(r.get("synthetic") for r in records): return "SynthPEDES (synthetic)" if names == ["synthpedes"] else f"{'/'.join(names)} (synthetic)"
+    return "/".join(names) or "no data"
 
-def paired_section(records, table: str, out, label: str, metric: str, k: float, figures: bool, tables: dict, src: str,
-                   paper_rows=None, baseline=None, stem: str | None = None, title: str | None = None) -> list:
-    "The report's paired marks of one table (markdown lines; the marked rows added to `tables`, the forest plot drawn)."
-    marked = paired_report(records, table, out, metric, k, paper_rows, baseline, stem)
-    tables[(src, f"{stem or table} paired")] = marked
-    title = title or PAPER[table]["title"]
-    if figures: plot_forest(marked, Path(out) / "figures" / f"{stem or table}-forest.png", f"{title}, paired by seed\nours: {label}", metric, k)
-    return [f"Paired by seed ({stem or table}):", "", to_markdown(marked, ["label", "n", "ours_effect", "se", "se_from", "paper_effect", "fit", "mark"]),
-            "", paired_statement(marked, metric, k), ""]
+def table_records(records, table: str) -> list:
+    "The records whose rows belong to paper `table` (its rows, and main rows standing for appendix values)."
+    t = paper_table(table)
+    names = set(t["rows"]) | {n for a, n in ALIASES.get(t["exp"], {}).items() if a in t["rows"]}
+    return [r for r in records if r["exp"] == t["exp"] and r["name"] in names]
+
+PROBES = ("table10", "table11", "table12")  # the paper's probes of CLIP; the other tables are its ablations (and presets)
+
+def group(table: str, records, specs, stem: str | None = None, title: str | None = None, note: str = "") -> dict:
+    "A table's comparisons to mark: its records, the specs (row, against, paper, label), and what the report says of it."
+    return dict(table=table, stem=stem or table, title=title or PAPER[table]["title"], records=list(records), specs=list(specs),
+                kind="probe" if table in PROBES else "ablation", appendix=table.endswith("_appendix"), note=note)
+
+def table_group(records, table: str, metric: str = "R@1", paper_rows=None, baseline=None, stem: str | None = None,
+                title: str | None = None) -> dict:
+    "The group of a paper table keyed by our row names: each recorded row against its baseline, in the paper's order."
+    t = paper_table(table)
+    prow, al, base = paper_rows or t["rows"], ALIASES.get(t["exp"], {}), baseline or t["baseline"]
+    stands = {n: a for a, n in al.items() if a in prow}  # a main row standing for an appendix value
+    order = {n: i for i, n in enumerate(prow)}
+    order.update({n: order[a] for n, a in stands.items()})
+    names = sorted({r["name"] for r in records} - {base}, key=lambda n: (order.get(n, len(order)), n))
+    pb = (prow.get(base) or {}).get(metric)
+    specs = []
+    for n in names:
+        p = prow.get(n) or prow.get(stands.get(n, ""))
+        pv = (p or {}).get(metric)
+        specs.append(dict(row=n, against=base, label=p["label"] if p else n, paper=pv - pb if pv is not None and pb is not None else None))
+    return group(table, records, specs, stem, title)
+
+# %% ../../nbs/34_study_report.ipynb #0a5e915b
+MARK_COLUMNS = ["label", "against", "n", "ours", "ours_effect", "se", "paper_effect", "paper_claim", "fit", "mark"]
+
+def mark_groups(groups, metric: str = "R@1", k: float = 2.0) -> tuple:
+    "(the pooled paired sd, its degrees of freedom, {stem: marked comparisons}) of `groups`, all marked with that one sd."
+    sd, dof = pooled_paired_sd([(g["records"], s["row"], s["against"]) for g in groups for s in g["specs"]], metric)
+    return sd, dof, {g["stem"]: compare(g["records"], g["specs"], sd, metric, k) for g in groups}
+
+def se_statement(sd, dof: int, metric: str = "R@1", k: float = 2.0) -> str:
+    "The study's one rule for standard errors and marks, with its pooled sd."
+    if sd is None:
+        return (f"No comparison has two seeds in common, so no standard error exists: every {metric} effect is marked by its "
+                "direction only ('direction only'), and none counts as agreeing.")
+    return (f"Every {metric} effect is the mean over the seeds both runs have of (row minus the run it is compared with); its SE "
+            f"is s / sqrt(seeds), with one s for the whole study: the sd of paired differences pooled over every distinct "
+            f"comparison with two or more seeds ({sd:.2f} points, {dof} degrees of freedom; a comparison in two tables counts once). "
+            f"A comparison resolves when |effect| > {k:g} SE; it then agrees or disagrees with the paper's sign (a paper claim of "
+            "no change agrees while ours does not resolve one). Unresolved comparisons are 'within seed noise' and count "
+            "neither way.")
+
+def write_group(g: dict, marked: list, out, label: str, metric: str = "R@1", k: float = 2.0, figures: bool = True) -> list:
+    "A group's marked table written to out/tables/<stem>.md and .csv (and its forest plot); its markdown lines for a report."
+    scale = ", ".join(sorted({str(r.get("scale")) for r in g["records"]}))
+    head = f"{g['title']}; ours: {label}, scale {scale}, {metric}, paired by seed"
+    atomic_write_text(Path(out) / "tables" / f"{g['stem']}.md", f"{head}\n\n{to_markdown(marked, MARK_COLUMNS)}\n")
+    write_csv(marked, Path(out) / "tables" / f"{g['stem']}.csv", ["name", *MARK_COLUMNS, "resolvable", "row"])
+    if figures: plot_forest(marked, Path(out) / "figures" / f"{g['stem']}-forest.png", f"{g['title']}, paired by seed\nours: {label}", metric, k)
+    return [f"### {g['title']}" + (f" ({g['stem']})" if g["stem"] != g["table"] else ""), "", *([g["note"], ""] if g["note"] else []),
+            to_markdown(marked, MARK_COLUMNS), ""]
+
+def _summary_row(name: str, marked: list) -> dict:
+    s = agreement_summary(marked)
+    ci = f"{s['low']:.0%}-{s['high']:.0%}" if s["low"] is not None else ""
+    return dict(table=name, **s, interval=ci)
+
+def agreement_rows(groups, marks: dict) -> list:
+    "Per table, then in all for main ablations, appendix sweeps and probes: comparisons, resolved, agreeing, the rate and its 95% interval."
+    rows = [_summary_row(g["stem"], marks[g["stem"]]) for g in groups]
+    for name, pick in (("all ablations (main tables)", lambda g: g["kind"] == "ablation" and not g["appendix"]),
+                       ("all ablations (appendix sweeps)", lambda g: g["appendix"]), ("all probes", lambda g: g["kind"] == "probe")):
+        sel = [m for g in groups if pick(g) for m in marks[g["stem"]]]
+        if sel: rows.append(_summary_row(name, sel))
+    return rows
+
+AGREEMENT_COLUMNS = ["table", "rows", "resolved", "agree", "agreement", "interval", "direction_only"]
+
+# %% ../../nbs/34_study_report.ipynb #20254bdd
+REPORT_TABLES = tuple(n for n, t in PAPER.items() if t["key"] == "row")  # grouped generically, in the paper's order
+
+def study_groups(records, src, out, label: str, metric: str = "R@1", k: float = 2.0, figures: bool = True, sections=()) -> tuple:
+    "(every group of a results folder's records: the generic tables, then the sections'; the sections' extra markdown lines)."
+    groups = [table_group(sub, t, metric) for t in REPORT_TABLES if (sub := table_records(records, t))]
+    extra = []
+    for section in sections:
+        gs, lines = section(records, out=Path(out), src=Path(src), label=label, metric=metric, k=k, figures=figures)
+        groups += gs; extra += lines
+    return groups, extra
+
+def study_marks(src, sections=(), metric: str = "R@1", k: float = 2.0) -> dict:
+    "{table stem: marked comparisons} of the results folder `src`, marked as its report marks them (one SE rule for the study)."
+    recs = load_records(src)
+    groups, _ = study_groups(recs, src, Path(src), data_label(recs), metric, k, False, sections)
+    return mark_groups(groups, metric, k)[2]
 
 # %% ../../nbs/34_study_report.ipynb #2147323f
 def run_hardware(rec: dict) -> str:
@@ -189,51 +216,52 @@ def cost_section(records, label: str) -> list:
                                                                 "train_hours", "test_hours", "hardware"]), "", note, ""]
 
 # %% ../../nbs/34_study_report.ipynb #266e8be2
+def provenance_lines(src) -> list:
+    "What the report says of the code behind a folder's records: lost commits with their reruns, and stored diffs."
+    import json
+    src, lines = Path(src), []
+    prov = src / "provenance.json"
+    if prov.is_file():
+        p = json.loads(prov.read_text())
+        lines += [p.get("note", ""), ""] + [f"- `{c}`: {why}" for c, why in p["lost_commits"].items()] + [""]
+        rr = src / p.get("reruns", "")
+        if p.get("reruns") and rr.is_file():
+            reruns = json.loads(rr.read_text())["reruns"]
+            lines += [f"Reruns of their records by commits in the history ({p['reruns']}): {sum(r['equal'] for r in reruns)} of {len(reruns)} "
+                      "equal in every metric.", "", to_markdown([dict(record=Path(r["record"]).parent.name + "/" + Path(r["record"]).stem,
+                      record_commit=r["record_commit"][:8], rerun_commit=(r["rerun_commit"] or "")[:8], equal=r["equal"],
+                      recorded_R1=r["record_metrics"]["R@1"], rerun_R1=r["rerun_metrics"]["R@1"]) for r in reruns]), ""]
+    diffs = sorted((src / "provenance").glob("*.diff"))
+    if diffs: lines += [f"{len(diffs)} run(s) of this folder were started from a checkout with uncommitted changes; the diffs: "
+                        + ", ".join(str(d.relative_to(src)) for d in diffs) + ".", ""]
+    return ["### Provenance of the code", "", *lines] if lines else []
+
 def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: bool = True, sections=()) -> dict:
-    "Every study table of the records in `sources`, marked; tables, figures and report.md under `out`."
+    "Every study table of the records in `sources`, marked with one SE rule per folder; tables, figures and report.md under `out`."
     out = Path(out)
-    md, tables = [f"# Study report ({metric}; effects vs each table's baseline row)", ""], {}
+    md, tables = [f"# Study report ({metric}; paired effects, one SE rule per study)", ""], {}
     for src in sources:
         if not Path(src).is_dir(): raise TBPSError(f"{src}: no such results folder (give a sweep's out folder, which holds records/)")
         recs = load_records(src)
         if not recs:  # said, not skipped: a report from an empty folder is almost always the wrong folder
             md += [f"## {src}", "", "No run records yet.", ""]; continue
-        label = data_label(recs)
-        sec = Path(src).name
-        fsd = records_seed_sd(recs, metric)  # the noise of tables whose rows all have one seed
-        md += [f"## {src}: {label}, scale {', '.join(sorted({str(r.get('scale')) for r in recs}))}", ""]
-        for table in REPORT_TABLES:
-            sub = table_records(recs, table)
-            if not sub: continue
-            marked = table_report(sub, table, out / sec, metric, k, fallback_sd=fsd)
-            tables[(str(src), table)] = marked
-            t = PAPER[table]
-            if figures: plot_effects(marked, out / sec / "figures" / f"{table}.png", f"{t['title']}\nours: {label}", f"ours: {label}", metric)
-            md += [f"### {t['title']}", "", to_markdown(marked, ["label", "n", "ours", "ours_sd", "ours_effect", "paper_effect", "noise", "mark"]),
-                   "", f"{noise_statement(marked, metric, k)} Counts: {agreement_counts(marked)}.", ""]
-            md += paired_section(sub, table, out / sec, label, metric, k, figures, tables, str(src))
-        for section in sections:
-            lines, marked = section(recs, out=out / sec, src=Path(src), label=label, metric=metric, k=k, figures=figures, fallback_sd=fsd)
-            md += lines
-            tables.update({(str(src), t): m for t, m in marked.items()})
-        summary = [dict(table=t.removesuffix(" paired"), **paired_summary(m)) for (s, t), m in tables.items()
-                   if s == str(src) and t.endswith(" paired")]
-        if summary:
-            md += [f"### What resolves, per table ({label}; paired by seed, {k:g} SE)", "",
-                   to_markdown(summary, ["table", "rows", "smallest_resolvable", "resolved", "agree", "agreement"]), ""]
-        md += cost_section(recs, label)
+        label, sec = data_label(recs), Path(src).name
+        groups, extra = study_groups(recs, src, out / sec, label, metric, k, figures, sections)
+        sd, dof, marks = mark_groups(groups, metric, k)
+        md += [f"## {src}: {label}, scale {', '.join(sorted({str(r.get('scale')) for r in recs}))}", "", se_statement(sd, dof, metric, k), ""]
+        for g in groups:
+            md += write_group(g, marks[g["stem"]], out / sec, label, metric, k, figures)
+            tables[(str(src), g["stem"])] = marks[g["stem"]]
+        md += extra
+        if groups:
+            agr = agreement_rows(groups, marks)
+            write_csv(agr, out / sec / "tables" / "agreement.csv", AGREEMENT_COLUMNS)
+            md += [f"### What resolves and agrees ({label}; {k:g} SE; 95% Wilson intervals)", "", to_markdown(agr, AGREEMENT_COLUMNS), ""]
+        md += provenance_lines(src) + cost_section(recs, label)
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return tables
 
 # %% ../../nbs/34_study_report.ipynb #bbf25c62
-def _paper_for(exp: str) -> tuple:
-    "(paper rows, baseline, aliases) of the tables of experiment `exp` keyed by our row names, the main table's first."
-    tabs = [t for t in PAPER.values() if t["exp"] == exp and t["key"] == "row"]
-    if not tabs: return {}, None, {}
-    rows = {}
-    for t in tabs: rows.update(t["rows"])
-    return rows, tabs[0]["baseline"], ALIASES.get(exp, {})
-
 def _heading(exp: str, summ: list) -> str:
     "An experiment's heading in the summary: its data and scale; a smoke run says that its numbers mean nothing."
     data = "synthetic data" if any(r["synthetic"] for r in summ) else summ[0]["dataset"]
@@ -241,24 +269,17 @@ def _heading(exp: str, summ: list) -> str:
     smoke = "; smoke: the numbers mean nothing" if "smoke" in scales else ""
     return f"## {exp} ({data}; scale {', '.join(scales)}{smoke})"
 
-def collect(out, csv_path=None, md_path=None, metric: str = "R@1") -> dict:
-    "All records under `out` as one table: runs (CSV) and a summary with paper values and marks (markdown)."
+SUMMARY_COLUMNS = ["name", "n", "R@1", "R@1_sd", "R@5", "R@10", "mAP", "mINP", "fit_R@1"]
+
+def collect(out, csv_path=None, md_path=None) -> dict:
+    "All records under `out` as one table: runs (CSV) and a summary per experiment (markdown)."
     if not Path(out).is_dir(): raise TBPSError(f"{out}: no such results folder (give a sweep's out folder, which holds records/)")
     recs = load_records(out)
     runs = flat_rows(recs)
-    fsd = records_seed_sd(recs, metric)  # the noise of tables whose rows all have one seed
     lines = []
     for exp in dict.fromkeys(r["exp"] for r in recs):
         summ = summarise([r for r in recs if r["exp"] == exp])
-        prow, base, al = _paper_for(exp)
-        lines.append(_heading(exp, summ))
-        if base:
-            marked = mark_agreement(summ, prow, base, metric, aliases=al, fallback_sd=fsd)
-            lines += [to_markdown(marked, ["name", "label", "n", "ours", "ours_sd", "ours_effect", "paper", "paper_effect", "noise", "mark"]),
-                      "", noise_statement(marked, metric)]
-        else:
-            lines.append(to_markdown(summ, ["name", "n", "R@1", "R@1_sd", "R@5", "R@10", "mAP", "mINP"]))
-        lines.append("")
+        lines += [_heading(exp, summ), to_markdown(summ, SUMMARY_COLUMNS), ""]
     md = "\n".join(lines) if lines else "(no records)"
     if csv_path: write_csv(runs, csv_path)
     if md_path: atomic_write_text(md_path, md + "\n")

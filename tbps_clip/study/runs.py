@@ -19,7 +19,8 @@ from ..config import config_to_dict, load_config, make_config, parse_overrides, 
 from ..core import TBPSError, atomic_write_json, environment_info, git_commit
 from .executors import current_executor, is_serial, run_calls
 from ..probes import trainable_parameters
-from ..run import METRICS, train
+from ..metrics import METRICS
+from ..run import train
 
 # %% auto #0
 __all__ = ['RECORD_SCHEMA', 'record_path', 'run_dir_of', 'read_record', 'load_records', 'flat_rows', 'config_difference',
