@@ -25,7 +25,7 @@ from tbps_clip.probes import trainable_parameters
 from tbps_clip.model import create_model
 from tbps_clip.run import eval_config, load_data, prepare_model, set_threads, train_dataset
 from tbps_clip.study.grid import IRRA_INITS
-from tbps_clip.study.marks import HIGHER, LOWER, NO_CHANGE, summarise
+from tbps_clip.study.marks import HIGHER, LOWER, NO_CHANGE, renamed, summarise
 from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
 from tbps_clip.study.report import data_label, group, study_marks, table_group, to_markdown, write_csv, write_group
 from tbps_clip.study.runs import load_records, record_path, run_dir_of, run_once, run_pending, run_rows
@@ -73,7 +73,7 @@ def e06_groups(records, paper_dataset: str, paper_backbones: dict | None = None,
     "Per backbone, each preset against clip, beside the paper's rows of `paper_dataset` and the mapped paper backbone."
     groups = []
     for arch in dict.fromkeys(r["config"]["model"]["arch"] for r in records):
-        sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["config"]["model"]["arch"] == arch]
+        sub = [renamed(r, r["name"].split("@")[0]) for r in records if r["config"]["model"]["arch"] == arch]
         pb = paper_backbone(arch, paper_backbones)
         groups.append(table_group(sub, "table6_8", metric, paper_rows=e06_paper_rows(paper_dataset, pb), baseline="clip",
                                   stem=f"table6_8-{arch}", title=f"Tables 6-8: main results, ours {arch} (paper: {paper_dataset}, {pb})"))
@@ -203,7 +203,7 @@ def e09_groups(records, metric: str = "R@1") -> list:
     "Per few-shot fraction, each method against CLIP fine-tuning on that fraction (Table 11)."
     paper, groups = PAPER["table11"]["rows"], []
     for f in dict.fromkeys(r["name"].split("@")[1] for r in records):
-        sub = [dict(r, name=r["name"].split("@")[0]) for r in records if r["name"].split("@")[1] == f]
+        sub = [renamed(r, r["name"].split("@")[0]) for r in records if r["name"].split("@")[1] == f]
         prow = {n.split("@")[0]: v for n, v in paper.items() if n.split("@")[1] == f}
         groups.append(table_group(sub, "table11", metric, paper_rows=prow, baseline="clip", stem=f"table11-{f}",
                                   title=f"Table 11: few-shot, {float(f):.0%} of the training identities: each method vs CLIP fine-tuning"))
@@ -365,7 +365,7 @@ def regime_effects(records, baseline: str = "clip", metric: str = "R@1", k: floa
     by_n: dict = {}
     for r in records:
         preset, n = r["name"].rsplit("@", 1)
-        by_n.setdefault(int(n), []).append({**r, "name": preset})
+        by_n.setdefault(int(n), []).append(renamed(r, preset))
     out = []
     for n in sorted(by_n):
         recs = by_n[n]

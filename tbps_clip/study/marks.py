@@ -12,7 +12,7 @@ from ..metrics import METRICS
 from .runs import flat_rows, load_records
 
 # %% auto #0
-__all__ = ['NO_CHANGE', 'LOWER', 'HIGHER', 'IDENTICAL', 'RESOLVED', 'summarise', 'run_source', 'paired_diffs', 'comparison_key',
+__all__ = ['NO_CHANGE', 'LOWER', 'HIGHER', 'IDENTICAL', 'summarise', 'run_source', 'renamed', 'paired_diffs', 'comparison_key',
            'pooled_paired_sd', 'compare', 'wilson_interval', 'agreement_summary']
 
 # %% ../../nbs/33_study_marks.ipynb #a9d4981f
@@ -41,8 +41,12 @@ IDENTICAL = "identical to the baseline"  # every paired seed gives exactly the c
 _SIGN = {LOWER: -1.0, HIGHER: 1.0}
 
 def run_source(rec: dict) -> str:
-    "The run a record stands for: the one it reuses, else itself (`exp/name`)."
-    return rec.get("reused_from") or f"{rec['exp']}/{rec['name']}"
+    "The run a record stands for: the one it reuses, else itself (`run` when a table renamed it, else `exp/name`)."
+    return rec.get("reused_from") or rec.get("run") or f"{rec['exp']}/{rec['name']}"
+
+def renamed(rec: dict, name: str) -> dict:
+    "The record under another row name (e.g. `coop@0.05` as `coop` in its fraction's table), still naming its run."
+    return {**rec, "name": name, "run": run_source(rec)}
 
 def paired_diffs(records, row: str, against: str, metric: str = "R@1") -> dict:
     "{seed: row minus `against`} over the seeds both have, from records named `row` and `against`."
@@ -107,13 +111,19 @@ def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple:
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
 
-RESOLVED = ("agrees", "disagrees")  # marks of comparisons that resolve (a NO_CHANGE agreement is a claim of no difference)
-
 def agreement_summary(marked) -> dict:
-    "How many comparisons were marked, resolve (or support a no-change claim) and agree, with the rate and its 95% Wilson interval."
-    rows = [r for r in marked if r.get("counted", True) and r["mark"] not in ("no paired seed", "not in the paper", IDENTICAL)]
-    res = [r for r in rows if r["mark"] in RESOLVED]
+    """Of the distinct comparisons marked (a comparison in two tables once): how many with a paper direction resolve and
+    agree, the rate and its 95% Wilson interval; apart, how many claims of no change hold (ours within noise)."""
+    seen, rows = set(), []
+    for r in marked:
+        key = tuple(r.get("key") or (r["name"],))
+        if key in seen or not r.get("counted", True) or r["mark"] in ("no paired seed", "not in the paper", IDENTICAL): continue
+        seen.add(key); rows.append(r)
+    directional = [r for r in rows if r.get("paper_claim") != NO_CHANGE]
+    res = [r for r in directional if r["mark"] in ("agrees", "disagrees")]
     agree = sum(r["mark"] == "agrees" for r in res)
     lo, hi = wilson_interval(agree, len(res))
-    return dict(rows=len(rows), resolved=len(res), agree=agree, agreement=agree / len(res) if res else None, low=lo, high=hi,
-                direction_only=sum(r["mark"] == "direction only" for r in rows))
+    claims = [r for r in rows if r.get("paper_claim") == NO_CHANGE and r["mark"] != "direction only"]
+    return dict(rows=len(directional), resolved=len(res), agree=agree, agreement=agree / len(res) if res else None, low=lo, high=hi,
+                direction_only=sum(r["mark"] == "direction only" for r in rows),
+                no_change_claims=len(claims), no_change_held=sum(r["mark"] == "agrees" for r in claims))

@@ -161,7 +161,7 @@ def agreement_rows(groups, marks: dict) -> list:
         if sel: rows.append(_summary_row(name, sel))
     return rows
 
-AGREEMENT_COLUMNS = ["table", "rows", "resolved", "agree", "agreement", "interval", "direction_only"]
+AGREEMENT_COLUMNS = ["table", "rows", "resolved", "agree", "agreement", "interval", "direction_only", "no_change_claims", "no_change_held"]
 
 # %% ../../nbs/34_study_report.ipynb #20254bdd
 REPORT_TABLES = tuple(n for n, t in PAPER.items() if t["key"] == "row")  # grouped generically, in the paper's order
