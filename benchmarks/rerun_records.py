@@ -1,9 +1,11 @@
 """Retrain recorded study runs from their stored configurations and compare the metrics exactly: does the code here
 train as the code that made each record did?
 
-Used for the v3 study's records whose commits are not in the repository (results/study/synthpedes-v3/provenance.json):
-a record reproduced bit for bit by a commit in the history shows that the lost commit trained that configuration as
-this one does. Each rerun trains from scratch into a temporary folder (one thread) and writes one JSON record.
+Used for the v3 study's records whose commits are not in the repository (results/study/synthpedes-v3/provenance.json).
+Equal code gives bit-identical results only on a CPU with the same vector kernels, so the comparison that tells
+whether two commits train alike is two reruns of one record on one machine, one at each commit (run this script from
+a checkout of each); the recorded metrics show whether this machine reproduces the machine that made the record.
+Each rerun trains from scratch into a temporary folder (one thread) and appends one entry, with this machine's CPU.
 
     PYTHONPATH=$PWD python benchmarks/rerun_records.py RECORD.json [...] --record results/study/synthpedes-v3/provenance-reruns.json
 """
@@ -11,6 +13,12 @@ import argparse, json, tempfile, time
 from pathlib import Path
 
 METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")
+
+
+def _cpu_model() -> str:
+    "The processor's name from /proc/cpuinfo ('' elsewhere)."
+    try: return next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    except OSError: return ""
 
 
 def rerun(path: Path, work: Path) -> dict:
@@ -26,10 +34,19 @@ def rerun(path: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     res = train(cfg, progress=False)
     same = {m: rec["metrics"][m] == res["metrics"][m] for m in METRICS}
+    import torch
+    from tbps_clip.core import git_commit
     return dict(record=str(path), exp=rec["exp"], name=rec["name"], seed=rec["seed"], record_commit=rec.get("git_commit"),
-                rerun_commit=res.get("git_commit"), equal=all(same.values()), equal_by_metric=same,
+                rerun_commit=res.get("git_commit") or git_commit(), equal=all(same.values()), equal_by_metric=same,
+                rerun_cpu=dict(model=_cpu_model(), capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads()),
                 record_metrics={m: rec["metrics"][m] for m in METRICS}, rerun_metrics={m: res["metrics"][m] for m in METRICS},
                 rerun_seconds=round(time.perf_counter() - t0, 1))
+
+
+def _here() -> str:
+    "The commit of the code that reruns (the tbps_clip on the path)."
+    from tbps_clip.core import git_commit
+    return git_commit()
 
 
 def main():
@@ -42,7 +59,7 @@ def main():
     done = json.loads(out.read_text())["reruns"] if out.is_file() else []
     with tempfile.TemporaryDirectory() as work:
         for p in args.records:
-            if any(d["record"] == str(p) for d in done): continue  # resumable: one rerun at a time is kept
+            if any(d["record"] == str(p) and d["rerun_commit"] == _here() for d in done): continue  # resumable: kept one by one
             d = rerun(p, Path(work))
             done.append(d)
             print(f"{p}: {'equal' if d['equal'] else 'DIFFERENT'} (R@1 {d['record_metrics']['R@1']} recorded, {d['rerun_metrics']['R@1']} now; "

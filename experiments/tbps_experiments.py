@@ -293,7 +293,7 @@ def compression_layers(scores: dict, xs) -> tuple:
     ok = [int(x) for x in xs if 0 < int(x) < len(scores)]
     return {x: least_important_layers(scores, x) for x in ok}, [x for x in xs if int(x) not in ok]
 
-def compression_rows(records, metric: str = "R@1") -> list:
+def compression_table(records, metric: str = "R@1") -> list:
     "e11 per row: the layers dropped or frozen, mean `metric` over seeds and our model's exact trainable parameters."
     summ = {r["name"]: r for r in summarise(records)}
     by = {r["name"]: r for r in records}
@@ -322,7 +322,7 @@ def e11_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
     "The report's Table 12: x text layers dropped or frozen against the full model, with exact trainable parameters."
     e11 = [r for r in recs if r["exp"] == "e11"]
     if not e11: return [], []
-    rows = compression_rows(e11, metric)
+    rows = compression_table(e11, metric)
     write_csv(rows, out / "tables" / "table12.csv")
     arch = ", ".join(sorted({r["config"]["model"]["arch"] for r in e11}))
     g = group("table12", e11, compression_specs({r["name"] for r in e11}),
