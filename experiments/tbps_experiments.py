@@ -1,5 +1,6 @@
 """Code that belongs to one experiment, beside its notebook: e06's backbones, e07's cost table, e08's initialisations,
-e09's fractions, e10's module scores and e11's layers, each with the section it adds to the e99 report.
+e09's fractions and methods, e10's module scores, e11's layers and rows, e12's batch rows and e13's regime map, each
+with the groups or lines it adds to the e99 report.
 
 The experiment notebooks import it (the driver makes this folder importable from their kernels, as JupyterLab does);
 the library (`tbps_clip.study.*`) knows nothing of it: e99 passes `REPORT_SECTIONS` to `build_report`.
@@ -21,10 +22,9 @@ from tbps_clip.evaluate import evaluate
 from tbps_clip.heads import attach_heads
 from tbps_clip.importance import ALPHAS, TOWERS, layer_importance, least_important_layers, module_importance, module_refs
 from tbps_clip.data import fewshot_subset
-from tbps_clip.probes import trainable_parameters
+from tbps_clip.probes import TABLE12_LAYERS, trainable_parameters
 from tbps_clip.model import create_model
 from tbps_clip.run import eval_config, load_data, prepare_model, set_threads, train_dataset
-from tbps_clip.study.grid import IRRA_INITS
 from tbps_clip.study.marks import HIGHER, LOWER, NO_CHANGE, renamed, summarise
 from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
 from tbps_clip.study.report import data_label, group, study_marks, table_group, to_markdown, write_csv, write_group
@@ -154,6 +154,8 @@ def e07_section(recs, out, src, label, **kw) -> tuple:
 
 # ---- e08: IRRA from three initialisations (Table 10) ------------------------------------------------------------------
 
+IRRA_INITS = ("clip", "tbps", "simplified")  # 'clip': the scale's weights; a preset: a checkpoint of that preset trained first
+
 def irra_init_runs(inits, seeds, scale: str, out, overrides=None, nproc: int = 1, log=print) -> list:
     "e08: the `irra` preset from each of `inits` ('clip': the scale's weights; a preset: its `source@preset` checkpoint) at each seed."
     ov = dict(parse_overrides(overrides))
@@ -198,6 +200,18 @@ def e08_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
 
 
 # ---- e09: few-shot (Table 11) -----------------------------------------------------------------------------------------
+
+FEWSHOT_METHODS = {"clip": ("clip", {}), "coop": ("clip", {"model.probe": "coop"}), "adapter": ("clip", {"model.probe": "adapter"}),
+                   "tbps": ("tbps", {}), "simplified": ("simplified", {})}
+
+def fewshot_rows(fractions, methods=None) -> dict:
+    "e09 rows `method@fraction`: each method of `FEWSHOT_METHODS` trained on `fraction` of the training identities."
+    methods = list(FEWSHOT_METHODS) if methods is None else list(methods)
+    bad = [m for m in methods if m not in FEWSHOT_METHODS]
+    if bad: raise TBPSError(f"e09: unknown method(s) {', '.join(map(str, bad))}; known: {', '.join(FEWSHOT_METHODS)}")
+    fr = [float(f) for f in fractions]
+    if any(not 0 < f <= 1 for f in fr): raise TBPSError(f"e09: fractions {list(fractions)} must lie in (0, 1]")
+    return {f"{m}@{f:g}": (FEWSHOT_METHODS[m][0], {**FEWSHOT_METHODS[m][1], "data.fewshot": f}) for f in fr for m in methods}
 
 def e09_groups(records, metric: str = "R@1") -> list:
     "Per few-shot fraction, each method against CLIP fine-tuning on that fraction (Table 11)."
@@ -287,6 +301,19 @@ def e10_section(recs, out, src, label, **kw) -> tuple:
 
 # ---- e11: text layers dropped or frozen (Table 12) --------------------------------------------------------------------
 
+TABLE12_IDS = {x: ids for x, ids in TABLE12_LAYERS.items() if x}  # the paper's dropped/frozen text layers (x >= 1)
+
+def compression_rows(layers: dict, preset: str = "tbps") -> dict:
+    "e11 rows: `full` (x = 0), and for each x -> text-layer ids in `layers`, `drop@x` and `freeze@x`."
+    rows = {"full": (preset, {})}
+    for x, ids in layers.items():
+        ids = sorted(int(i) for i in ids)
+        if len(ids) != int(x): raise TBPSError(f"e11: x={x} needs {x} layer ids, got {ids}")
+        if not ids: continue
+        rows[f"drop@{x}"] = (preset, {"model.drop_text_layers": ids})
+        rows[f"freeze@{x}"] = (preset, {"train.freeze_text_layers": ids})
+    return rows
+
 def compression_layers(scores: dict, xs) -> tuple:
     "({x: the x least important text layers} for each x of `xs` that leaves a layer, [the xs that do not])."
     scores = {int(l): v for l, v in scores.items()}
@@ -332,6 +359,17 @@ def e11_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
              "ours counted on ViT-B/16 are e11's tables/table12_vit_b16.csv.", "",
              to_markdown(rows, ["label", "n", "ours", "ours_sd", "trainable"]), ""]
     return [g], lines
+
+
+# ---- e12: the batch size (the authors' answer) ------------------------------------------------------------------------
+
+def batch_size_rows(batch: int, steps: int) -> dict:
+    "e12: half vs full global batch at equal epochs (half gets twice the steps), and full batch by gradient caching in halves."
+    if batch < 2 or batch % 2: raise TBPSError(f"e12: the global batch must be even and >= 2, got {batch}")
+    half = {"data.batch_size": batch // 2, "train.grad_cache_chunk": 0}
+    if steps: half["train.max_steps"] = 2 * steps
+    return {"half": ("simplified", half), "full": ("simplified", {"data.batch_size": batch, "train.grad_cache_chunk": 0}),
+            "full_gc": ("simplified", {"data.batch_size": batch, "train.grad_cache_chunk": batch // 2})}
 
 
 # the e99 report's sections beyond the tables marked generically, in the report's order

@@ -13,7 +13,7 @@ import pytest
 
 from tbps_clip.core import TBPSError
 from tbps_clip.study.driver import load_sweep, run_notebook, run_sweep, sweep_status
-from tbps_clip.study.grid import batch_size_rows, e06_rows, scale_overrides, select_rows
+from tbps_clip.study.grid import e06_rows, scale_overrides, select_rows
 from tbps_clip.study.marks import IDENTICAL, LOWER, NO_CHANGE, agreement_summary, compare, pooled_paired_sd, summarise
 from tbps_clip.study.paper import PAPER
 from tbps_clip.study.report import build_report, collect, mark_groups, table_group
@@ -342,7 +342,10 @@ def test_paper_parameter_files_give_the_papers_recipe(name):
         base = {**scale_overrides(q["scale"], q["dataset"], q["root"], q["arch"], q["weights"], q["steps"]), **q["overrides"]}
         exp = nb.split("_")[0]
         rows = (e06_rows(["clip", "tbps", "simplified"], q["backbones"]) if exp == "e06"
-                else batch_size_rows(q["batch"], 0) if exp == "e12" else select_rows(exp, q.get("rows")))
+                else tbps_experiments.batch_size_rows(q["batch"], 0) if exp == "e12"
+                else {i: ("irra", {}) for i in tbps_experiments.IRRA_INITS} if exp == "e08"
+                else tbps_experiments.fewshot_rows(q.get("fractions") or (0.01, 0.05, 0.1)) if exp == "e09"
+                else tbps_experiments.compression_rows(tbps_experiments.TABLE12_IDS) if exp == "e11" else select_rows(exp, q.get("rows")))
         for row, (preset, ov) in rows.items():
             cfg = make_config(preset, {**base, **ov})
             n += 1
@@ -714,3 +717,22 @@ def test_regime_rows_are_nested_fractions_and_refuse_a_bad_n():
     from tbps_clip.data import fewshot_pids
     assert len(fewshot_pids(range(1000), rows["clip@350"][1]["data.fewshot"])) == 350
     with pytest.raises(TBPSError, match="1..1000"): regime_rows(["clip"], [0, 1200], 1000)
+
+
+# ---- the probes' rows, built by their experiments' code ------------------------------------------------------------------
+
+def test_the_probes_build_their_rows():
+    from tbps_clip.config import make_config
+    from tbps_experiments import FEWSHOT_METHODS, TABLE12_IDS, batch_size_rows, compression_rows, fewshot_rows
+    assert fewshot_rows([0.05], ["coop"]) == {"coop@0.05": ("clip", {"model.probe": "coop", "data.fewshot": 0.05})}
+    assert len(fewshot_rows((0.01, 0.05, 0.1))) == 3 * len(FEWSHOT_METHODS) == 15
+    assert list(compression_rows({0: [], 1: [2]})) == ["full", "drop@1", "freeze@1"] and len(compression_rows(TABLE12_IDS)) == 11
+    assert compression_rows({0: (), 1: (7,)})["freeze@1"] == ("tbps", {"train.freeze_text_layers": [7]})
+    assert batch_size_rows(64, 100)["half"] == ("simplified", {"data.batch_size": 32, "train.grad_cache_chunk": 0, "train.max_steps": 200})
+    with pytest.raises(TBPSError, match=r"must lie in \(0, 1\]"): fewshot_rows([0.0])
+    with pytest.raises(TBPSError, match="x=2 needs 2 layer ids"): compression_rows({2: [1]})
+    with pytest.raises(TBPSError, match="even"): batch_size_rows(3, 0)
+    for rows in (fewshot_rows((0.1,)), compression_rows(TABLE12_IDS), batch_size_rows(64, 0)):
+        for preset, ov in rows.values(): make_config(preset, ov)  # every row is a valid configuration
+    t = PAPER["table12_batch"]  # e12's paper rows are named as its rows
+    assert t["baseline"] in t["rows"] and set(t["rows"]) <= set(batch_size_rows(2, 0))

@@ -6,12 +6,10 @@
 from __future__ import annotations
 
 from ..core import TBPSError
-from ..probes import TABLE12_LAYERS
 from ..synthpedes import ensure_synthpedes
 
 # %% auto #0
-__all__ = ['SCALES', 'IRRA_INITS', 'FEWSHOT_METHODS', 'TABLE12_IDS', 'SWEEPS', 'ALIASES', 'scale_overrides', 'e06_rows',
-           'fewshot_rows', 'compression_rows', 'batch_size_rows', 'select_rows']
+__all__ = ['SCALES', 'SWEEPS', 'ALIASES', 'scale_overrides', 'e06_rows', 'select_rows']
 
 # %% ../../nbs/30_study_grid.ipynb #ffca321b
 SCALES: dict[str, dict] = {
@@ -91,42 +89,9 @@ def _e03() -> dict:
     return rows
 
 # %% ../../nbs/30_study_grid.ipynb #ae8d570f
-IRRA_INITS = ("clip", "tbps", "simplified")  # 'clip': the scale's weights; a preset: a checkpoint of that preset trained first
-FEWSHOT_METHODS = {"clip": ("clip", {}), "coop": ("clip", {"model.probe": "coop"}), "adapter": ("clip", {"model.probe": "adapter"}),
-                   "tbps": ("tbps", {}), "simplified": ("simplified", {})}
-TABLE12_IDS = {x: ids for x, ids in TABLE12_LAYERS.items() if x}  # the paper's dropped/frozen text layers (x >= 1)
-
 def e06_rows(presets, backbones: dict) -> dict:
     "e06 rows `preset@arch` for every preset and backbone (arch -> weights; empty weights: the scale's)."
     return {f"{p}@{a}": (p, {"model.arch": a, **({"model.pretrained": w} if w else {})}) for a, w in backbones.items() for p in presets}
-
-def fewshot_rows(fractions, methods=None) -> dict:
-    "e09 rows `method@fraction`: each method of `FEWSHOT_METHODS` trained on `fraction` of the training identities."
-    methods = list(FEWSHOT_METHODS) if methods is None else list(methods)
-    bad = [m for m in methods if m not in FEWSHOT_METHODS]
-    if bad: raise TBPSError(f"e09: unknown method(s) {', '.join(map(str, bad))}; known: {', '.join(FEWSHOT_METHODS)}")
-    fr = [float(f) for f in fractions]
-    if any(not 0 < f <= 1 for f in fr): raise TBPSError(f"e09: fractions {list(fractions)} must lie in (0, 1]")
-    return {f"{m}@{f:g}": (FEWSHOT_METHODS[m][0], {**FEWSHOT_METHODS[m][1], "data.fewshot": f}) for f in fr for m in methods}
-
-def compression_rows(layers: dict, preset: str = "tbps") -> dict:
-    "e11 rows: `full` (x = 0), and for each x -> text-layer ids in `layers`, `drop@x` and `freeze@x`."
-    rows = {"full": (preset, {})}
-    for x, ids in layers.items():
-        ids = sorted(int(i) for i in ids)
-        if len(ids) != int(x): raise TBPSError(f"e11: x={x} needs {x} layer ids, got {ids}")
-        if not ids: continue
-        rows[f"drop@{x}"] = (preset, {"model.drop_text_layers": ids})
-        rows[f"freeze@{x}"] = (preset, {"train.freeze_text_layers": ids})
-    return rows
-
-def batch_size_rows(batch: int, steps: int) -> dict:
-    "e12: half vs full global batch at equal epochs (half gets twice the steps), and full batch by gradient caching in halves."
-    if batch < 2 or batch % 2: raise TBPSError(f"e12: the global batch must be even and >= 2, got {batch}")
-    half = {"data.batch_size": batch // 2, "train.grad_cache_chunk": 0}
-    if steps: half["train.max_steps"] = 2 * steps
-    return {"half": ("simplified", half), "full": ("simplified", {"data.batch_size": batch, "train.grad_cache_chunk": 0}),
-            "full_gc": ("simplified", {"data.batch_size": batch, "train.grad_cache_chunk": batch // 2})}
 
 # %% ../../nbs/30_study_grid.ipynb #07cde0dd
 SWEEPS: dict[str, dict] = {
@@ -145,10 +110,7 @@ SWEEPS: dict[str, dict] = {
             "all": ("tbps", {})},
     "e06": {p: (p, {}) for p in ("clip", "tbps", "simplified")},
     "e07": {p: (p, {}) for p in ("tbps", "clip")},
-    "e08": {i: ("irra", {}) for i in IRRA_INITS},  # a preset init's checkpoint is set when it runs (experiments/tbps_experiments.py)
-    "e09": fewshot_rows((0.01, 0.05, 0.1)),
     "e10": {"tbps": ("tbps", {})},  # the fine-tuned model whose modules are scored
-    "e11": compression_rows(TABLE12_IDS),  # the paper's layers; e11 picks ours from e10's scores
 }
 
 ALIASES = {"e02": {"rrc@0.9": "rrc", "erase@0.10-0.20": "erase", "blur@3": "blur", "jitter@0.1": "jitter", "hue@0.1": "hue",
