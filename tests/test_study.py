@@ -439,7 +439,7 @@ def test_one_comparison_carries_one_mark_in_every_table_and_one_sd_serves_the_st
     sd = ((2 * 0.16 + 2 * 0.16 + 2 * 0.0016) / 6) ** 0.5  # pool, vflip, text_bt+rd: the reused pool is counted once
     assert t2["vflip"]["se"] == pytest.approx(sd / 3 ** 0.5) and t4["text_bt+rd"]["se"] == t2["vflip"]["se"]
     md = (tmp_path / "report" / "report.md").read_text()
-    assert md.count("one s for the whole study") == 1 and "all ablations (main tables)" in md
+    assert md.count("one s for the whole study") == 1 and "all ablations (main tables, presets, batch size)" in md
     assert tbps_experiments.study_sd(tmp_path / "study")[1] == 6
     assert tbps_experiments.notebook_marks(tmp_path / "study", "table4") == tables[(str(tmp_path / "study"), "table4")]
 

@@ -19,10 +19,10 @@ from .paper import PAPER, paper_table
 from .runs import flat_rows, load_records
 
 # %% auto #0
-__all__ = ['PROBES', 'MARK_COLUMNS', 'AGREEMENT_COLUMNS', 'REPORT_TABLES', 'SUMMARY_COLUMNS', 'to_markdown', 'write_csv',
-           'effects_long', 'plot_forest', 'data_label', 'table_records', 'group', 'table_group', 'mark_groups',
-           'se_statement', 'write_group', 'agreement_rows', 'study_groups', 'study_marks', 'run_hardware', 'study_cost',
-           'cost_section', 'provenance_lines', 'build_report', 'collect']
+__all__ = ['PROBES', 'MARK_COLUMNS', 'TOTALS', 'AGREEMENT_COLUMNS', 'REPORT_TABLES', 'SUMMARY_COLUMNS', 'to_markdown',
+           'write_csv', 'effects_long', 'plot_forest', 'data_label', 'table_records', 'group', 'table_group',
+           'mark_groups', 'se_statement', 'write_group', 'agreement_rows', 'study_groups', 'study_marks',
+           'run_hardware', 'study_cost', 'cost_section', 'provenance_lines', 'build_report', 'collect']
 
 # %% ../../nbs/34_study_report.ipynb #a12bd991
 def _fmt(v) -> str:
@@ -152,11 +152,16 @@ def _summary_row(name: str, marked: list) -> dict:
     ci = f"{s['low']:.0%}-{s['high']:.0%}" if s["low"] is not None else ""
     return dict(table=name, **s, interval=ci)
 
+TOTALS = (("Tables 1-5 (ablations)", lambda g: g["table"] in ("table1", "table2", "table3", "table4", "table5")),
+          ("Tables 6-8 (presets)", lambda g: g["table"] == "table6_8"),
+          ("all ablations (main tables, presets, batch size)", lambda g: g["kind"] == "ablation" and not g["appendix"]),
+          ("all ablations (appendix sweeps)", lambda g: g["appendix"]),
+          ("all probes (Tables 10-12)", lambda g: g["kind"] == "probe"))
+
 def agreement_rows(groups, marks: dict) -> list:
-    "Per table, then in all for main ablations, appendix sweeps and probes: comparisons, resolved, agreeing, the rate and its 95% interval."
+    "Per table, then in all (`TOTALS`: ablations apart from probes): comparisons, resolved, agreeing, the rate and its 95% interval."
     rows = [_summary_row(g["stem"], marks[g["stem"]]) for g in groups]
-    for name, pick in (("all ablations (main tables)", lambda g: g["kind"] == "ablation" and not g["appendix"]),
-                       ("all ablations (appendix sweeps)", lambda g: g["appendix"]), ("all probes", lambda g: g["kind"] == "probe")):
+    for name, pick in TOTALS:
         sel = [m for g in groups if pick(g) for m in marks[g["stem"]]]
         if sel: rows.append(_summary_row(name, sel))
     return rows
