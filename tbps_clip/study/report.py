@@ -232,8 +232,13 @@ def provenance_lines(src) -> list:
         rr = src / p.get("reruns", "")
         if p.get("reruns") and rr.is_file():
             reruns = json.loads(rr.read_text())["reruns"]
-            lines += [f"Reruns of their records by commits in the history ({p['reruns']}): {sum(r['equal'] for r in reruns)} of {len(reruns)} "
-                      "equal in every metric.", "", to_markdown([dict(record=Path(r["record"]).parent.name + "/" + Path(r["record"]).stem,
+            by_record: dict = {}
+            for r in reruns: by_record.setdefault(r["record"], []).append(r)
+            pairs = [rs for rs in by_record.values() if len({r["rerun_commit"] for r in rs}) > 1]
+            alike = sum(all(r["rerun_metrics"] == rs[0]["rerun_metrics"] for r in rs) for rs in pairs)
+            lines += [f"Reruns of their records by commits in the history ({p['reruns']}): {alike} of {len(pairs)} records rerun at two "
+                      f"commits on one machine give the same metrics at both; {sum(r['equal'] for r in reruns)} of {len(reruns)} reruns "
+                      "equal the record in every metric.", "", to_markdown([dict(record=Path(r["record"]).parent.name + "/" + Path(r["record"]).stem,
                       record_commit=r["record_commit"][:8], rerun_commit=(r["rerun_commit"] or "")[:8], equal=r["equal"],
                       recorded_R1=r["record_metrics"]["R@1"], rerun_R1=r["rerun_metrics"]["R@1"]) for r in reruns]), ""]
     diffs = sorted((src / "provenance").glob("*.diff"))
