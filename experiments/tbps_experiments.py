@@ -69,14 +69,14 @@ def paper_backbone(arch: str, mapping: dict | None = None) -> str:
     "The paper's backbone that our `arch` is compared with: `mapping`'s, else itself for a ViT-B, else ViT-B/16 (ours are smaller)."
     return (mapping or {}).get(arch) or (arch if arch.startswith("ViT-B") else "ViT-B-16")
 
-def e06_groups(records, paper_dataset: str, paper_backbones: dict | None = None, metric: str = "R@1") -> list:
-    "Per backbone, each preset against clip, beside the paper's rows of `paper_dataset` and the mapped paper backbone."
+def e06_groups(records, paper_rows_of: str, paper_backbones: dict | None = None, metric: str = "R@1") -> list:
+    "Per backbone, each preset against clip, beside the paper's rows of dataset `paper_rows_of` and the mapped paper backbone."
     groups = []
     for arch in dict.fromkeys(r["config"]["model"]["arch"] for r in records):
         sub = [renamed(r, r["name"].split("@")[0]) for r in records if r["config"]["model"]["arch"] == arch]
         pb = paper_backbone(arch, paper_backbones)
-        groups.append(table_group(sub, "table6_8", metric, paper_rows=e06_paper_rows(paper_dataset, pb), baseline="clip",
-                                  stem=f"table6_8-{arch}", title=f"Tables 6-8: main results, ours {arch} (paper: {paper_dataset}, {pb})"))
+        groups.append(table_group(sub, "table6_8", metric, paper_rows=e06_paper_rows(paper_rows_of, pb), baseline="clip",
+                                  stem=f"table6_8-{arch}", title=f"Tables 6-8: main results, ours {arch} (paper: {paper_rows_of}, {pb})"))
     return groups
 
 def e06_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
