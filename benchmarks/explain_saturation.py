@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrate_analogue import overrides  # the study's CPU setting (its seed-0 `clip` equals the study's)  # noqa: E402
 
 ROWS, SEEDS, FRACTION, STEPS = ("clip", "clip_star", "tbps"), (0, 1, 2), 0.1, 300
-FULL_SET_EFFECT = {"clip_star": -1.27, "tbps": -0.83}  # v3 records, paired over seeds 0-2 (README's table)
+FULL_SET_EFFECT = {"clip_star": -1.27, "tbps": -0.83}  # v3 records, paired over seeds 0-2 (docs/study.md's table)
 
 
 def train_row(out: Path, preset: str, seed: int) -> Path:
