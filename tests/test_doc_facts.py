@@ -51,3 +51,14 @@ def test_benchmarks_readme_says_where_each_script_writes():
             for path in re.findall(r"`((?:benchmarks/)?results/[^`<]+)`", writes):  # a named default path is the script's
                 assert path in src, (f.name, path)
     assert covered == scripts, sorted(scripts ^ covered)
+
+
+def test_architecture_page_lists_every_notebook_with_its_module():
+    "docs/architecture.md's table names each notebook of nbs/ and the module nbdev exports it to."
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| \[([\w.]+\.ipynb)\]\(\.\./nbs/\1\) \| `([\w.]+|\(tutorial\))` \|", text, re.M))
+    want = {}
+    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+        m = re.search(r"#\|\s*default_exp\s+([\w.]+)", nb.read_text(encoding="utf-8"))
+        want[nb.name] = "(tutorial)" if not m else "tbps_clip" if m[1] == "__init__" else f"tbps_clip.{m[1]}"
+    assert rows == want, sorted(set(rows.items()) ^ set(want.items()))
