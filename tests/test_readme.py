@@ -108,7 +108,7 @@ def test_readme_findings_table_is_the_records(tmp_path):
     v3 = cols.index("v3: resolve / agree")
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
                                           for line in text[text.index(header):].splitlines()[2:] if line.startswith("|"))}
-    assert set(rows) == set(FINDINGS), rows
+    assert set(FINDINGS) <= set(rows), rows  # a row of another study (its own column or row) is its own test's
     tables = study_tables(tmp_path)
     for group, names in FINDINGS.items():
         s = [paired_summary(tables[n]) for n in names]
