@@ -7,12 +7,13 @@ already blurs 40% of its images), whereas a hue shift changes the very colour a 
 a fine-tuned `clip` model should lose little R@1 when the test images are blurred and much more when their hue is
 shifted.
 
-Written before its runs (session 12), after the appendix rows were seen; it adds evidence beside those rows and never
-replaces them. Runs: `clip` with the study's own overrides (read from e01's records) at seeds 0, 1, 2, 300 steps; each
-retrained model must reproduce its study record's test R@1 (else nothing below is read). Each model is evaluated on
-the test split as it is and with every test image passed through the study's op after resizing (the appendix's
-settings: blur kernel 3 / 7 / 11 with sigma drawn from (0.1, 2.0); hue 0.1 / 0.2 / 0.4), the draws seeded alike for
-every model. A drop is clean R@1 minus R@1 under the op, paired by seed. Readings fixed in advance:
+Written before its runs (committed in 074e92e, 2026-12-04; its record in c223581), after the appendix rows were seen;
+it adds evidence beside those rows and never replaces them. Runs: `clip` with the study's own overrides (read from
+e01's records) at seeds 0, 1, 2, 300 steps; each retrained model must reproduce its study record's test R@1 (else
+nothing below is read). Each model is evaluated on the test split as it is and with every test image passed through
+the study's op after resizing (the appendix's settings: blur kernel 3 / 7 / 11 with sigma drawn from (0.1, 2.0); hue
+0.1 / 0.2 / 0.4), the draws seeded alike for every model. A drop is clean R@1 minus R@1 under the op, paired by seed.
+Readings fixed in advance:
 - supported if the drop under blur is below 2 R@1 at every kernel and the drop under blur at kernel 11 is smaller
   than the drop under hue 0.1 by more than 2 paired SE;
 - refuted if the drop under blur at kernel 11 is 5 R@1 or more (blur removes much that the model uses, yet training

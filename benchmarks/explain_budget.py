@@ -2,12 +2,12 @@
 300-step budget because its regularisers slow fitting, and the budget stops short of the plateau (calibration.json:
 `clip` seed 0 gains 2.4 test R@1 from 300 to 600 steps).
 
-Written before its runs (session 8), after the e06 / e01 rows were seen; it adds evidence beside those rows and never
-replaces them. Prediction if the explanation holds: at twice the budget (600 steps, seed 0) the paired gap
-`tbps` minus `clip` (300 steps, seed 0: 35.96 - 36.85 = -0.89) and `clip_star` minus `clip` (36.13 - 36.85 = -0.72)
-shrink or turn positive. If they stay as negative or grow, the budget does not explain them.
-The 600-step `clip` run is the calibration's `clip-s0-2x` (same configuration; its val evaluations do not change
-training: the study's seed-0 `clip` run equals the calibration's seed 0 exactly).
+Written before its runs (committed in 1ca92c7, 2026-12-03; its record in 5b8d545), after the e06 / e01 rows were seen;
+it adds evidence beside those rows and never replaces them. Prediction if the explanation holds: at twice the budget
+(600 steps, seed 0) the paired gap `tbps` minus `clip` (300 steps, seed 0: 35.96 - 36.85 = -0.89) and `clip_star`
+minus `clip` (36.13 - 36.85 = -0.72) shrink or turn positive. If they stay as negative or grow, the budget does not
+explain them. The 600-step `clip` run is the calibration's `clip-s0-2x` (same configuration; its val evaluations do
+not change training: the study's seed-0 `clip` run equals the calibration's seed 0 exactly).
 
     PYTHONPATH=$PWD python benchmarks/explain_budget.py [--out runs/calibration-lr1e-3]
 """

@@ -7,10 +7,10 @@ The explanation: e09 gives every fraction the same 100 steps of batch 64, which 
 erode the pretrained alignment that CoOp and CLIP-Adapter keep by freezing the backbone; with the epochs the 10%
 rows get, full fine-tuning at 1% should do as the paper reports.
 
-Written before its runs (session 11), after e09's rows were seen; it adds evidence beside those rows and never
-replaces them. Runs: `clip` at 1% (e09's own overrides, read from its records) with 10 steps (8.4 epochs, the 10%
-rows' count) at seeds 0, 1, 2, and, for the curve only, 30 steps (25 epochs). Readings fixed in advance, on the
-10-step runs, paired by seed with e09's 100-step `clip@0.01` records:
+Written before its runs (committed in a0c0a2b, 2026-12-04; its record in 1248d4d), after e09's rows were seen; it adds
+evidence beside those rows and never replaces them. Runs: `clip` at 1% (e09's own overrides, read from its records)
+with 10 steps (8.4 epochs, the 10% rows' count) at seeds 0, 1, 2, and, for the curve only, 30 steps (25 epochs).
+Readings fixed in advance, on the 10-step runs, paired by seed with e09's 100-step `clip@0.01` records:
 - the explanation is supported if the 10-step test R@1 exceeds the 100-step one by more than 2 paired SE and its
   mean exceeds CoOp's 1% mean (13.56);
 - partly supported if it exceeds the 100-step one by more than 2 SE but not CoOp's mean (fewer epochs undo the

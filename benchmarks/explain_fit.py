@@ -10,8 +10,8 @@ control, each evaluated on the test split (300 new identities, 1,179 images) and
 300 training identities drawn with seed 0, all their images and captions, ranked exactly as the test split is.
 The fit gap is train-probe R@1 minus test R@1.
 
-Written before its evaluations (session 9), after the e06 / e01 / part of e05 rows were seen; it adds evidence beside
-those rows and never replaces them. Readings fixed in advance:
+Written before its evaluations (committed in 903b912, 2026-12-03; its record in 57e10da), after the e06 / e01 / part
+of e05 rows were seen; it adds evidence beside those rows and never replaces them. Readings fixed in advance:
 - control: the zero-shot gap is within 2 R@1 of 0 (else the probe is not comparable to the test split, and nothing
   below is read).
 - "nothing to regularise" holds if `clip`'s mean fit gap over seeds 0-4 at 300 steps is under 5 R@1 points; it is

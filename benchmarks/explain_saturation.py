@@ -8,9 +8,10 @@ with 10% of the training identities (100, drawn once with seed 0; 300 steps of b
 `clip` fits them almost fully, so what the additions cost in fit is small and what they save in generalisation
 remains.
 
-Written before its runs (session 9), after e06 / e01 / part of e05 were seen; it adds evidence beside those rows and
-never replaces them. Runs: `clip`, `clip_star`, `tbps` at seeds 0, 1, 2 (paired), the study's setting otherwise
-(tbps-tiny-cs from synthclip, 300 steps, lr 1e-3, one thread), `data.fewshot=0.1`. Readings fixed in advance:
+Written before its runs (committed in 79ffa2b, 2026-12-03; its record in 6d7f3ad), after e06 / e01 / part of e05 were
+seen; it adds evidence beside those rows and never replaces them. Runs: `clip`, `clip_star`, `tbps` at seeds 0, 1, 2
+(paired), the study's setting otherwise (tbps-tiny-cs from synthclip, 300 steps, lr 1e-3, one thread),
+`data.fewshot=0.1`. Readings fixed in advance:
 - saturation check: `clip`'s R@1 on its own 100 training identities (ranked as the test split is) averages 90 or
   more; if not, the setting did not make fitting easy and nothing below is read.
 - the explanation is supported for a row if its paired test-R@1 effect against `clip` (mean over the seeds) is
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrate_analogue import overrides  # the study's CPU setting (its seed-0 `clip` equals the study's)  # noqa: E402
 
 ROWS, SEEDS, FRACTION, STEPS = ("clip", "clip_star", "tbps"), (0, 1, 2), 0.1, 300
-FULL_SET_EFFECT = {"clip_star": -1.27, "tbps": -0.83}  # v3 records, paired over seeds 0-2 (README's table)
+FULL_SET_EFFECT = {"clip_star": -1.27, "tbps": -0.83}  # v3 records, paired over seeds 0-2 (docs/study.md's table)
 
 
 def train_row(out: Path, preset: str, seed: int) -> Path:

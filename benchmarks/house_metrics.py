@@ -8,7 +8,8 @@ Figures (all read from the source as text or AST; nothing is imported or run):
    (a top-level decorator or call whose name contains `register`, also inside a top-level `for`, and a top-level
    item assignment into an upper-case table imported from another module); "into another module" counts those
    whose table or registrar is imported;
-3. duplicated shapes: the pair count of the workplace's `duplicates` tool over the repository (n/a without it);
+3. duplicated shapes: the pair count of a `duplicates` command on PATH (a code-clone finder; not part of the project) over
+   the repository (n/a without one);
 4. longest `#| export` cell in `nbs/` (code lines, directives left out), and how many have 100 lines or more;
 5. function-level imports: `import` statements inside a function body in `tbps_clip/`;
 6. `show_doc` calls in `nbs/`;

@@ -1,9 +1,10 @@
 """Extend the learning-rate pilot of the study budget: the `clip` row only, seed 0 (synthetic; never the study's other rows).
 
-Decision rule, fixed before these runs (session 8): among the learning rates tried at the budget (3e-4 and 1e-4 before;
-now 6e-4 and 1e-3), the one with the highest final val R@1 of seed 0 at 300 steps is the study's, unless it beats the
-current 3e-4 by less than 0.5 points (then 3e-4 stays: one seed's val R@1 is that noisy). The budget stays 300 steps
-(the cost target); each new lr also runs at twice the budget so its plateau delta is on record.
+Decision rule, fixed before these runs (committed in c238827, 2026-12-03; the record in 0d6b2f7): among the learning
+rates tried at the budget (3e-4 and 1e-4 before; now 6e-4 and 1e-3), the one with the highest final val R@1 of seed 0
+at 300 steps is the study's, unless it beats the current 3e-4 by less than 0.5 points (then 3e-4 stays: one seed's val
+R@1 is that noisy). The budget stays 300 steps (the cost target); each new lr also runs at twice the budget so its
+plateau delta is on record.
 
     PYTHONPATH=$PWD python benchmarks/lr_pilot.py --lrs 6e-4 1e-3 [--out runs/lr_pilot]
 Finished runs in --out are reused.
@@ -48,7 +49,7 @@ def main():
     best = max(final, key=final.get)
     rec["chosen_lr"] = best if final[best] >= final[3e-4] + MARGIN else 3e-4
     rec["rule"] = (f"highest seed-0 final val R@1 at {B} steps, adopted only if it beats 3e-4 by at least {MARGIN}; "
-                   "fixed before the session-8 runs (6e-4, 1e-3)")
+                   "fixed before the runs at 6e-4 and 1e-3 (commit c238827)")
     from tbps_clip.core import atomic_write_json  # a killed run leaves the old record whole
     atomic_write_json(args.record, rec)
     print(json.dumps({lr: final[lr] for lr in final}), "chosen:", rec["chosen_lr"])

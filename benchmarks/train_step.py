@@ -7,7 +7,7 @@ For each case (architecture, input size, batch) and preset, in one process (same
 - trainer: `Trainer.train_step` on batches the preset's dataset produced (SynthPEDES, pre-collated, so no data
   loading), with the preset's losses, heads, extra views and soft labels (both `trick.soft_label_source`s
   where the preset has soft labels);
-- before: the same with the Trainer of git ref --before (the code before this branch), same model init;
+- before: the same with the Trainer of git ref --before (default main: the code the change is measured against), same model init;
 - reference (once per case): a plain open_clip model of the same architecture, the same image/caption batch,
   symmetric ITC, AdamW with torch's default implementation, zero_grad/backward/step and nothing else.
 Each variant runs one warm-up step (counted with torch.utils.flop_counter: matmul/conv/attention FLOPs of

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study on one GPU: many training runs at once, each its own process, all sharing the device (issue 20, item 5).
+# The study on one GPU: many training runs at once, each its own process, all sharing the device.
 # Prepared and tested on the CPU (tests/test_study.py::test_gpu_study_script_runs_concurrent_jobs, N = 2 at smoke scale).
 #
 #   experiments/gpu_study.sh [PARAMS.yaml] [OUT]

@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _all_ = ["make_config", "load_config", "make_synthpedes", "run_training", "evaluate_checkpoint", "demo",
          "build_model", "Encoder", "GalleryIndex", "contact_sheet", "TBPSError"]
 
+
+# %% ../nbs/index.ipynb #3f9d1c57
 # name -> (module, name there): imported on first use, so `import tbps_clip` stays instant
 _LAZY = dict(make_config=("config", "make_config"), load_config=("config", "load_config"),
              make_synthpedes=("synthpedes", "make_synthpedes"), run_training=("run", "train"),

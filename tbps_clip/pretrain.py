@@ -104,7 +104,7 @@ def pretrain_synthclip(arch: str = "tbps-tiny-cs", steps: int | None = None, bat
     t0 = time.time()
     trainer.fit(resume=True)  # an interrupted pretraining continues where it stopped
     if ev: trainer.run_eval("final")
-    meta = dict(arch=arch, **r, last_session_seconds=round(time.time() - t0), threads=torch.get_num_threads())
+    meta = dict(arch=arch, **r, last_run_seconds=round(time.time() - t0), threads=torch.get_num_threads())
     save_checkpoint(out, model.cpu(), cfg, state=dict(pretraining=meta, history=trainer.history))
     return out
 
@@ -140,6 +140,12 @@ def sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
 
+# `last_run_seconds`: the wall time of the last `fit` call (a resumed build counts only its last process). Checkpoints
+# built by earlier versions name it `last_session_seconds`; a cached one of those still ships with its time.
+def _last_run_seconds(pretraining: dict):
+    "The recorded wall time of a built small CLIP's last pretraining process, or None."
+    return pretraining.get("last_run_seconds", pretraining.get("last_session_seconds"))
+
 def ship_synthclip(arch: str, built=None, out=None, wall_seconds: float | None = None, hardware: str = "") -> dict:
     "Write the built small CLIP of `arch` (fp16 safetensors) and its model card under `out` (default: the package's assets)."
     built = Path(built or synthclip_path(arch))
@@ -153,7 +159,7 @@ def ship_synthclip(arch: str, built=None, out=None, wall_seconds: float | None =
     card = dict(arch=arch, parameters=sum(p.numel() for p in model.parameters()), identity=model.identity(),
                 pretraining=pre, corpus=f"synthetic web-like corpus v{pre['corpus_version']}: {pre['corpus_size']:,} items of "
                 f"{pre['corpus_size'] // IMAGES_PER_PRETRAIN_ID:,} identities disjoint from SynthPEDES, each item seen once",
-                wall_seconds=wall_seconds or pre.get("last_session_seconds"), hardware=hardware or environment_info(),
+                wall_seconds=wall_seconds or _last_run_seconds(pre), hardware=hardware or environment_info(),
                 curve=[dict(step=e["step"], val_r1=round(e["R@1"], 2)) for e in ck["state"]["history"]["eval"]],
                 zero_shot={s: {k: round(v, 2) for k, v in zero_shot_evaluator(s)(model).items() if k in ("R@1", "R@5", "R@10", "mAP", "mINP")}
                            for s in ("val", "test")}, synthetic=True)

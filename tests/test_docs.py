@@ -1,4 +1,5 @@
-"""The documentation site builds from the notebooks (.ci/build_docs.py, nbdev's processing) and renders in a browser.
+"""The documentation site builds from the notebooks and docs/ (.ci/build_docs.py, nbdev's processing), every link of
+every page resolves, and it renders in a browser.
 
 The build runs once per session into a temporary folder (about 2 minutes on 2 cores: five notebooks executed for their
 figures, nbdev's processing of all of them, the pages written by nbconvert, as in CI where quarto cannot be installed).
@@ -6,10 +7,12 @@ TBPS_DOCS_SCREENSHOTS=folder keeps the screenshots (docs/screenshots/ holds the 
 """
 import base64
 import hashlib
+import html
 import importlib.util
 import os
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -17,6 +20,7 @@ from test_serve import headless_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "nbs").glob("*.ipynb"))
+GUIDES = sorted(f"docs/{p.stem}.html" for p in (ROOT / "docs").glob("*.md"))
 
 
 def _digest(p: Path) -> str: return hashlib.sha256(p.read_bytes()).hexdigest()
@@ -33,10 +37,10 @@ def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("docs") / "site"
     with pytest.MonkeyPatch.context() as mp:  # the executed notebooks use the session's private cache, not the user's
         mp.setenv("TBPS_CLIP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        engine = build_docs.build(out, engine="nbconvert")  # CI's renderer (quarto cannot be installed offline)
+        report = build_docs.build(out, engine="nbconvert")  # CI's renderer (quarto cannot be installed offline)
     assert {p: _digest(p) for p in before} == before, "the docs build changed README.md or a notebook"
     assert {d: (ROOT / d).exists() for d in folders} == folders, "the docs build wrote into the repository"
-    return dict(out=out, engine=engine)
+    return dict(out=out, **report)
 
 
 def _build_docs():
@@ -54,16 +58,61 @@ def _pngs(html: str) -> list:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=\s]+)"', html)]
 
 
-def test_every_notebook_has_a_page_and_links_between_pages_work(site):
-    "A page per notebook, named as nbdev names them (serve.html); every link to a page of the site finds its page and anchor."
-    pages = {p.name: p.read_text(encoding="utf-8") for p in site["out"].glob("*.html")}
-    assert len(pages) == len(NOTEBOOKS) and {"index.html", "serve.html", "search_tutorial.html", "synthpedes.html"} <= set(pages)
-    ids = {name: set(re.findall(r'id="([^"]+)"', text)) for name, text in pages.items()}
-    links = {h for text in pages.values() for h in re.findall(r'href="([^"#:]+\.html)(?:#[^"]*)?"', text)}
-    assert links <= set(pages), sorted(links - set(pages))
-    # nbdev links each name in backticks to its show_doc heading; methods and private names have none (in quarto too)
-    api = [(p, a) for text in pages.values() for p, a in re.findall(r'href="([a-z_]+\.html)#([^"._]+[^".]*)"', text)]
-    assert len(api) > 50 and all(a in ids[p] for p, a in api), [x for x in api if x[1] not in ids[x[0]]][:5]
+def test_every_notebook_guide_and_module_has_a_page(site):
+    "A page per notebook, named as nbdev names them (serve.html); a page per docs/*.md under docs/; each module's source."
+    out = site["out"]
+    assert len(list(out.glob("*.html"))) == len(NOTEBOOKS) and {"index.html", "serve.html", "search_tutorial.html"} <= {
+        p.name for p in out.glob("*.html")}
+    assert all((out / g).is_file() for g in GUIDES) and len(GUIDES) >= 6
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tbps_clip").rglob("*.py"))
+    assert sorted(p.relative_to(out / "src").as_posix()[:-5] for p in (out / "src").rglob("*.html")) == modules
+
+
+def site_links(out: Path) -> list:
+    "Every href and src of every page of the site: (page, attribute, value); inline data left out."
+    found = []
+    for p in sorted(out.rglob("*.html")):
+        for attr, value in re.findall(r'\b(href|src)="([^"]*)"', p.read_text(encoding="utf-8")):
+            if not value.startswith("data:"): found.append((p.relative_to(out).as_posix(), attr, html.unescape(value)))
+    return found
+
+
+def test_every_link_of_every_page_resolves(site):
+    "Each href and src of each page leads to a file of the site, and to an anchor there when it names one; no placeholder host."
+    out = site["out"]
+    ids = {}
+    def anchors(page):
+        if page not in ids: ids[page] = set(re.findall(r'\bid="([^"]+)"', (out / page).read_text(encoding="utf-8")))
+        return ids[page]
+    links, bad, external = site_links(out), [], 0
+    for page, attr, value in links:
+        u = urlsplit(value)
+        if u.scheme in ("http", "https") or value.startswith("//"):
+            external += 1
+            if (u.hostname or "").endswith(".invalid"): bad.append((page, value, "placeholder host"))
+            continue
+        if u.scheme: bad.append((page, value, "scheme")); continue
+        target = os.path.normpath(os.path.join(os.path.dirname(page), unquote(u.path))).replace(os.sep, "/") if u.path else page
+        if target.startswith("..") or not (out / target).is_file(): bad.append((page, value, "no such file")); continue
+        if u.fragment and target.endswith(".html") and unquote(u.fragment) not in anchors(target):
+            bad.append((page, value, "no such anchor"))
+    pages = len(list(out.rglob("*.html")))
+    print(f"\n{len(links)} links checked in {pages} pages ({external} to other sites): "
+          + ("all resolve" if not bad else f"{len(bad)} do not"))
+    assert not bad, bad[:20]
+    assert len(links) > 2000 and site["links"] > 1000, (len(links), site["links"])
+    assert not site["dropped"], site["dropped"]  # the build found every page and anchor it was asked for
+    # nbdev links each name in backticks to its show_doc heading (a heading named as the anchor): many are there
+    def api_heading(page, value):
+        target, _, frag = value.partition("#")
+        target = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
+        text = (out / target).read_text(encoding="utf-8") if frag and target.endswith(".html") else ""
+        return bool(frag) and re.search(rf'<h[34] id="{re.escape(frag)}">{re.escape(frag)}\b', text, re.I) is not None
+    api = [(p, v) for p, a, v in links if a == "href" and not v.startswith("http") and api_heading(p, v)]
+    assert len(api) > 50, len(api)
+    # the API docs' "source" links lead to the module's source page, at the line
+    src = [v for p, a, v in links if p == "serve.html" and v.startswith("src/tbps_clip/serve.py.html#L")]
+    assert src and all(v.split("#")[1] in anchors("src/tbps_clip/serve.py.html") for v in src), src[:3]
 
 
 def test_figures_of_the_executed_notebooks_are_in_their_pages(site):
@@ -98,10 +147,15 @@ def test_index_and_a_module_page_render_in_headless_chromium(site, tmp_path):
         drv.get((site["out"] / "index.html").as_uri())
         assert "tbps-clip" in drv.title
         assert drv.find_element(By.CSS_SELECTOR, "h1").text == "tbps-clip"
-        links = [a.get_attribute("href").rsplit("/", 1)[-1] for a in drv.find_elements(By.CSS_SELECTOR, "nav a, .sidebar a")]
-        assert len(set(links)) == len(NOTEBOOKS) and {"index.html", "serve.html"} <= set(links), sorted(set(links))
+        root = site["out"].as_uri() + "/"
+        links = [a.get_attribute("href").removeprefix(root) for a in drv.find_elements(By.CSS_SELECTOR, "nav a, .sidebar a")]
+        assert len(set(links)) == len(NOTEBOOKS) + len(GUIDES) and {"index.html", "serve.html", *GUIDES} <= set(links), sorted(set(links))
         body = drv.find_element(By.TAG_NAME, "main").text
         assert "In five lines" in body and "GalleryIndex.build(encoder, folder)" in body  # the front-door table rendered
+        headings = [h.text.strip("¶ ") for h in drv.find_elements(By.CSS_SELECTOR, "main h2")]
+        assert {"Install", "On the command line", "From Python", "Guides"} <= set(headings), headings
+        for internal in ("__dir__", "__getattr__", "Call self as a function", "_LAZY", "subprocess.run"):
+            assert internal not in body, internal  # the front page shows what a user needs, not the module's machinery
         drv.save_screenshot(str(shots / "docs-index.png"))
         drv.find_element(By.CSS_SELECTOR, 'nav a[href="search_tutorial.html"]').click()  # the sidebar leads on
         assert drv.current_url.endswith("search_tutorial.html")
@@ -137,3 +191,11 @@ def test_an_executed_progress_bar_is_a_widget_without_warning_and_its_final_text
     state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     text = build_docs._widget_text(view[0].data["application/vnd.jupyter.widget-view+json"]["model_id"], state)
     assert text.startswith("embedding:") and "100%|██████████|" in text and "7/7" in text, text
+
+
+def test_source_links_go_to_a_repository_only_when_one_is_configured():
+    "settings.ini's placeholder git_url (an .invalid host) names no repository: the site's own source pages stand in."
+    build_docs = _build_docs()
+    assert build_docs.repository_url({"git_url": "https://example.invalid/tbps-clip"}) is None
+    assert build_docs.repository_url({"git_url": ""}) is None
+    assert build_docs.repository_url({"git_url": "https://github.com/someone/tbps-clip/"}) == "https://github.com/someone/tbps-clip"

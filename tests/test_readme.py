@@ -1,5 +1,6 @@
-"""The README's Python example runs as written (in a fresh folder, on the tiny model it names), and its measured numbers
-(the demo table, the study's effects and counts) are those of the committed records."""
+"""The README's Python example runs as written (in a fresh folder, on the tiny model it names), its measured numbers
+(the demo table, the findings table) and those of docs/study.md (the study's effects and counts) are those of the
+committed records, and its table of commands names every command."""
 import os
 import re
 import subprocess
@@ -33,7 +34,7 @@ def test_readme_python_example_runs(tmp_path):
 
 
 def test_readme_demo_table_is_the_committed_demo_record():
-    "The README's demo table and results/demo/results.json come from one run (issue 16, item 13)."
+    "The README's demo table and results/demo/results.json come from one run."
     import json
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text.split("### What the main job prints", 1)[1].split("```", 2)[1]
@@ -47,7 +48,7 @@ def test_readme_demo_table_is_the_committed_demo_record():
 
 
 STUDY = ROOT / "results" / "study" / "synthpedes-v3"
-# the README's row labels -> (the report's paired table, its row label)
+# docs/study.md's row labels -> (the report's paired table, its row label)
 README_ROWS = {"+ Dropout": ("table1", "+ Dropout"), "+ LockBL": ("table1", "+ LockBL"), "+ SoftLabel": ("table1", "+ SoftLabel"),
                "CLIP* (all four)": ("table1", "CLIP* (all four)"),
                "TBPS-CLIP (the `tbps` preset)": ("table6_8-tbps-tiny-cs", "CUHK-PEDES TBPS-CLIP ViT-B/16"),
@@ -66,10 +67,10 @@ def study_tables(tmp_path) -> dict:
     return {t.removesuffix(" paired"): m for (_, t), m in tables.items() if t.endswith(" paired")}
 
 
-def test_readme_study_numbers_are_the_records(tmp_path):
-    "Every paired effect, 2-SE figure and count of the README's v3 study section is what the committed records give."
+def test_study_page_numbers_are_the_records(tmp_path):
+    "Every paired effect, 2-SE figure and count of docs/study.md's v3 section is what the committed records give."
     from tbps_clip.study.marks import paired_summary
-    text = (ROOT / "README.md").read_text(encoding="utf-8").split("### The second analogue (v3)", 1)[1].split("### History", 1)[0]
+    text = (ROOT / "docs" / "study.md").read_text(encoding="utf-8").split("## The second analogue (v3)", 1)[1].split("## History", 1)[0]
     tables = study_tables(tmp_path)
     rows = re.findall(r"^\| ([^|]+?) \| [^|]* \| ([+-]?\d+\.\d\d) \((\d+\.\d\d)\) \|", text, re.M)
     assert {label for label, _, _ in rows} == set(README_ROWS), rows
@@ -90,3 +91,38 @@ def test_readme_study_numbers_are_the_records(tmp_path):
     appendix = [paired_summary(tables[t]) for t in ("table2_appendix", "table3_appendix")]
     said = re.search(r"In the appendix tables (\d+) rows resolve and (\d+) agree", text)
     assert said and (int(said[1]), int(said[2])) == (sum(s["resolved"] for s in appendix), sum(s["agree"] for s in appendix)), said
+
+
+# the README's findings rows (paper tables) -> the report's paired tables they count
+FINDINGS = {"1-5": ("table1", "table2", "table3", "table4", "table5"), "6-8": ("table6_8-tbps-tiny-cs",),
+            "10-12": ("table10", "table11-0.01", "table11-0.05", "table11-0.1", "table12"),
+            "2-3, appendix": ("table2_appendix", "table3_appendix")}
+
+
+def test_readme_findings_table_is_the_records(tmp_path):
+    "Each row of the README's findings table: its rows, and how many resolve and agree in v3, from the committed records."
+    from tbps_clip.study.marks import paired_summary
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Findings (synthetic)", 1)[1].split("\n## ", 1)[0]
+    header = re.search(r"^\| tables \(paper\) \|.*$", text, re.M)[0]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    v3 = cols.index("v3: resolve / agree")
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                          for line in text[text.index(header):].splitlines()[2:] if line.startswith("|"))}
+    assert set(FINDINGS) <= set(rows), rows  # a row of another study (its own column or row) is its own test's
+    tables = study_tables(tmp_path)
+    for group, names in FINDINGS.items():
+        s = [paired_summary(tables[n]) for n in names]
+        said = rows[group]
+        assert int(said[cols.index("rows")]) == sum(x["rows"] for x in s), (group, said)
+        assert said[v3] == f"{sum(x['resolved'] for x in s)} / {sum(x['agree'] for x in s)}", (group, said, s)
+
+
+def test_readme_is_short_and_its_commands_table_names_every_command():
+    "The README is a front door (at most about 150 lines); its table of commands has a row for each `tbps-clip` command."
+    from tbps_clip.cli import build_parser
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 150, len(text.splitlines())
+    table = text.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\| `tbps-clip (\w+)", table, re.M))
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    assert named == set(sub.choices), sorted(named ^ set(sub.choices))

@@ -560,7 +560,7 @@ def test_slurm_executor_through_submitits_local_executor(tmp_path, kernel_env):
         run_sweep(small_sweep(tmp_path / "c"), out=tmp_path / "x", executor="slurm")
 
 
-# ---- marks from paired differences (issue 20: the v3 study's marks) -------------------------------------------------------
+# ---- marks from paired differences (the v3 study's marks) -----------------------------------------------------------------
 
 def prec(name, seed, r1, exp="e01"):
     return dict(exp=exp, name=name, seed=seed, scale="study", dataset="synthpedes", synthetic=True, metrics={"R@1": r1, "mAP": r1})

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (a lent device machine; never CI). Run from the repository root with the open_clip,
-# ftfy and wcwidth wheels in .whl/ and the small pretrained CLIP in .cache/synthclip/ (both carried).
+# The GPU benchmarks in one script, for a machine with one CUDA GPU and no network (never CI). Run from the repository
+# root with the open_clip, ftfy and wcwidth wheels in .whl/ and the small pretrained CLIP in .cache/synthclip/.
 # Each step has its own time limit and writes into $OUT as it goes, so a cut-off run still returns what finished:
 #   1. SynthPEDES (synthetic) generated on the device;
 #   2. benchmarks/train_step.py on CUDA: the three presets on tbps-tiny and ViT-B/16 at 224x224 and 384x128
@@ -10,7 +10,7 @@
 #   4. torchrun with the NCCL backend (one process: the NCCL init, all-gather and global-gradient paths);
 #   5. benchmarks/learnability_probe.py learning curves (synthetic; why the small CLIP learns slowly).
 set -u
-O=${OUT:-/tmp/gpu_session}; mkdir -p "$O"
+O=${OUT:-/tmp/gpu_suite}; mkdir -p "$O"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD TBPS_CLIP_CACHE=$PWD/.cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
