@@ -58,50 +58,55 @@ README_TABLES = {"2": "table2", "3": "table3", "4": "table4", "5": "table5", "10
                  "2 (appendix)": "table2_appendix", "3 (appendix)": "table3_appendix"}
 
 
-def study_tables(tmp_path) -> dict:
-    "The v3 report's paired tables, rebuilt from the committed records (no figures), by table name."
+def study_report(tmp_path) -> tuple:
+    "The v3 report rebuilt from the committed records (no figures): its marked tables by name, its agreement rows by name."
     sys.path.insert(0, str(ROOT / "experiments"))
-    from tbps_clip.study.report import build_report
+    from tbps_clip.study.report import agreement_rows, build_report, study_groups, data_label
+    from tbps_clip.study.runs import load_records
     from tbps_experiments import REPORT_SECTIONS
-    tables = build_report([STUDY], tmp_path, figures=False, sections=REPORT_SECTIONS)
-    return {t.removesuffix(" paired"): m for (_, t), m in tables.items() if t.endswith(" paired")}
+    tables = {t: m for (_, t), m in build_report([STUDY], tmp_path, figures=False, sections=REPORT_SECTIONS).items()}
+    recs = load_records(STUDY)
+    groups, _ = study_groups(recs, STUDY, tmp_path, data_label(recs), figures=False, sections=REPORT_SECTIONS)
+    return tables, {r["table"]: r for r in agreement_rows(groups, tables)}
 
 
 def test_study_page_numbers_are_the_records(tmp_path):
-    "Every paired effect, 2-SE figure and count of docs/study.md's v3 section is what the committed records give."
-    from tbps_clip.study.marks import paired_summary
+    "Every paired effect, 2-SE figure, count and rate of docs/study.md's v3 section is what the committed records give."
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tbps_experiments import study_sd
     text = (ROOT / "docs" / "study.md").read_text(encoding="utf-8").split("## The second analogue (v3)", 1)[1].split("## History", 1)[0]
-    tables = study_tables(tmp_path)
+    tables, agreement = study_report(tmp_path)
+    sd, dof = study_sd(STUDY)
+    assert f"s = {sd:.2f} R@1,\n{dof} degrees of freedom" in text or f"s = {sd:.2f} R@1, {dof} degrees of freedom" in text.replace("\n", " ")
     rows = re.findall(r"^\| ([^|]+?) \| [^|]* \| ([+-]?\d+\.\d\d) \((\d+\.\d\d)\) \|", text, re.M)
     assert {label for label, _, _ in rows} == set(README_ROWS), rows
     for label, effect, two_se in rows:
         table, name = README_ROWS[label]
         r = next(r for r in tables[table] if r["label"] == name)
         assert (float(effect), float(two_se)) == (round(r["ours_effect"], 2), round(r["resolvable"], 2)), (label, r)
-    summary = re.findall(r"^\| (\d+(?: \((?:\d+%|appendix)\))?|batch size)[^|]*\| ([0-9.]+|unknown)[^|]*\| (\d+ of \d+|direction only)", text, re.M)
-    assert {t for t, _, _ in summary} == set(README_TABLES), summary
-    for t, smallest, resolved in summary:
-        s = paired_summary(tables[README_TABLES[t]])
-        assert smallest == ("unknown" if s["smallest_resolvable"] is None else f"{s['smallest_resolvable']:.2f}"), (t, s)
-        assert resolved == ("direction only" if s["smallest_resolvable"] is None else f"{s['resolved']} of {s['rows']}"), (t, s)
-    main = [paired_summary(tables[t]) for t in ("table1", "table2", "table3", "table4", "table5", "table6_8-tbps-tiny-cs", "table10",
-                                                "table11-0.01", "table11-0.05", "table11-0.1", "table12")]
-    said = re.search(r"In the main tables (\d+) rows resolve and (\d+) agree", text)
-    assert said and (int(said[1]), int(said[2])) == (sum(s["resolved"] for s in main), sum(s["agree"] for s in main)), said
-    appendix = [paired_summary(tables[t]) for t in ("table2_appendix", "table3_appendix")]
-    said = re.search(r"In the appendix tables (\d+) rows resolve and (\d+) agree", text)
-    assert said and (int(said[1]), int(said[2])) == (sum(s["resolved"] for s in appendix), sum(s["agree"] for s in appendix)), said
+    per_table = re.findall(r"^\| (\d+(?: \((?:\d+%|appendix)\))?|batch size)[^|]*\| (\d+) of (\d+)", text, re.M)
+    assert {t for t, _, _ in per_table} == set(README_TABLES), per_table
+    for t, resolved, n in per_table:
+        a = agreement[README_TABLES[t]]
+        assert (int(resolved), int(n)) == (a["resolved"], a["rows"]), (t, a)
+    totals = re.findall(r"^\| ([^|]+?) \| (\d+) \| (\d+) \| (\d+) \| (\d+)% \((\d+)%-(\d+)%\) \|$", text, re.M)
+    names = {"Tables 1-5 (ablations)": "Tables 1-5 (ablations)", "Tables 6-8 (presets)": "Tables 6-8 (presets)",
+             "all ablations (Tables 1-8 and the batch size)": "all ablations (main tables, presets, batch size)",
+             "appendix sweeps (Tables 2 and 3)": "all ablations (appendix sweeps)", "probes (Tables 10-12)": "all probes (Tables 10-12)"}
+    assert {t[0] for t in totals} == set(names), totals
+    for name, n, resolved, agree, pct, lo, hi in totals:
+        a = agreement[names[name]]
+        assert (int(n), int(resolved), int(agree)) == (a["rows"], a["resolved"], a["agree"]), (name, a)
+        assert (int(pct), int(lo), int(hi)) == (round(100 * a["agreement"]), round(100 * a["low"]), round(100 * a["high"])), (name, a)
 
 
-# the README's findings rows (paper tables) -> the report's paired tables they count
-FINDINGS = {"1-5": ("table1", "table2", "table3", "table4", "table5"), "6-8": ("table6_8-tbps-tiny-cs",),
-            "10-12": ("table10", "table11-0.01", "table11-0.05", "table11-0.1", "table12"),
-            "2-3, appendix": ("table2_appendix", "table3_appendix")}
+# the README's findings rows (paper tables) -> the report's agreement rows they are
+FINDINGS = {"1-5": "Tables 1-5 (ablations)", "6-8": "Tables 6-8 (presets)", "10-12": "all probes (Tables 10-12)",
+            "2-3, appendix": "all ablations (appendix sweeps)"}
 
 
 def test_readme_findings_table_is_the_records(tmp_path):
-    "Each row of the README's findings table: its rows, and how many resolve and agree in v3, from the committed records."
-    from tbps_clip.study.marks import paired_summary
+    "Each row of the README's findings table: its comparisons, and how many resolve and agree in v3, from the committed records."
     text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Findings (synthetic)", 1)[1].split("\n## ", 1)[0]
     header = re.search(r"^\| tables \(paper\) \|.*$", text, re.M)[0]
     cols = [c.strip() for c in header.strip("|").split("|")]
@@ -109,12 +114,11 @@ def test_readme_findings_table_is_the_records(tmp_path):
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
                                           for line in text[text.index(header):].splitlines()[2:] if line.startswith("|"))}
     assert set(FINDINGS) <= set(rows), rows  # a row of another study (its own column or row) is its own test's
-    tables = study_tables(tmp_path)
-    for group, names in FINDINGS.items():
-        s = [paired_summary(tables[n]) for n in names]
-        said = rows[group]
-        assert int(said[cols.index("rows")]) == sum(x["rows"] for x in s), (group, said)
-        assert said[v3] == f"{sum(x['resolved'] for x in s)} / {sum(x['agree'] for x in s)}", (group, said, s)
+    _, agreement = study_report(tmp_path)
+    for group, name in FINDINGS.items():
+        a, said = agreement[name], rows[group]
+        assert int(said[cols.index("comparisons")]) == a["rows"], (group, said)
+        assert said[v3] == f"{a['resolved']} / {a['agree']}", (group, said, a)
 
 
 def test_readme_is_short_and_its_commands_table_names_every_command():
@@ -126,3 +130,16 @@ def test_readme_is_short_and_its_commands_table_names_every_command():
     named = set(re.findall(r"^\| `tbps-clip (\w+)", table, re.M))
     sub = next(a for a in build_parser()._actions if a.dest == "cmd")
     assert named == set(sub.choices), sorted(named ^ set(sub.choices))
+
+
+def test_readme_regime_map_figures_are_the_records():
+    "The README's fit of clip at N = 100 and 200 (seeds 0-2) is the regime map's records', and N* follows from the fit rule."
+    import json, statistics
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    said = re.search(r"is ([0-9.]+) at N = 100 and ([0-9.]+) at N = 200 \(seeds 0-2\)", text.replace("\n", " "))
+    recs = ROOT / "results" / "study" / "synthpedes-regime-map" / "records" / "e13"
+    fit = {n: [json.loads((recs / f"clip@{n}-s{s}.json").read_text())["fit"]["R@1"] for s in range(3)] for n in (100, 200)}
+    assert said and (float(said[1]), float(said[2])) == (round(statistics.mean(fit[100]), 1), round(statistics.mean(fit[200]), 1))
+    at350 = [json.loads(f.read_text())["fit"]["R@1"] for f in sorted(recs.glob("clip@350-s*.json"))]
+    assert statistics.mean(fit[200]) >= 90 and (sum(at350) + 100 * (3 - len(at350))) / 3 < 90  # N* = 200 whatever seeds remain
+    assert "N* = 200" in text and "data.fewshot: 0.2" in (ROOT / "experiments" / "params" / "synthpedes-v4-study.yaml").read_text()
