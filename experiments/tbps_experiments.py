@@ -36,7 +36,7 @@ def study_sd(out, metric: str = "R@1") -> tuple:
     from tbps_clip.study.marks import pooled_paired_sd
     from tbps_clip.study.report import study_groups
     recs = load_records(out)
-    groups, _ = study_groups(recs, out, Path(out), data_label(recs), metric, 2.0, False, REPORT_SECTIONS)
+    groups, _ = study_groups(recs, out, None, data_label(recs), metric, 2.0, False, REPORT_SECTIONS)  # out None: nothing written
     return pooled_paired_sd([(g["records"], s["row"], s["against"]) for g in groups for s in g["specs"]], metric)
 
 def marks_in_study(out, groups, metric: str = "R@1", k: float = 2.0, write: bool = True) -> dict:
@@ -144,7 +144,7 @@ def e07_section(recs, out, src, label, **kw) -> tuple:
     timing_path = Path(src) / "tables" / TIMING_FILE  # written by e07 beside its records, not under the report
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     rows = cost_rows(e07, timing.get("step_seconds"))
-    write_csv(rows, out / "tables" / "table9.csv")
+    if out is not None: write_csv(rows, out / "tables" / "table9.csv")
     note = ([f"`train_seconds` is each run's own wall time, taken while other runs shared the machine; `train_seconds_alone` is "
              f"its median step timed alone and interleaved with the other rows ({timing['rounds']} steps each, "
              f"{timing['threads']} thread(s), {timing['machine']}, load average {timing['load_average']}) times its steps.", ""]
@@ -350,7 +350,7 @@ def e11_section(recs, out, src, label, metric="R@1", **kw) -> tuple:
     e11 = [r for r in recs if r["exp"] == "e11"]
     if not e11: return [], []
     rows = compression_table(e11, metric)
-    write_csv(rows, out / "tables" / "table12.csv")
+    if out is not None: write_csv(rows, out / "tables" / "table12.csv")
     arch = ", ".join(sorted({r["config"]["model"]["arch"] for r in e11}))
     g = group("table12", e11, compression_specs({r["name"] for r in e11}),
               title=f"Table 12: x text layers dropped or frozen, against the full model (ours {arch})",

@@ -172,18 +172,18 @@ AGREEMENT_COLUMNS = ["table", "rows", "resolved", "agree", "agreement", "interva
 REPORT_TABLES = tuple(n for n, t in PAPER.items() if t["key"] == "row")  # grouped generically, in the paper's order
 
 def study_groups(records, src, out, label: str, metric: str = "R@1", k: float = 2.0, figures: bool = True, sections=()) -> tuple:
-    "(every group of a results folder's records: the generic tables, then the sections'; the sections' extra markdown lines)."
+    "(every group of a results folder's records: the generic tables, then the sections'; their extra markdown lines); `out` None: sections write nothing."
     groups = [table_group(sub, t, metric) for t in REPORT_TABLES if (sub := table_records(records, t))]
     extra = []
     for section in sections:
-        gs, lines = section(records, out=Path(out), src=Path(src), label=label, metric=metric, k=k, figures=figures)
+        gs, lines = section(records, out=Path(out) if out is not None else None, src=Path(src), label=label, metric=metric, k=k, figures=figures)
         groups += gs; extra += lines
     return groups, extra
 
 def study_marks(src, sections=(), metric: str = "R@1", k: float = 2.0) -> dict:
     "{table stem: marked comparisons} of the results folder `src`, marked as its report marks them (one SE rule for the study)."
     recs = load_records(src)
-    groups, _ = study_groups(recs, src, Path(src), data_label(recs), metric, k, False, sections)
+    groups, _ = study_groups(recs, src, None, data_label(recs), metric, k, False, sections)
     return mark_groups(groups, metric, k)[2]
 
 # %% ../../nbs/34_study_report.ipynb #2147323f
