@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import re
+import typing
 from functools import lru_cache
 
-import torch
+if typing.TYPE_CHECKING: import torch  # the tokenizer returns a tensor; cleaning captions needs no torch
 
 # %% auto #0
-__all__ = ['SOT_TOKEN', 'EOT_TOKEN', 'clean_caption', 'tokenize', 'vocab_size']
+__all__ = ['SOT_TOKEN', 'EOT_TOKEN', 'clean_caption', 'tokenize', 'vocab_size', 'words_read']
 
 # %% ../nbs/04_text.ipynb #ebe3e419
 _PUNCT = re.compile(r'[.!"()*#:;~]')
@@ -35,5 +36,13 @@ def tokenize(texts, context_length: int = 77) -> torch.LongTensor:
 def vocab_size() -> int:
     "Size of the CLIP BPE vocabulary."
     return len(_bpe().encoder)
+
+def words_read(caption: str, context_length: int = 77) -> int:
+    "How many leading words of the cleaned `caption` fit in `context_length` tokens (with the start and end tokens)."
+    budget, words = context_length - 2, caption.split()
+    for i, w in enumerate(words):  # the tokenizer never joins words: the tokens of a text are those of its words
+        budget -= len(_bpe().encode(w))
+        if budget < 0: return i
+    return len(words)
 
 SOT_TOKEN, EOT_TOKEN = 49406, 49407
