@@ -179,8 +179,9 @@ function render(d, rtt) {
     c.append(r, s, p); f.append(img, c); box.appendChild(f);
   }
   const a = (d.page - 1) * d.per_page + 1, b = a + d.results.length - 1;
-  $('status').textContent = (d.results.length ? 'Results ' + a + '\\u2013' + b : 'No results on this page') + ' of ' + d.total +
-    ' for \\u201c' + d.query + '\\u201d \\u00b7 latency ' + d.latency_ms.toFixed(1) + ' ms in the server, ' + rtt.toFixed(0) + ' ms round trip';
+  $('status').textContent = (d.results.length ? 'Results ' + a + '\\u2013' + b + ' of ' + d.total : 'No results on page ' + d.page +
+    ' (' + d.total + ' in all)') + ' for \\u201c' + d.query + '\\u201d \\u00b7 latency ' + d.latency_ms.toFixed(1) +
+    ' ms in the server, ' + rtt.toFixed(0) + ' ms round trip';
   notes(d.notes); $('examples').hidden = true;
   $('status').dataset.latency = d.latency_ms;
   $('pageinfo').textContent = 'page ' + d.page + ' of ' + d.pages;

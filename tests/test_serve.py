@@ -232,3 +232,33 @@ def test_a_search_is_an_address(site, tmp_path):
         assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit")
     finally:
         drv.quit()
+
+
+def test_the_empty_page_suggests_examples_and_a_page_past_the_results_says_where_they_end(site, tmp_path):
+    drv = headless_chromium()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+    from tbps_clip.serve import EXAMPLES
+    try:
+        wait = WebDriverWait(drv, 60)
+        drv.get(site["url"] + "/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples li a"))
+        links = drv.find_elements(By.CSS_SELECTOR, "#examples li a")
+        assert drv.find_element(By.ID, "examples").is_displayed() and [a.text for a in links] == list(EXAMPLES)
+        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_EMPTY") or str(tmp_path / "empty.png"))
+        links[0].click()  # an example is a search
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.hit")) == 20)
+        assert drv.find_element(By.ID, "q").get_attribute("value") == EXAMPLES[0]
+        assert not drv.find_element(By.ID, "examples").is_displayed()
+        drv.get(site["url"] + "/?q=red&per_page=10&page=7")  # past the 3 pages of 24 images
+        wait.until(EC.text_to_be_present_in_element((By.ID, "notes"), "The results end on page 3: 24 images at 10 a page"))
+        assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit") and drv.find_element(By.ID, "error").text == ""
+        assert drv.find_element(By.ID, "status").text.startswith("No results on page 7 (24 in all) for \u201cred\u201d")
+        assert drv.find_element(By.ID, "prev").text == "\u2190 Last page (3)"
+        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_PAST") or str(tmp_path / "past.png"))
+        drv.find_element(By.ID, "prev").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 3 of 3"))
+        assert len(drv.find_elements(By.CSS_SELECTOR, "figure.hit")) == 4 and drv.find_element(By.ID, "notes").text == ""
+    finally:
+        drv.quit()
