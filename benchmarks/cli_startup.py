@@ -6,15 +6,18 @@ Each command runs as a whole process (`python -m tbps_clip.cli ...`, this tree o
 round runs `python -c pass` (the interpreter's own start-up, the floor) and then each command once, so a change in
 the machine's load reaches all of them alike. Printed per command: the median, min and max wall seconds, the median
 minus the floor, its exit status, and whether the process imported torch (read with `-X importtime` in one extra
-run). With --before REF the same commands also run against the package as of git REF (a worktree in a temporary
-folder), interleaved in the same rounds. Writes benchmarks/results/<name>.json and .txt.
+run). With --before REF the same commands also run against the package as of git REF (its tbps_clip/ extracted with
+`git archive` into a temporary folder), interleaved in the same rounds. Writes benchmarks/results/<name>.json and .txt.
 """
 import argparse
+import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
     tmp = None
     if a.before:
         tmp = tempfile.mkdtemp(prefix="cli-startup-before-")
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", tmp, a.before], check=True, capture_output=True)
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", a.before, "tbps_clip"], check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as t: t.extractall(tmp, filter="data")
         trees = {"before": tmp, **trees}
     try:
         floor, times, codes = [], {(t, n): [] for t in trees for n, _ in COMMANDS}, {}
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
                     times[t, n].append(s); codes[t, n] = rc
         torch_used = {(t, n): imports_torch(args, path) for t, path in trees.items() for n, args in COMMANDS}
     finally:
-        if tmp: subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", tmp], capture_output=True)
+        if tmp: shutil.rmtree(tmp, ignore_errors=True)
     base = statistics.median(floor)
     rows = [dict(tree=t, command=n, median_s=round(statistics.median(times[t, n]), 3), min_s=round(min(times[t, n]), 3),
                  max_s=round(max(times[t, n]), 3), over_python_s=round(statistics.median(times[t, n]) - base, 3),
