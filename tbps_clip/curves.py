@@ -91,7 +91,12 @@ class CurveLog(Callback):
         resumed = t.resumed_from is not None
         opened = dict(tensorboard=lambda: TensorBoardLog(t.out_dir / "tensorboard"),
                       wandb=lambda: WandbLog(t.cfg, t.out_dir, resumed))
-        self.sinks = [opened[n]() for n in self.names]
+        self.sinks = []
+        for n in self.names:
+            try: self.sinks.append(opened[n]())
+            except Exception as e:  # no W&B login, say: one line with the way out, before any step is trained
+                how = "; WANDB_MODE=offline keeps the run on disk (`wandb sync` uploads it later)" if n == "wandb" else ""
+                raise TBPSError(f"train.log_to={t.cfg.train.log_to}: cannot start {n} ({type(e).__name__}: {e}){how}") from None
         self.sent = {part: len(entries) for part, entries in t.history.items()}
 
     def after_log(self, t):

@@ -98,16 +98,17 @@ def check_image_files(cfg: Config, ann: Annotations, splits=None, show: int = 3)
         for r in records:
             if r.image in seen: continue
             seen.add(r.image)
-            if not os.path.isfile(os.path.join(ann.image_root, r.image)): missing.append((what, r))
+            p = os.path.join(ann.image_root, r.image)
+            if not os.path.isfile(p): missing.append((what, r, ": not a file" if os.path.lexists(p) else ""))
     if not missing: return
-    first = ", ".join(f"{r.image} ({what}, id {r.pid})" for what, r in missing[:show])
+    first = ", ".join(f"{r.image} ({what}, id {r.pid}{why})" for what, r, why in missing[:show])
     more = f" and {len(missing) - show} more" if len(missing) > show else ""
-    whats = {w for w, _ in missing}
+    whats = {w for w, _, _ in missing}
     hint = ("set data.skip_bad_images=true to train without the missing training images" if "train" in whats else
             "they are in the fit probe, which data.skip_bad_images does not thin: restore them or set eval.fit_probe=0"
             if "train, fit probe" in whats else
             "data.skip_bad_images leaves out training images only: every evaluated image must exist")
-    raise TBPSError(f"{ann.source}: {len(missing)} of the {len(seen)} image files it names do not exist under "
+    raise TBPSError(f"{ann.source}: {len(missing)} of the {len(seen)} image files it names are missing under "
                     f"{ann.image_root}: {first}{more}; {hint}")
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, callbacks=(), zero_shot: bool = False) -> dict:

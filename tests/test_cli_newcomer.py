@@ -344,7 +344,7 @@ def test_train_refuses_missing_images_before_it_writes_anything(toy, tmp_path):
     without_images(toy, "images/train/3_0.png", "images/train/3_1.png", "images/train/5_2.png", "images/train/6_0.png")
     run = tmp_path / "run"
     args = [f"{k}={v}" for k, v in micro_overrides(toy, run).items()]
-    refused(*run_cli("train", *args), f"{toy}: 4 of the 42 image files it names do not exist under {toy.parent}: ",
+    refused(*run_cli("train", *args), f"{toy}: 4 of the 42 image files it names are missing under {toy.parent}: ",
             "images/train/3_0.png (train, id 3), images/train/3_1.png (train, id 3), images/train/5_2.png (train, id 5) and 1 more",
             "set data.skip_bad_images=true")
     assert not run.exists()

@@ -110,3 +110,16 @@ def test_log_to_is_checked_and_changes_no_result(toy, tmp_path):
     out = tmp_path / "run"
     train(make_config("clip", micro_overrides(toy, out, **{"train.max_steps": 2})), progress=False)
     assert resume_config(out, ["train.log_to=tensorboard"]).train.log_to == "tensorboard"  # a resumed run may start logging
+
+
+def test_a_logger_that_cannot_start_stops_the_run_before_its_first_step(toy, tmp_path, monkeypatch):
+    class NoLogin:
+        def __init__(self, *a, **k): raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setattr(curves, "WandbLog", NoLogin)
+    monkeypatch.setitem(curves.LOGGERS, "wandb", ("json", "wandb"))  # 'installed'
+    out = tmp_path / "run"
+    rc, _, err = run_cli("train", *[f"{k}={v}" for k, v in micro_overrides(toy, out, **{"train.log_to": "wandb"}).items()])
+    assert rc == 2 and err == ("tbps-clip: error: train.log_to=wandb: cannot start wandb (RuntimeError: No API key configured. "
+                               "Use `wandb login` to log in.); WANDB_MODE=offline keeps the run on disk (`wandb sync` uploads "
+                               "it later)\n"), err
+    assert not (out / "checkpoint.pt").exists() and not (out / "history.json").exists()
