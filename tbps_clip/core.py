@@ -208,8 +208,8 @@ def safe_join(root, rel: str, what: str = "path") -> Path:
     return full
 
 # %% ../nbs/00_core.ipynb #2a85fed6
-def resolve_device(device: str = "auto") -> torch.device:
-    "`auto` picks CUDA when available, else the CPU; any explicit torch device string is honoured."
+def resolve_device(device: str = "auto"):
+    "The `torch.device` that `device` names: `auto` picks CUDA when available, else the CPU; any explicit torch device string is honoured."
     import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,8 +218,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise TBPSError(f"device {device!r} was requested but CUDA is not available on this machine")
     return d
 
-def autocast(device: torch.device, precision: str = "amp"):
-    "Autocast context for `precision` in {'fp32', 'amp', 'bf16', 'fp16'}; a no-op on the CPU or for fp32."
+def autocast(device, precision: str = "amp"):
+    "Autocast context on the `torch.device` `device` for `precision` in {'fp32', 'amp', 'bf16', 'fp16'}; a no-op on the CPU or for fp32."
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
     import torch

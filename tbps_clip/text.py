@@ -6,10 +6,7 @@
 from __future__ import annotations
 
 import re
-import typing
 from functools import lru_cache
-
-if typing.TYPE_CHECKING: import torch  # the tokenizer returns a tensor; cleaning captions needs no torch
 
 # %% auto #0
 __all__ = ['SOT_TOKEN', 'EOT_TOKEN', 'clean_caption', 'tokenize', 'vocab_size', 'words_read']
@@ -28,8 +25,8 @@ def _bpe():
     from open_clip.tokenizer import SimpleTokenizer
     return SimpleTokenizer()
 
-def tokenize(texts, context_length: int = 77) -> torch.LongTensor:
-    "Token ids of shape (len(texts), context_length); truncation keeps the end-of-text token."
+def tokenize(texts, context_length: int = 77):
+    "Token ids, a LongTensor of shape (len(texts), context_length) (open_clip's tokenizer imports torch); truncation keeps the end-of-text token."
     if isinstance(texts, str): texts = [texts]
     return _bpe()(list(texts), context_length=context_length)
 
