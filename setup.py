@@ -12,6 +12,8 @@ requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 slurm_requirements = cfg.get("slurm_requirements", "").split()
 docs_requirements = cfg.get("docs_requirements", "").split()
+tensorboard_requirements = cfg.get("tensorboard_requirements", "").split()
+wandb_requirements = cfg.get("wandb_requirements", "").split()
 scripts = [s.strip() for s in cfg.get("console_scripts", "").split("\n") if s.strip()]
 readme = Path(__file__).parent / "README.md"
 
@@ -29,7 +31,8 @@ setuptools.setup(
     include_package_data=True,
     package_data={cfg["lib_name"]: ["assets/*"], f"{cfg['lib_name']}.study": ["paper.yaml"]},  # the paper's numbers (study.paper)
     install_requires=requirements,
-    extras_require={"dev": dev_requirements, "slurm": slurm_requirements, "docs": docs_requirements},
+    extras_require={"dev": dev_requirements, "slurm": slurm_requirements, "docs": docs_requirements,
+                    "tensorboard": tensorboard_requirements, "wandb": wandb_requirements},
     entry_points={"console_scripts": scripts, "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

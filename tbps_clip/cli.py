@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,28 +39,57 @@ def _cmd_pretrain(a):
         print(f"already built: {p} (use --force to rebuild)"); return
     print(f"pretrained small CLIP written to {pretrain_synthclip(a.arch, steps=a.steps, seed=a.seed, out=p, device=a.device)}")
 
+def _check_overrides(overrides) -> list:
+    "`overrides` (key=value strings), each key and value checked against the configuration's fields; torch is not imported."
+    from tbps_clip.config import Config, parse_overrides, set_key
+    cfg = Config()
+    for k, v in parse_overrides(overrides).items(): set_key(cfg, k, v)
+    return list(overrides)
+
 def _train_config(a):
     "The configuration `train` runs: a new one from preset and overrides, or with --resume the run folder's own."
     from tbps_clip.config import make_config, parse_overrides
-    from tbps_clip.run import resume_config
     if not a.resume:
         return make_config(a.preset or "clip", list(a.overrides) + ([f"out_dir={a.out}"] if a.out else []))
     run = a.out or parse_overrides(a.overrides).get("out_dir")  # out_dir=RUN names the folder too
     if not run: raise TBPSError("--resume needs the run folder: tbps-clip train --out RUN --resume")
+    from tbps_clip.run import resume_config
     cfg = resume_config(run, a.overrides, a.preset)
     if os.environ.get("RANK", "0") == "0":
         print(f"resuming {run} as its config.yaml says: preset {cfg.preset}, model {cfg.model.arch}")
     return cfg
 
+def _saved_step(run: Path) -> int | None:
+    "The step after which the run in `run` last saved its checkpoint, or None if it saved none (or it cannot be read)."
+    from tbps_clip.checkpoint import read_checkpoint_file
+    try: return int(read_checkpoint_file(run / "checkpoint.pt")["state"]["step"])
+    except Exception: return None
+
+def _interrupted(cfg, e: KeyboardInterrupt) -> str:
+    "What Ctrl-C during `train` left: the step saved and the command that resumes from it."
+    run = Path(cfg.out_dir)
+    step = getattr(e, "step", None)
+    step = step if step is not None else _saved_step(run) if (run / "checkpoint.pt").is_file() else None
+    resume = f"tbps-clip train --out {shlex.quote(str(run))} --resume"
+    if step is None:
+        return f"tbps-clip: interrupted before the first save; {resume} starts the run again" if (run / "config.yaml").is_file() \
+            else "tbps-clip: interrupted before training started; nothing was saved"
+    return f"tbps-clip: interrupted; saved after step {step} in {run / 'checkpoint.pt'}; resume with: {resume}"
+
 def _cmd_train(a):
+    cfg = _train_config(a)  # a configuration error answers before torch is imported
     from tbps_clip.run import train, results_table
-    rec = train(_train_config(a), resume=a.resume)
+    try: rec = train(cfg, resume=a.resume)
+    except KeyboardInterrupt as e:
+        if os.environ.get("RANK", "0") == "0": e.cli_message = _interrupted(cfg, e)
+        raise
     if rec.get("rank", 0) != 0: return  # torchrun: rank 0 reports
     tag = " (synthetic)" if rec["synthetic"] else ""
     print(f"{rec['dataset']}{tag} {rec['split']}, preset {rec['preset']}, {rec['steps']} steps:")
     print(results_table({rec["preset"]: rec["metrics"]}))
 
 def _cmd_eval(a):
+    _check_overrides(a.overrides)
     from tbps_clip.run import evaluate_checkpoint, results_table
     rec = evaluate_checkpoint(a.checkpoint, a.overrides, split=a.split, out=a.out, trust=a.trust)
     tag = " (synthetic)" if rec["synthetic"] else ""
@@ -68,12 +98,15 @@ def _cmd_eval(a):
     if a.out: print(f"results written to {a.out}")
 
 def _cmd_demo(a):
+    from tbps_clip.config import make_config
+    make_config(a.preset, _check_overrides(a.overrides))  # a configuration error answers before torch is imported
     from tbps_clip.run import demo
     rec = demo(a.preset, a.out, a.overrides)
     print(f"\nSynthPEDES (synthetic) test, {rec['metrics']['queries']} queries x {rec['metrics']['gallery']} images, "
           f"{rec['steps']} fine-tuning steps, seed {rec['seed']}:")
     print(rec["table"])
-    print(f"figure: {rec['figure']}\nresults: {Path(a.out) / 'results.json'}\ntotal {rec['demo_seconds']} s")
+    print(f"figure: {rec['figure']}\nretrievals (top 5 before and after): {Path(a.out) / 'retrievals.png'}\n"
+          f"results: {Path(a.out) / 'results.json'}\ntotal {rec['demo_seconds']} s")
 
 def _cmd_config(a):
     import yaml
@@ -93,6 +126,7 @@ def _gallery_items(path):
     return p
 
 def _cmd_index(a):
+    _check_overrides(a.overrides)  # before torch is imported
     import torch
     from tbps_clip.distributed import dist_env
     from tbps_clip.search import Encoder, index_gallery
@@ -137,7 +171,7 @@ def _search_overrides(a) -> list:
     if overrides and not a.checkpoint:
         raise TBPSError(f"{overrides[0]}: overrides need --checkpoint; without it the model is the one that built "
                         f"{Path(a.index) / 'index.json'}, as it was")
-    return overrides
+    return _check_overrides(overrides)
 
 def _search_encoder(a, idx, overrides):
     from tbps_clip.search import Encoder
@@ -146,11 +180,13 @@ def _search_encoder(a, idx, overrides):
 
 def _cmd_search(a):
     import dataclasses
-    from tbps_clip.search import GalleryIndex, contact_sheet, html_report
     overrides = _search_overrides(a)
-    idx = GalleryIndex.load(a.index, root=a.root)
     queries = _query_list(a)
-    results = idx.search(_search_encoder(a, idx, overrides), queries, k=a.k, offset=a.offset)
+    from tbps_clip.search import GalleryIndex, contact_sheet, html_report
+    idx = GalleryIndex.load(a.index, root=a.root)
+    notes = []
+    results = idx.search(_search_encoder(a, idx, overrides), queries, k=a.k, offset=a.offset, notes=notes)
+    for n in notes: print(f"tbps-clip: note: {n}", file=sys.stderr)  # a description longer than the model reads
     def where(h):
         try: f = idx.file(h.index)
         except TBPSError as e: return f"{h.path} (unavailable: {e})"
@@ -171,9 +207,10 @@ def _cmd_search(a):
         print(f"HTML report: {html_report(idx, list(zip(queries, results)), a.html)}", file=sys.stderr if a.json else sys.stdout)
 
 def _cmd_serve(a):
-    from tbps_clip.serve import serve
-    overrides = list(a.overrides) + _deprecated_set(a.old_set)
+    if not 0 <= a.port <= 65535: raise TBPSError(f"--port {a.port}: ports are 0-65535 (0: any free port)")  # before loading anything
+    overrides = _check_overrides(list(a.overrides) + _deprecated_set(a.old_set))
     if overrides and not a.checkpoint: raise TBPSError(f"{overrides[0]}: overrides need --checkpoint (the model to search with)")
+    from tbps_clip.serve import serve
     serve(a.index, host=a.host, port=a.port, checkpoint=a.checkpoint, overrides=overrides, trust=a.trust, device=a.device,
           max_connections=a.max_connections)
 
@@ -215,7 +252,7 @@ def _add_search_commands(sub, overrides) -> None:
     s = sub.add_parser("serve", help="a local web page to search indexes by text")
     s.add_argument("--index", required=True, action="append", help="index folder (repeat for several)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8765, help="port to listen on")
+    s.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     s.add_argument("--max-connections", type=int, default=32, help="connections served at once; more get 503")
     model(s, "the model that built each index"); overrides(s); old_set(s)
     s.set_defaults(func=_cmd_serve)
@@ -310,7 +347,7 @@ def _add_study_commands(sub) -> None:
     c.add_argument("--csv", help="all runs as CSV (default: RESULTS/runs.csv)")
     c.add_argument("--md", help="summary with the paper's values and agreement marks (default: RESULTS/summary.md)")
     c.set_defaults(func=_cmd_study_collect)
-    t = ss.add_parser("status", help="where a sweep stands: its notebooks (pending ones too, given its file) and run records")
+    t = ss.add_parser("status", help="where a sweep stands: its notebooks (all, given its file) and run records")
     t.add_argument("results", help="a sweep parameter file, or a results folder (a sweep's out)"); t.set_defaults(func=_cmd_study_status)
 
 # %% ../nbs/14_cli.ipynb #5a6d75e4
@@ -320,8 +357,8 @@ def _add_prep_commands(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="what", required=True, metavar="{" + ",".join([*FORMATS, "official", "merge-bt"]) + "}")
     for name in [*FORMATS, "official"]:
         desc = (f"{FORMATS[name].name}: {FORMATS[name].files[0]} and {IMAGE_DIR}/ in ROOT" if name in FORMATS
-                else f"the TBPS-CLIP authors' {', '.join(OFFICIAL_FILES.values())} and {IMAGE_DIR}/ in ROOT")
-        s = sub.add_parser(name, help=desc, description=desc)
+                else f"the TBPS-CLIP authors' *_reid.json files ({', '.join(OFFICIAL_FILES)}) and {IMAGE_DIR}/ in ROOT")
+        s = sub.add_parser(name, help=desc)
         s.add_argument("root", help="the dataset folder")
         s.add_argument("--out", help="annotation file to write (default: ROOT/annotations.json)")
         s.add_argument("--drop", default="", help=f"comma-separated issue kinds to drop ({', '.join(DROPPABLE)}), or 'errors' or 'all' (default: none)")
@@ -341,7 +378,8 @@ def _cmd_prep(a) -> int:
     if a.what == "merge-bt":
         print(format_merge_report(merge_back_translations(a.annotations, a.official, a.out, a.examples)))
         return 0
-    rep = prepare(a.what, a.root, a.out, a.drop, a.check_images, a.report, a.examples, progress=True)
+    rep = prepare(a.what, a.root, a.out, a.drop, a.check_images, a.report, a.examples, progress=True,
+                  root_name=f"ROOT in `tbps-clip prep {a.what} ROOT`")
     print(format_prep_report(rep))
     print(f"report: {rep['report_file']}")
     if rep["blocking"]["count"]:
@@ -356,11 +394,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in h or action.default is None or action.default is False or action.default in ("", []): return h
         return super()._get_help_string(action)
 
+class _SubParsers(argparse._SubParsersAction):
+    "Subcommands whose own --help starts with their one-line description: the help the list of commands shows."
+    def add_parser(self, name, **kwargs):
+        h = kwargs.get("help")
+        if h and "description" not in kwargs: kwargs["description"] = h[:1].upper() + h[1:] + ("" if h.endswith(".") else ".")
+        return super().add_parser(name, **kwargs)
+
 class _Parser(argparse.ArgumentParser):
     "An argument parser whose subcommands (same class) all show their defaults and take options among positionals."
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _SubParsers)
 
     def parse_known_args(self, args=None, namespace=None):
         # a subcommand's trailing key=value overrides after its options (`index G --out I k=v`): plain parsing gives
@@ -404,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rebuild even if it is already built")
     s.set_defaults(func=_cmd_pretrain)
 
-    s = sub.add_parser("train", help="train and evaluate a configured run (several processes: torchrun --nproc_per_node N -m tbps_clip.cli train ...)")
+    s = sub.add_parser("train", help="train and evaluate a configured run",
+                       epilog="Several processes: torchrun --nproc_per_node N -m tbps_clip.cli train ... "
+                              "Ctrl-C saves the run after the current step and prints the command that resumes it.")
     s.add_argument("--preset", help=f"configuration preset: {', '.join(PRESETS)} (default: clip; with --resume: the run's)")
     s.add_argument("--out", help="run folder (sets out_dir; default: the config's out_dir, runs/default)")
     s.add_argument("--resume", action="store_true", help="continue the interrupted run in --out as its config.yaml says")
@@ -418,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust", action="store_true", help="allow unpickling arbitrary objects (trusted files only)"); ov(s)
     s.set_defaults(func=_cmd_eval)
 
-    s = sub.add_parser("prep", help="check a raw dataset download and write its annotation file, with a validation report")
+    s = sub.add_parser("prep", help="check a dataset download, write its annotation file and a report")
     _add_prep_commands(s); s.set_defaults(func=_cmd_prep)
 
     s = sub.add_parser("demo", help="the main job on the embedded default: zero-shot vs fine-tuned on SynthPEDES")
@@ -445,8 +493,8 @@ def main(argv=None) -> int:
     except TBPSError as e:
         print(f"tbps-clip: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tbps-clip: interrupted (runs resume with --resume)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(getattr(e, "cli_message", None) or "tbps-clip: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -155,6 +155,7 @@ class TrainConfig:
     compile: str = "off"  # torch.compile the two towers: 'off', or a mode: 'default', 'reduce-overhead', 'max-autotune' (needs a C++/Triton compiler; start-up cost)
     dist_backend: str = "auto"  # torchrun runs: 'auto' (NCCL on CUDA, gloo on the CPU), 'nccl' or 'gloo'
     freeze_text_layers: tuple = ()  # text-tower residual layers (0-based, as in the full model) kept frozen (compression)
+    log_to: str = "none"  # also send the training curves (history.json) to 'tensorboard' (events in the run folder), 'wandb', or both ('tensorboard,wandb')
 
 @dataclass
 class EvalConfig:
@@ -237,6 +238,8 @@ CHECKS: dict = {
     "train.compile": _one_of("off", "default", "reduce-overhead", "max-autotune"),
     "train.dist_backend": _one_of("auto", "nccl", "gloo"),
     "train.freeze_text_layers": _items(lambda x: _int(x) and x >= 0, "layer numbers (0 or more)"),
+    "train.log_to": (lambda v: v == "none" or (bool(v) and all(s.strip() in ("tensorboard", "wandb") for s in v.split(","))),
+                     "must be none, tensorboard, wandb or tensorboard,wandb"),
     "eval.chunk_size": _at_least(1), "eval.fit_probe": _between(0, 1),
 }
 

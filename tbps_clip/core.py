@@ -23,9 +23,6 @@ from pathlib import Path
 try: import fcntl  # POSIX file locks (exclusive_lock)
 except ImportError: fcntl = None
 
-import numpy as np
-import torch
-
 # %% auto #0
 __all__ = ['TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'exclusive_lock', 'read_json',
@@ -66,6 +63,7 @@ def patch_to(cls: type, cls_method: bool = False):
 # %% ../nbs/00_core.ipynb #ed1fa544
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and PyTorch (CPU and CUDA) global generators."
+    import numpy as np, torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -142,6 +140,7 @@ def atomic_write_json(path, obj, indent=1) -> Path:
 
 def atomic_torch_save(obj, path) -> Path:
     "`torch.save` to `path` atomically."
+    import torch
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
@@ -209,8 +208,9 @@ def safe_join(root, rel: str, what: str = "path") -> Path:
     return full
 
 # %% ../nbs/00_core.ipynb #2a85fed6
-def resolve_device(device: str = "auto") -> torch.device:
-    "`auto` picks CUDA when available, else the CPU; any explicit torch device string is honoured."
+def resolve_device(device: str = "auto"):
+    "The `torch.device` that `device` names: `auto` picks CUDA when available, else the CPU; any explicit torch device string is honoured."
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = torch.device(device)
@@ -218,17 +218,17 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise TBPSError(f"device {device!r} was requested but CUDA is not available on this machine")
     return d
 
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-def autocast(device: torch.device, precision: str = "amp"):
-    "Autocast context for `precision` in {'fp32', 'amp', 'bf16', 'fp16'}; a no-op on the CPU or for fp32."
+def autocast(device, precision: str = "amp"):
+    "Autocast context on the `torch.device` `device` for `precision` in {'fp32', 'amp', 'bf16', 'fp16'}; a no-op on the CPU or for fp32."
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
+    import torch
     if precision == "amp":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision not in _AMP_DTYPES:
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
         raise TBPSError(f"unknown precision {precision!r}; choose fp32, amp, bf16 or fp16")
-    return torch.autocast("cuda", dtype=_AMP_DTYPES[precision])
+    return torch.autocast("cuda", dtype=dtypes[precision])
 
 # %% ../nbs/00_core.ipynb #41b4098d
 def cache_dir() -> Path:
@@ -254,7 +254,7 @@ def cpu_model() -> str:
 
 def environment_info() -> dict:
     "Versions and hardware that a result record should carry."
-    import open_clip, torchvision
+    import numpy as np, open_clip, torch, torchvision
     from tbps_clip import __version__
     # the CPU's vector kernels (AVX2, AVX512, ...) change floating-point sums, so a run is bit-identical only on the same capability
     info = dict(tbps_clip=__version__, python=platform.python_version(), torch=torch.__version__,

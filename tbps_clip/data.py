@@ -225,7 +225,9 @@ def collate(items: list) -> dict:
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
 def worker_init(worker_id: int) -> None:
-    "Give each data-loader worker its own, reproducible global seeds (per-item seeds do the real work)."
+    "Give each data-loader worker its own, reproducible global seeds (per-item seeds do the real work); leave Ctrl-C to the main process."
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer saves and stops; workers carry on until then
     info = torch.utils.data.get_worker_info()
     s = info.seed % 2**32
     random.seed(s); np.random.seed(s)

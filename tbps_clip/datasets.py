@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core import TBPSError, atomic_write_json, read_json, safe_join
-from .data import load_image
 from .text import clean_caption
 from .records import (SPLITS, Annotations, Record, check_annotations, read_annotations,
                                valid_pid, write_annotations)
@@ -201,6 +200,7 @@ def cross_issues(entries: list) -> list:
 def image_issues(entries: list, image_root, check: str = "decode", progress: bool = False) -> list:
     "Missing (and, with check='decode', undecodable) image files."
     if check == "none": return []
+    from tbps_clip.data import load_image  # imported here: the command line builds its help from this module without torch
     if check not in ("exists", "decode"):
         raise TBPSError(f"check_images must be 'decode', 'exists' or 'none', got {check!r}")
     out, it = [], entries
@@ -270,11 +270,11 @@ class Scan:
     entries: list  # structurally valid entries
     issues: list  # every problem found
 
-def _find_file(root: Path, names, dataset: str) -> Path:
+def _find_file(root: Path, names, dataset: str, root_name: str = "data.root") -> Path:
     if root.is_file() and root.name in names: return root
     for n in names:
         if (root / n).is_file(): return root / n
-    raise TBPSError(f"{root}: no {' or '.join(names)} here; for {dataset} set data.root to the folder that holds "
+    raise TBPSError(f"{root}: no {' or '.join(names)} here; for {dataset}, {root_name} must be the folder that holds "
                     f"{names[0]} and {IMAGE_DIR}/ (see docs/real-data.md)")
 
 def _image_root(folder: Path) -> Path:
@@ -289,10 +289,10 @@ def _read_list(path: Path) -> list:
         raise TBPSError(f"{path}: expected a JSON list of entries, got {type(d).__name__}")
     return d
 
-def scan_dataset(dataset: str, root, check_images: str = "none", progress: bool = False) -> Scan:
-    "Read and check the annotation file(s) of `dataset` under `root` (no dropping)."
+def scan_dataset(dataset: str, root, check_images: str = "none", progress: bool = False, root_name: str = "data.root") -> Scan:
+    "Read and check the annotation file(s) of `dataset` under `root` (no dropping); errors call `root` what the user wrote, `root_name`."
     if not str(root).strip():
-        raise TBPSError(f"data.root is empty: set it to the {dataset} folder (the one with its annotation file and {IMAGE_DIR}/)")
+        raise TBPSError(f"{root_name} is empty: set it to the {dataset} folder (the one with its annotation file and {IMAGE_DIR}/)")
     root = Path(root).expanduser()
     if not root.exists():
         raise TBPSError(f"{root}: dataset folder not found")
@@ -304,7 +304,7 @@ def scan_dataset(dataset: str, root, check_images: str = "none", progress: bool 
         path_field, splits = "file_path", SPLITS
     elif dataset in FORMATS:
         fmt = FORMATS[dataset]
-        f = _find_file(root, fmt.files, fmt.name)
+        f = _find_file(root, fmt.files, fmt.name, root_name)
         folder, files, path_field, splits = f.parent, [(f, None)], fmt.path_field, fmt.splits
     else:
         raise TBPSError(f"unknown dataset {dataset!r}; readers: {', '.join([*FORMATS, 'official'])}")
@@ -413,9 +413,9 @@ def format_prep_report(rep: dict) -> str:
     return "\n".join(L)
 
 def prepare(dataset: str, root, out=None, drop=(), check_images: str = "decode", report=None, examples: int = 5,
-            progress: bool = False) -> dict:
-    "Check a dataset folder, write its annotation file unless errors are left, and return the report."
-    sc = scan_dataset(dataset, root, check_images=check_images, progress=progress)
+            progress: bool = False, root_name: str = "root") -> dict:
+    "Check a dataset folder, write its annotation file unless errors are left, and return the report (`root_name`: what errors call `root`)."
+    sc = scan_dataset(dataset, root, check_images=check_images, progress=progress, root_name=root_name)
     records, dropped, blocking = apply_drops(sc.entries, sc.issues, drop)
     rep = prep_report(sc, records, dropped, blocking, drop, examples)
     out = Path(out) if out else Path(sc.files[0]).parent / "annotations.json"

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from .config import (Config, check_config, config_from_dict, config_to_dict, loa
 from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
                             seed_everything)
 from .augment import configure_pairs, image_transform, synonym_source
+from .curves import CurveLog, check_log_to
 from .data import TrainPairs
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
-from .evaluate import evaluate, fit_metrics, retrieval_figure
+from .evaluate import evaluate, fit_metrics, fit_probe, retrieval_figure
 from .metrics import METRICS
 from .heads import attach_heads
 from .model import TBPSModel, set_text_attention_dropout
@@ -31,8 +33,8 @@ from .train import SoftLabels, Trainer
 
 # %% auto #0
 __all__ = ['RESUME_KEYS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record', 'run_log',
-           'train_dataset', 'train', 'resume_config', 'eval_config', 'evaluate_checkpoint', 'results_table',
-           'plot_results', 'demo']
+           'train_dataset', 'check_image_files', 'train', 'resume_config', 'eval_config', 'evaluate_checkpoint',
+           'results_table', 'plot_results', 'demo']
 
 # %% ../nbs/13_run.ipynb #6750e830
 def load_data(cfg: Config) -> Annotations:
@@ -84,8 +86,35 @@ def train_dataset(cfg: Config, ann: Annotations, context_length: int) -> TrainPa
     ds.fewshot = fewshot
     return configure_pairs(ds, cfg)
 
+def check_image_files(cfg: Config, ann: Annotations, splits=None, show: int = 3) -> None:
+    "Refuse annotations that name image files which do not exist (existence only: quick), naming the first `show` of them."
+    if splits is None:  # what a run reads: training images (unless left out when unreadable), val and test
+        splits = [s for s in dict.fromkeys([*([] if cfg.data.skip_bad_images else ["train"]), cfg.eval.val_split, cfg.eval.split]) if s]
+    groups = [(s, ann.split(s)) for s in splits]
+    probe = cfg.data.skip_bad_images and cfg.eval.fit_probe and "train" not in splits and ann.split("train")
+    if probe:  # the fit probe evaluates training images after training: those must exist even when training skips some
+        groups.append(("train, fit probe", fit_probe(ann, cfg.eval.fit_probe, cfg.eval.fit_probe_seed).records))
+    missing, seen = [], set()
+    for what, records in groups:
+        for r in records:
+            if r.image in seen: continue
+            seen.add(r.image)
+            p = os.path.join(ann.image_root, r.image)
+            if not os.path.isfile(p): missing.append((what, r, ": not a file" if os.path.lexists(p) else ""))
+    if not missing: return
+    first = ", ".join(f"{r.image} ({what}, id {r.pid}{why})" for what, r, why in missing[:show])
+    more = f" and {len(missing) - show} more" if len(missing) > show else ""
+    whats = {w for w, _, _ in missing}
+    hint = ("set data.skip_bad_images=true to train without the missing training images" if "train" in whats else
+            "they are in the fit probe, which data.skip_bad_images does not thin: restore them or set eval.fit_probe=0"
+            if "train, fit probe" in whats else
+            "data.skip_bad_images leaves out training images only: every evaluated image must exist")
+    raise TBPSError(f"{ann.source}: {len(missing)} of the {len(seen)} image files it names are missing under "
+                    f"{ann.image_root}: {first}{more}; {hint}")
+
 def train(cfg: Config, resume: bool = False, progress: bool = True, callbacks=(), zero_shot: bool = False) -> dict:
     "Train `cfg` end to end and return (and save) its result record; under torchrun, one process of several."
+    check_log_to(cfg)  # a logger that is not installed is refused before anything starts
     dist_info = init_distributed(cfg.train.device, cfg.train.dist_backend)
     try: return _train(cfg, dist_info, resume, progress, callbacks, zero_shot)
     finally: cleanup_distributed()
@@ -96,6 +125,7 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
     main = di.rank == 0
     if not main: barrier()  # rank 0 first builds whatever the cache lacks (SynthPEDES, the small CLIP)
     ann = load_data(cfg)
+    check_image_files(cfg, ann)  # before the run folder is made
     seed_everything(cfg.train.seed)
     model = prepare_model(cfg)
     if main: barrier()
@@ -119,7 +149,9 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
     zs = ev(cfg.eval.split)(model.to(resolve_device(cfg.train.device))) if zero_shot and main else None
     val = cfg.eval.val_split if cfg.eval.val_split and ann.split(cfg.eval.val_split) else None
     cbs = [SoftLabels(cfg.trick.soft_label, cfg.trick.soft_label_warmup, cfg.trick.soft_label_source)] if cfg.trick.soft_label else []
-    trainer = Trainer(cfg, model, ds, evaluator=ev(val) if val else None, callbacks=[*cbs, *callbacks],
+    loggers = check_log_to(cfg)  # train.log_to: the history also goes to TensorBoard / W&B (rank 0)
+    curves = [CurveLog(loggers)] if main and loggers else []
+    trainer = Trainer(cfg, model, ds, evaluator=ev(val) if val else None, callbacks=[*cbs, *curves, *callbacks],
                       progress=progress, gather=make_gather(cfg.trick.global_grad), rank=di.rank, world_size=di.world_size)
     trainer.fit(resume=resume)
     if not main:  # only rank 0 evaluates and writes results; the others wait for it in cleanup
@@ -139,9 +171,9 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
     return rec
 
 # %% ../nbs/13_run.ipynb #7a3c9e02
-# What a resumed run may change: where and how fast it runs, never what it computes (per-item seeds make the
-# data independent of the number of loader workers)
-RESUME_KEYS = ("train.device", "train.threads", "data.num_workers", "data.prefetch_factor", "data.pin_memory")
+# What a resumed run may change: where and how fast it runs and where its curves are also sent, never what it
+# computes (per-item seeds make the data independent of the number of loader workers)
+RESUME_KEYS = ("train.device", "train.threads", "data.num_workers", "data.prefetch_factor", "data.pin_memory", "train.log_to")
 
 def _value(cfg: Config, key: str):
     for part in key.split("."): cfg = getattr(cfg, part)
@@ -188,6 +220,7 @@ def evaluate_checkpoint(checkpoint: str | None, overrides=None, split: str = "te
     set_threads(cfg)
     model = prepare_model(cfg, trust=trust).to(resolve_device(cfg.train.device))  # before the data: a bad file fails at once
     ann = load_data(cfg)
+    check_image_files(cfg, ann, [split])
     t0 = time.perf_counter()
     m = evaluate(model, ann, split, cfg.data, cfg.eval.chunk_size, precision=cfg.train.precision)
     rec = run_record(cfg, ann, kind="eval", split=split, checkpoint=str(checkpoint) if checkpoint else cfg.model.pretrained,

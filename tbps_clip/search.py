@@ -30,13 +30,13 @@ from .distributed import barrier, dist_env
 from .evaluate import encode_texts
 from .model import TBPSModel
 from .run import eval_config
-from .text import clean_caption
+from .text import clean_caption, words_read
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'INDEX_FORMAT', 'INDEX_VERSION', 'DTYPES', 'MEMORY_PREFIX', 'Skipped', 'find_images', 'weights_digest',
-           'model_fingerprint', 'check_same_model', 'Encoder', 'topk_search', 'Hit', 'IndexReport', 'default_root',
-           'GalleryIndex', 'shard_range', 'write_shard', 'merge_shards', 'index_gallery', 'thumbnail', 'contact_sheet',
-           'html_report']
+           'model_fingerprint', 'check_same_model', 'QueryCut', 'query_cut', 'Encoder', 'topk_search', 'Hit',
+           'IndexReport', 'default_root', 'GalleryIndex', 'shard_range', 'write_shard', 'merge_shards', 'index_gallery',
+           'thumbnail', 'contact_sheet', 'html_report']
 
 # %% ../nbs/20_search.ipynb #2d3a5767
 IMAGE_EXTS = frozenset(e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
@@ -86,6 +86,19 @@ def check_same_model(index_fp: dict, model_fp: dict, source: str) -> None:
                         "model that built it (the default when no checkpoint is given), or rebuild it with `tbps-clip index`.")
 
 # %% ../nbs/20_search.ipynb #c1339224
+class QueryCut(UserWarning):
+    "A description longer than the model reads: only its first words are searched."
+
+def query_cut(query: str, clean: str, context_length: int, max_words: int) -> str | None:
+    "What is cut from `query` (cleaned: `clean`) and why, in one line; None if the model reads all of it."
+    words = clean_caption(query, len(query)).split()  # every word, before data.max_words
+    read = min(words_read(clean, context_length), len(clean.split()))
+    if read >= len(words): return None
+    why = f"the model reads {context_length} text tokens" if read < len(clean.split()) else f"data.max_words is {max_words}"
+    shown = lambda ws: " ".join(ws) if len(ws) <= 8 else " ".join(ws[:8]) + " ..."
+    return (f"the description \"{' '.join(words[:6])} ...\" is cut to its first {read} of {len(words)} words ({why}); "
+            f"not searched: \"{shown(words[read:])}\"")
+
 class _Images(Dataset):
     "Items (paths or PIL images) as (tensor, error message or '')."
     def __init__(self, items, transform, size):
@@ -129,13 +142,16 @@ class Encoder:
         c = config_from_dict(cfg, f"{source} (config)")
         return cls(build_model(c, trust=trust), c, source=c.model.pretrained, **kw)
 
-    def embed_texts(self, queries: list) -> torch.Tensor:
-        "Normalised features (N, D) of descriptions, cleaned as the evaluator cleans captions."
+    def embed_texts(self, queries: list, notes: list | None = None) -> torch.Tensor:
+        "Normalised features (N, D) of descriptions, cleaned as the evaluator cleans captions; each one cut is said in `notes`, else warned (`QueryCut`)."
         clean = []
         for i, q in enumerate(queries):
             c = clean_caption(q, self.cfg.data.max_words) if isinstance(q, str) else ""
             if not c:
                 raise TBPSError(f"query {i} ({str(q)[:60]!r}) is empty: describe the person in words")
+            cut = query_cut(q, c, self.model.context_length, self.cfg.data.max_words)
+            if cut and notes is not None: notes.append(cut)
+            elif cut: warnings.warn(QueryCut(cut), stacklevel=2)
             clean.append(c)
         return encode_texts(self.model, clean, self.batch_size, self.device, self.cfg.train.precision)
 
@@ -435,11 +451,11 @@ def search_embeddings(self, queries: torch.Tensor, k: int = 10, offset: int = 0,
             for vr, ir in zip(vals, idx)]
 
 @patch_to(GalleryIndex)
-def search(self, encoder: Encoder, queries, k: int = 10, offset: int = 0, block_rows: int = 262144):
-    "Hits for one description (a list of `Hit`) or for a list of descriptions (a list of lists)."
+def search(self, encoder: Encoder, queries, k: int = 10, offset: int = 0, block_rows: int = 262144, notes: list | None = None):
+    "Hits for one description (a list of `Hit`) or for a list of descriptions (a list of lists); `notes` as in `Encoder.embed_texts`."
     self.check_model(encoder)
     one = isinstance(queries, str)
-    res = self.search_embeddings(encoder.embed_texts([queries] if one else list(queries)), k, offset, block_rows)
+    res = self.search_embeddings(encoder.embed_texts([queries] if one else list(queries), notes), k, offset, block_rows)
     return res[0] if one else res
 
 # %% ../nbs/20_search.ipynb #a6109920

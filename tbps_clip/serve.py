@@ -21,14 +21,16 @@ from .core import TBPSError
 from .search import Encoder, GalleryIndex
 
 # %% auto #0
-__all__ = ['MAX_QUERY_CHARS', 'MAX_PER_PAGE', 'REQUEST_TIMEOUT_S', 'MAX_CONNECTIONS', 'PAGE', 'SCRIPT', 'RequestError',
-           'SearchApp', 'Handler', 'BoundedHTTPServer', 'make_server', 'start_in_thread', 'serve']
+__all__ = ['MAX_QUERY_CHARS', 'MAX_PER_PAGE', 'REQUEST_TIMEOUT_S', 'MAX_CONNECTIONS', 'EXAMPLES', 'PAGE', 'SCRIPT',
+           'RequestError', 'SearchApp', 'Handler', 'BoundedHTTPServer', 'make_server', 'start_in_thread', 'serve']
 
 # %% ../nbs/21_serve.ipynb #e97d4b0e
 MAX_QUERY_CHARS = 1000  # a description longer than this is refused (captions are a few dozen words)
 MAX_PER_PAGE = 100
 REQUEST_TIMEOUT_S = 30  # an idle or slow connection is closed after this long
 MAX_CONNECTIONS = 32    # connections served at once; more get 503 at once (threads, and the memory of their answers, stay bounded)
+EXAMPLES = ("a man in a black jacket with a red backpack", "a woman in a yellow t-shirt and white trousers",
+            "a person in a blue top and jeans carrying a white shoulder bag")  # what the empty page suggests
 
 class RequestError(Exception):
     "A request the service refuses, with its HTTP status."
@@ -46,9 +48,9 @@ def _int_param(params: dict, name: str, default: int, lo: int, hi: int | None = 
 
 class SearchApp:
     "Named indexes and their encoders, answering validated search and image requests."
-    def __init__(self, indexes: dict, encoders: dict):
+    def __init__(self, indexes: dict, encoders: dict, examples=EXAMPLES):
         if not indexes: raise TBPSError("serve: give at least one index")
-        self.indexes, self.encoders = indexes, encoders
+        self.indexes, self.encoders, self.examples = indexes, encoders, list(examples)
         self.lock = threading.Lock()  # one query at a time through the model: keeps latency honest, threads sane
         for name, idx in indexes.items(): idx.check_model(encoders[name])
 
@@ -70,7 +72,8 @@ class SearchApp:
     def info(self) -> dict:
         "The indexes on offer, for the page."
         return dict(indexes=[dict(name=n, images=len(i), arch=i.model.get("arch"), created=i.created)
-                             for n, i in self.indexes.items()], max_query_chars=MAX_QUERY_CHARS, max_per_page=MAX_PER_PAGE)
+                             for n, i in self.indexes.items()], max_query_chars=MAX_QUERY_CHARS, max_per_page=MAX_PER_PAGE,
+                    examples=self.examples)
 
     def _index(self, name: str | None) -> tuple:
         name = name if name is not None else next(iter(self.indexes))
@@ -79,7 +82,7 @@ class SearchApp:
         return name, self.indexes[name]
 
     def search(self, params: dict) -> dict:
-        "Answer a search request: q, index, page (1-based), per_page."
+        "Answer a search request: q, index, page (1-based), per_page; `notes` say what the page should know (a cut description, the end of the results)."
         q = params.get("q", "")
         if not q.strip(): raise RequestError(400, "Type a description of the person to search for.")
         if len(q) > MAX_QUERY_CHARS:
@@ -87,15 +90,19 @@ class SearchApp:
         name, idx = self._index(params.get("index"))
         page, per = _int_param(params, "page", 1, 1), _int_param(params, "per_page", 20, 1, MAX_PER_PAGE)
         pages = max(1, -(-len(idx) // per))
-        if page > pages: raise RequestError(400, f"page {page} is past the last page ({pages}) of {len(idx)} images")
+        notes = []
         with self.lock:
             t0 = time.perf_counter()
-            try: hits = idx.search(self.encoders[name], q, k=per, offset=(page - 1) * per)
+            # a page past the end: the description is still checked, and the answer says where the results end
+            try: hits = idx.search(self.encoders[name], q, k=per, offset=min(page, pages) * per - per, notes=notes)
             except TBPSError as e: raise RequestError(400, str(e)) from None
             ms = (time.perf_counter() - t0) * 1000
+        if page > pages:
+            hits = []
+            notes.append(f"The results end on page {pages}: {len(idx)} images at {per} a page; page {page} is past them.")
         return dict(query=q, index=name, page=page, per_page=per, pages=pages, total=len(idx), latency_ms=round(ms, 2),
                     results=[dict(rank=h.rank, id=h.index, score=h.score, path=h.path,
-                                  image=f"/image/{name}/{h.index}") for h in hits])
+                                  image=f"/image/{name}/{h.index}") for h in hits], notes=[n[:1].upper() + n[1:] for n in notes])
 
     def image(self, name: str, number: str) -> tuple:
         "(bytes, content type) of entry `number` of index `name`."
@@ -118,6 +125,8 @@ header{background:#2d3142;color:#fff;padding:.8em 1.2em}header h1{margin:0;font-
 form{display:flex;gap:.5em;padding:1em 1.2em;flex-wrap:wrap;align-items:center}
 #q{flex:1;min-width:18em;font-size:1.05em;padding:.45em}select,button{font-size:1em;padding:.4em}
 #status{padding:0 1.2em;min-height:1.4em;color:#555}#error{padding:0 1.2em;color:#b00020;font-weight:600}
+#notes{padding:0 1.2em;color:#8a5a00}#notes p{margin:.3em 0}
+#examples{padding:1em 1.2em;color:#555}#examples ul{margin:.4em 0}#examples a{color:#2d3142}
 #results{display:flex;flex-wrap:wrap;gap:12px;padding:1em 1.2em}
 .hit{margin:0;background:#fff;border-radius:6px;padding:6px;box-shadow:0 1px 3px #0002;width:140px}
 .hit img{display:block;height:192px;width:128px;object-fit:contain;margin:auto;background:#ddd;image-rendering:auto}
@@ -131,7 +140,8 @@ nav{padding:0 1.2em 2em;display:flex;gap:1em;align-items:center}
 <select id="index" name="index" title="index"></select>
 <select id="per_page" name="per_page" title="results per page"><option>10</option><option selected>20</option><option>50</option><option>100</option></select>
 <button id="go" type="submit">Search</button></form>
-<div id="error" role="alert"></div><div id="status" role="status"></div>
+<div id="error" role="alert"></div><div id="status" role="status"></div><div id="notes"></div>
+<div id="examples" hidden>Describe the clothes, colours, hair and bags of the person you look for, for example:<ul></ul></div>
 <div id="results"></div>
 <nav><button id="prev" type="button" disabled>&larr; Previous</button><span id="pageinfo"></span>
 <button id="next" type="button" disabled>Next &rarr;</button></nav>
@@ -146,6 +156,16 @@ async function info() {
   for (const ix of d.indexes) { const o = document.createElement('option'); o.value = ix.name;
     o.textContent = ix.name + ' (' + ix.images + ' images)'; $('index').appendChild(o); }
   $('info').textContent = d.indexes.map(ix => ix.name + ': ' + ix.images + ' images, ' + ix.arch).join(' | ');
+  const ul = $('examples').querySelector('ul');
+  for (const q of d.examples) {  // the empty page suggests these; a click searches it
+    const li = document.createElement('li'), a = document.createElement('a');
+    a.href = '?' + new URLSearchParams({q: q}); a.textContent = q;
+    a.addEventListener('click', e => { e.preventDefault(); $('q').value = q; run(1); });
+    li.appendChild(a); ul.appendChild(li);
+  }
+}
+function notes(list) {
+  $('notes').replaceChildren(...(list || []).map(t => { const p = document.createElement('p'); p.textContent = t; return p; }));
 }
 function render(d, rtt) {
   const box = $('results'); box.replaceChildren();
@@ -159,11 +179,14 @@ function render(d, rtt) {
     c.append(r, s, p); f.append(img, c); box.appendChild(f);
   }
   const a = (d.page - 1) * d.per_page + 1, b = a + d.results.length - 1;
-  $('status').textContent = 'Results ' + a + '\\u2013' + b + ' of ' + d.total + ' for \\u201c' + d.query + '\\u201d \\u00b7 ' +
-    'latency ' + d.latency_ms.toFixed(1) + ' ms in the server, ' + rtt.toFixed(0) + ' ms round trip';
+  $('status').textContent = (d.results.length ? 'Results ' + a + '\\u2013' + b + ' of ' + d.total : 'No results on page ' + d.page +
+    ' (' + d.total + ' in all)') + ' for \\u201c' + d.query + '\\u201d \\u00b7 latency ' + d.latency_ms.toFixed(1) +
+    ' ms in the server, ' + rtt.toFixed(0) + ' ms round trip';
+  notes(d.notes); $('examples').hidden = true;
   $('status').dataset.latency = d.latency_ms;
   $('pageinfo').textContent = 'page ' + d.page + ' of ' + d.pages;
   $('prev').disabled = d.page <= 1; $('next').disabled = d.page >= d.pages;
+  $('prev').textContent = d.page > d.pages ? '\\u2190 Last page (' + d.pages + ')' : '\\u2190 Previous';
 }
 function choose(sel, v) {  // select value v, adding it when the list lacks it (the server then says what is wrong)
   if (![...sel.options].some(o => o.value === v)) { const o = document.createElement('option'); o.value = o.textContent = v; sel.appendChild(o); }
@@ -179,12 +202,12 @@ async function run(p, how) {  // how: 'push' a new history entry (default), 'rep
   let r, d;
   try { r = await fetch('/api/search?' + params); d = await r.json(); }
   catch (e) { $('error').textContent = 'The server did not answer: ' + e; $('status').textContent = ''; return; }
-  if (!r.ok) { $('error').textContent = d.error; $('status').textContent = ''; $('results').replaceChildren();
+  if (!r.ok) { $('error').textContent = d.error; $('status').textContent = ''; $('results').replaceChildren(); notes([]);
                $('prev').disabled = $('next').disabled = true; $('pageinfo').textContent = ''; return; }
   page = d.page; last = d; render(d, performance.now() - t0);
 }
 $('form').addEventListener('submit', e => { e.preventDefault(); run(1); });
-$('prev').addEventListener('click', () => run(page - 1));
+$('prev').addEventListener('click', () => run(last && page > last.pages ? last.pages : page - 1));
 $('next').addEventListener('click', () => run(page + 1));
 $('per_page').addEventListener('change', () => { if (last) run(1); });
 function fromAddress(how) {  // a search in the address (/?q=...&per_page=...&page=...&index=...) is run as if typed
@@ -194,7 +217,7 @@ function fromAddress(how) {  // a search in the address (/?q=...&per_page=...&pa
   $('q').value = u.get('q') || '';
   if ($('q').value.trim()) run(u.has('page') ? u.get('page') : 1, how);
   else { last = null; $('results').replaceChildren(); $('status').textContent = $('error').textContent = $('pageinfo').textContent = '';
-         $('prev').disabled = $('next').disabled = true; }
+         $('prev').disabled = $('next').disabled = true; notes([]); $('examples').hidden = false; }
 }
 window.addEventListener('popstate', () => fromAddress('none'));
 info().then(() => fromAddress('replace'));
@@ -296,6 +319,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8765, quiet: bool = False,
                 max_connections: int = MAX_CONNECTIONS) -> BoundedHTTPServer:
     "A threading HTTP server for `app` bound to `host:port` (port 0: any free port), serving `max_connections` at once."
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise TBPSError(f"port {port!r} is not a port number: ports are 0-65535 (0: any free port)")
     handler = type("QuietHandler" if quiet else "Handler", (Handler,), dict(quiet=quiet))
     try: srv = BoundedHTTPServer((host, port), handler, max_connections)
     except OSError as e: raise TBPSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -8,10 +8,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-import torch
-
 # %% auto #0
-__all__ = ['SOT_TOKEN', 'EOT_TOKEN', 'clean_caption', 'tokenize', 'vocab_size']
+__all__ = ['SOT_TOKEN', 'EOT_TOKEN', 'clean_caption', 'tokenize', 'vocab_size', 'words_read']
 
 # %% ../nbs/04_text.ipynb #ebe3e419
 _PUNCT = re.compile(r'[.!"()*#:;~]')
@@ -27,13 +25,21 @@ def _bpe():
     from open_clip.tokenizer import SimpleTokenizer
     return SimpleTokenizer()
 
-def tokenize(texts, context_length: int = 77) -> torch.LongTensor:
-    "Token ids of shape (len(texts), context_length); truncation keeps the end-of-text token."
+def tokenize(texts, context_length: int = 77):
+    "Token ids, a LongTensor of shape (len(texts), context_length) (open_clip's tokenizer imports torch); truncation keeps the end-of-text token."
     if isinstance(texts, str): texts = [texts]
     return _bpe()(list(texts), context_length=context_length)
 
 def vocab_size() -> int:
     "Size of the CLIP BPE vocabulary."
     return len(_bpe().encoder)
+
+def words_read(caption: str, context_length: int = 77) -> int:
+    "How many leading words of the cleaned `caption` fit in `context_length` tokens (with the start and end tokens)."
+    budget, words = context_length - 2, caption.split()
+    for i, w in enumerate(words):  # the tokenizer never joins words: the tokens of a text are those of its words
+        budget -= len(_bpe().encode(w))
+        if budget < 0: return i
+    return len(words)
 
 SOT_TOKEN, EOT_TOKEN = 49406, 49407

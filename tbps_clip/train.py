@@ -5,9 +5,12 @@
 # %% ../nbs/11_train.ipynb #afc2d3b1
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +28,8 @@ from .model import TBPSModel
 
 # %% auto #0
 __all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers',
-           'run_length', 'needs_grad_scaler', 'rng_state', 'set_rng_state', 'Trainer', 'chunk_spans', 'join_chunks',
-           'soft_label_alpha', 'SoftLabels']
+           'run_length', 'needs_grad_scaler', 'rng_state', 'set_rng_state', 'Trainer', 'Interrupted', 'chunk_spans',
+           'join_chunks', 'soft_label_alpha', 'SoftLabels']
 
 # %% ../nbs/11_train.ipynb #906cca4b
 def param_groups(model: torch.nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list:
@@ -200,6 +203,7 @@ def run_eval(self, tag: str) -> dict | None:
     if self.evaluator is None or self.rank != 0: return None
     res = self.evaluator(self.model)
     self.history["eval"].append(dict(tag=tag, step=self.step, epoch=self.epoch, **res))
+    self._cb("after_log")
     return res
 
 # %% ../nbs/11_train.ipynb #4c3bde14
@@ -245,6 +249,29 @@ def train_step(self, batch: dict) -> dict:
     return out
 
 # %% ../nbs/11_train.ipynb #3b7d9c1e
+class Interrupted(KeyboardInterrupt):
+    "Ctrl-C during `fit`: the trainer saved the run after `step` (in `checkpoint`) and stopped; `fit(resume=True)` continues it."
+    def __init__(self, step: int, checkpoint):
+        super().__init__(f"interrupted; saved after step {step} in {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+@patch_to(Trainer)
+@contextlib.contextmanager
+def stop_on_interrupt(self):
+    "While the block runs, Ctrl-C (SIGINT) asks the loop to save and stop after the current step; a second Ctrl-C stops at once."
+    self.stop_requested = False
+    # only a single process that owns Ctrl-C defers it: under torchrun the processes would stop at different steps,
+    # and a host that handles SIGINT itself (a notebook kernel) keeps its own handler
+    if (self.world_size > 1 or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield; return
+    def ask(signum, frame):
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, ask)
+    try: yield
+    finally: signal.signal(signal.SIGINT, signal.default_int_handler)
+
 @patch_to(Trainer)
 def fit(self, resume: bool = False) -> dict:
     "Train to the configured length; returns the history."
@@ -262,29 +289,36 @@ def fit(self, resume: bool = False) -> dict:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
     running = {}
     tc = self.cfg.train
-    while self.step < self.total_steps:
-        self._cb("before_epoch")
-        for batch in self.loader(self.epoch, self.batch_in_epoch):
-            logs = self.train_step(batch)
-            self.step += 1
-            self.batch_in_epoch += 1
-            self._cb("after_batch")
-            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in logs.items()}
-            if self.step % max(tc.log_every, 1) == 0 or self.step == self.total_steps:
-                self.history["train"].append(dict(step=self.step, epoch=self.epoch, **logs))
-                if bar: bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()}, refresh=False)
-            if bar: bar.update(1)
-            if self.step >= self.total_steps: break
-            if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+    with self.stop_on_interrupt():
+        try:
+            while self.step < self.total_steps:
+                self._cb("before_epoch")
+                for batch in self.loader(self.epoch, self.batch_in_epoch):
+                    logs = self.train_step(batch)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self._cb("after_batch")
+                    running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in logs.items()}
+                    if self.step % max(tc.log_every, 1) == 0 or self.step == self.total_steps:
+                        self.history["train"].append(dict(step=self.step, epoch=self.epoch, **logs))
+                        self._cb("after_log")
+                        if bar: bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()}, refresh=False)
+                    if bar: bar.update(1)
+                    if self.step >= self.total_steps or self.stop_requested: break
+                    if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                        self.save()
+                if self.stop_requested:  # saved where a periodic checkpoint would be: resuming continues exactly
+                    self.save()
+                    raise Interrupted(self.step, self.ckpt_path)
+                epoch_done = self.batch_in_epoch >= self.steps_per_epoch
+                if epoch_done:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self._cb("after_epoch")
+                    if tc.eval_every and self.epoch % tc.eval_every == 0 and self.step < self.total_steps:
+                        self.run_eval(f"epoch {self.epoch}")
                 self.save()
-        epoch_done = self.batch_in_epoch >= self.steps_per_epoch
-        if epoch_done:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self._cb("after_epoch")
-            if tc.eval_every and self.epoch % tc.eval_every == 0 and self.step < self.total_steps:
-                self.run_eval(f"epoch {self.epoch}")
-        self.save()
-    if bar: bar.close()
+        finally:
+            if bar: bar.close()  # whatever ends the loop, what follows starts on a line of its own
     self._cb("after_fit")
     self.train_seconds = self.elapsed_seconds()
     return self.history

@@ -23,8 +23,19 @@ def edit_records(path, fn):
 def test_missing_image_names_the_file(toy, tmp_path):
     recs = read_annotations(toy).records
     (toy.parent / recs[0].image).unlink()
-    with pytest.raises(TBPSError, match=r"images/train/0_0.png: image file not found"):
+    with pytest.raises(TBPSError, match=r"annotations.json: 1 of the 42 image files it names are missing under .*toy: "
+                                         r"images/train/0_0.png \(train, id 0\); set data.skip_bad_images=true"):
         train(make_config("clip", micro_overrides(toy, tmp_path / "r")), progress=False)
+    assert not (tmp_path / "r").exists()  # refused before the run folder was made
+
+
+def test_a_folder_where_an_image_should_be_is_named_before_training(toy, tmp_path):
+    recs = read_annotations(toy).records
+    (toy.parent / recs[0].image).unlink()
+    (toy.parent / recs[0].image).mkdir()
+    with pytest.raises(TBPSError, match=r"1 of the 42 image files it names are missing under .*: images/train/0_0.png \(train, id 0: not a file\)"):
+        train(make_config("clip", micro_overrides(toy, tmp_path / "r")), progress=False)
+    assert not (tmp_path / "r").exists()
 
 
 def test_corrupt_image_names_the_file(toy, tmp_path):

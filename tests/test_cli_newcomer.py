@@ -2,7 +2,13 @@
 import argparse
 import fractions
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,7 @@ from PIL import Image
 from conftest import micro_overrides
 from test_search import indexed_toy_gallery, run_cli
 from test_train import Crash
+from tbps_clip.checkpoint import read_checkpoint_file
 from tbps_clip.cli import build_parser
 from tbps_clip.config import config_to_dict, load_config, make_config
 from tbps_clip.core import TBPSError
@@ -276,3 +283,118 @@ def test_study_parameters_have_their_own_spelling(tmp_path):
     assert rc == 2 and "--set is deprecated; write notebook parameters as -p NAME=VALUE" in err and "nope.yaml" in err
     rc, out, err = run_cli("search", "a person", "--index", tmp_path / "none", "--set", "train.device=cpu")
     assert rc == 2 and "--set is deprecated; write overrides as key=value arguments" in err
+
+
+# ---- 9. the command answers at once: help, version and configuration errors without torch ---------------------
+
+FAST = [[], ["--version"], ["--help"], *[[c, "--help"] for c in ("synth", "pretrain", "train", "eval", "prep", "demo", "config",
+                                                                  "index", "search", "serve", "study")],
+        ["study", "run", "--help"], ["study", "collect", "--help"], ["study", "status", "--help"], ["prep", "official", "--help"],
+        ["config", "data.batch_size=0"], ["train", "data.batchsize=32"], ["train", "--preset", "clip-star"], ["demo", "optim.lr=fast"],
+        ["eval", "x.pt", "aug.hflip_p=2x"], ["index", "g", "--out", "i", "model.arhc=x"], ["serve", "--index", "i", "--port", "99999"]]
+
+
+def test_help_version_and_configuration_errors_do_not_import_torch(tmp_path):
+    "Each command line of FAST, run in one fresh process in turn: its exit status, and whether torch (or numpy) was imported."
+    code = ("import contextlib, io, json, sys\n"
+            "from tbps_clip.cli import main\n"
+            "out = []\n"
+            "for argv in json.loads(sys.argv[1]):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "        try: rc = main(argv)\n"
+            "        except SystemExit as e: rc = e.code\n"
+            "    out.append([argv, rc, 'torch' in sys.modules, 'numpy' in sys.modules])\n"
+            "print(json.dumps(out))\n")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(FAST)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout)
+    assert [s[0] for s in seen] == FAST
+    for argv, rc, torch_in, numpy_in in seen:
+        assert rc == (0 if not argv or argv[-1] in ("--help", "--version") else 2), argv
+        assert not torch_in and not numpy_in, f"tbps-clip {' '.join(argv)} imported {'torch' if torch_in else 'numpy'}"
+
+
+def test_every_command_help_starts_with_a_one_line_description():
+    seen = 0
+    for name, p in parsers(build_parser()):
+        if name == "tbps-clip": continue
+        seen += 1
+        d = p.description or ""
+        assert d and "\n" not in d and len(d) <= 78 and d[0].isupper() and d.endswith("."), f"{name}: {d!r}"
+        paragraphs = p.format_help().split("\n\n")
+        assert paragraphs[0].startswith(f"usage: {name}") and paragraphs[1] == d, f"{name}: {paragraphs[:2]}"
+    assert seen >= 19  # 11 commands, 3 study commands, 5 prep commands
+
+
+# ---- 10. the remaining bad inputs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_serve_refuses_a_port_out_of_range_at_once(tmp_path, port):
+    refused(*run_cli("serve", "--index", tmp_path / "not-even-loaded", "--port", port), f"--port {port}: ports are 0-65535")
+
+
+def without_images(toy, *names):
+    "Delete the toy dataset's images `names` (paths relative to its folder); the annotation file still lists them."
+    for n in names: (toy.parent / n).unlink()
+    return toy
+
+
+def test_train_refuses_missing_images_before_it_writes_anything(toy, tmp_path):
+    without_images(toy, "images/train/3_0.png", "images/train/3_1.png", "images/train/5_2.png", "images/train/6_0.png")
+    run = tmp_path / "run"
+    args = [f"{k}={v}" for k, v in micro_overrides(toy, run).items()]
+    refused(*run_cli("train", *args), f"{toy}: 4 of the 42 image files it names are missing under {toy.parent}: ",
+            "images/train/3_0.png (train, id 3), images/train/3_1.png (train, id 3), images/train/5_2.png (train, id 5) and 1 more",
+            "set data.skip_bad_images=true")
+    assert not run.exists()
+    rc, out, err = run_cli("train", *args, "data.skip_bad_images=true", "eval.fit_probe=0", "train.max_steps=2")
+    assert rc == 0 and json.loads((run / "results.json").read_text())["skipped_images"]["count"] == 4, err
+
+
+def test_missing_evaluation_images_are_refused_even_when_skipping_training_images(toy, tmp_path):
+    without_images(toy, "images/test/10_1.png")
+    run = tmp_path / "run"
+    args = [f"{k}={v}" for k, v in micro_overrides(toy, run, **{"data.skip_bad_images": True}).items()]
+    refused(*run_cli("train", *args), "1 of the", "images/test/10_1.png (test, id 10)", "leaves out training images only")
+    assert not run.exists()
+
+
+def test_study_collect_refuses_a_folder_without_records(tmp_path):
+    refused(*run_cli("study", "collect", tmp_path), f"{tmp_path}: not a sweep's results folder with records (no records/ folder in it)")
+    (tmp_path / "records").mkdir()
+    refused(*run_cli("study", "collect", tmp_path), "its records/ folder holds no run records yet")
+    assert [p.name for p in tmp_path.iterdir()] == ["records"] and not list((tmp_path / "records").iterdir())
+
+
+def test_search_says_in_one_line_when_a_description_is_cut(gallery):
+    long = ("a woman in a long red coat with a black handbag and white trainers walking a small brown dog along a busy "
+            "street next to a parked blue car while talking on her phone")
+    rc, out, err = run_cli("search", long, "--index", gallery["idx"], "-k", "2")
+    assert rc == 0 and out.startswith(f"query: {long}\n") and out.count("\n") == 3, err
+    assert err == ('tbps-clip: note: the description "a woman in a long red ..." is cut to its first 30 of 34 words '
+                   '(the model reads 32 text tokens); not searched: "talking on her phone"\n')
+    rc, out, err = run_cli("search", "a woman in a long red coat", "--index", gallery["idx"], "-k", "2")
+    assert rc == 0 and err == ""
+
+
+def test_ctrl_c_during_train_saves_and_prints_the_command_that_resumes(toy, tmp_path):
+    "A real SIGINT to the process group, as Ctrl-C in a terminal sends it."
+    run = tmp_path / "run"
+    args = [f"{k}={v}" for k, v in micro_overrides(toy, run, **{"train.max_steps": 100000, "train.ckpt_every": 0}).items()]
+    p = subprocess.Popen([sys.executable, "-m", "tbps_clip.cli", "train", *args], cwd=tmp_path, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "config.yaml").is_file() and p.poll() is None and time.monotonic() < deadline: time.sleep(0.2)
+        time.sleep(2)  # some steps
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
+    step = read_checkpoint_file(run / "checkpoint.pt")["state"]["step"]
+    last = err.rstrip("\n").split("\n")[-1]  # a line of its own, after the progress bar's
+    assert p.returncode == 130 and step > 0, err[-2000:]
+    assert last == (f"tbps-clip: interrupted; saved after step {step} in {run / 'checkpoint.pt'}; "
+                    f"resume with: tbps-clip train --out {run} --resume"), err[-2000:]

@@ -60,7 +60,6 @@ def test_search_api_pages_match_the_python_search(site):
     ("q=red&index=nope", 404, "unknown index 'nope'; available: gallery"),
     ("q=red&page=0", 400, "'page' must be at least 1"),
     ("q=red&page=x", 400, "'page' must be a whole number"),
-    ("q=red&page=4&per_page=10", 400, "page 4 is past the last page (3) of 24 images"),
     ("q=red&per_page=101", 400, "'per_page' must be between 1 and 100"),
     ("q=red&per_page=-5", 400, "'per_page' must be a whole number"),
     ("q=red&q=blue", 400, "parameter 'q' is given more than once"),
@@ -70,9 +69,26 @@ def test_bad_requests_get_clear_messages(site, query, status, message):
     assert s == status and message in d["error"], d
 
 
-def test_longest_allowed_query_is_answered(site):
+def test_longest_allowed_query_is_answered_and_says_what_is_not_searched(site):
     s, d = get(site, "/api/search?q=" + "red+" * (MAX_QUERY_CHARS // 4))
     assert s == 200 and len(d["query"]) == MAX_QUERY_CHARS and len(d["results"]) == 20
+    assert d["notes"] == ['The description "red red red red red red ..." is cut to its first 30 of 250 words '
+                          '(the model reads 32 text tokens); not searched: "red red red red red red red red ..."']
+
+
+def test_a_page_past_the_results_says_where_they_end(site):
+    s, d = get(site, "/api/search?q=red&page=4&per_page=10")
+    assert s == 200 and d["results"] == [] and (d["page"], d["pages"], d["total"]) == (4, 3, 24)
+    assert d["notes"] == ["The results end on page 3: 24 images at 10 a page; page 4 is past them."]
+    s, d = get(site, "/api/search?q=%21%21%21&page=4")  # the description is still checked
+    assert s == 400 and "is empty" in d["error"]
+    s, d = get(site, "/api/search?q=red&page=3&per_page=10")
+    assert s == 200 and len(d["results"]) == 4 and d["notes"] == []
+
+
+def test_the_page_suggests_examples(site):
+    s, d = get(site, "/api/info")
+    assert s == 200 and len(d["examples"]) >= 3 and all(isinstance(q, str) and q for q in d["examples"])
 
 
 @pytest.mark.parametrize("path", ["/image/gallery/24", "/image/gallery/-1", "/image/gallery/0x1", "/image/gallery/..%2F..%2Fa.pt",
@@ -214,5 +230,35 @@ def test_a_search_is_an_address(site, tmp_path):
         drv.get(site["url"] + "/?q=red&per_page=7&page=x")  # a bad address gets the server's message, not results
         wait.until(EC.text_to_be_present_in_element((By.ID, "error"), "'page' must be a whole number"))
         assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit")
+    finally:
+        drv.quit()
+
+
+def test_the_empty_page_suggests_examples_and_a_page_past_the_results_says_where_they_end(site, tmp_path):
+    drv = headless_chromium()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+    from tbps_clip.serve import EXAMPLES
+    try:
+        wait = WebDriverWait(drv, 60)
+        drv.get(site["url"] + "/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples li a"))
+        links = drv.find_elements(By.CSS_SELECTOR, "#examples li a")
+        assert drv.find_element(By.ID, "examples").is_displayed() and [a.text for a in links] == list(EXAMPLES)
+        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_EMPTY") or str(tmp_path / "empty.png"))
+        links[0].click()  # an example is a search
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.hit")) == 20)
+        assert drv.find_element(By.ID, "q").get_attribute("value") == EXAMPLES[0]
+        assert not drv.find_element(By.ID, "examples").is_displayed()
+        drv.get(site["url"] + "/?q=red&per_page=10&page=7")  # past the 3 pages of 24 images
+        wait.until(EC.text_to_be_present_in_element((By.ID, "notes"), "The results end on page 3: 24 images at 10 a page"))
+        assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit") and drv.find_element(By.ID, "error").text == ""
+        assert drv.find_element(By.ID, "status").text.startswith("No results on page 7 (24 in all) for \u201cred\u201d")
+        assert drv.find_element(By.ID, "prev").text == "\u2190 Last page (3)"
+        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_PAST") or str(tmp_path / "past.png"))
+        drv.find_element(By.ID, "prev").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 3 of 3"))
+        assert len(drv.find_elements(By.CSS_SELECTOR, "figure.hit")) == 4 and drv.find_element(By.ID, "notes").text == ""
     finally:
         drv.quit()

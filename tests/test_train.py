@@ -1,5 +1,7 @@
 """Training end to end on a toy dataset: learning, determinism, exact resumption, results on disk."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from tbps_clip.checkpoint import read_checkpoint_file
 from tbps_clip.config import load_config, make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.run import evaluate_checkpoint, train
-from tbps_clip.train import Callback
+from tbps_clip.train import Callback, Interrupted
 
 
 def run(toy, out, **extra):
@@ -71,6 +73,40 @@ def test_resume_is_exact(toy, tmp_path, crash_at):
     hf = json.loads((tmp_path / "full" / "history.json").read_text())
     hr = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [h["step"] for h in hf["train"]] == [h["step"] for h in hr["train"]]  # no duplicated log lines
+
+
+class CtrlC(Callback):
+    "Sends this process SIGINT, as Ctrl-C does, while step `at` runs."
+    def __init__(self, at): self.at = at
+    def before_batch(self, t):
+        if t.step == self.at - 1: os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def python_sigint_handler():
+    "Python's own SIGINT handler while the test runs (as in a terminal; a test runner may install another)."
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, prev)
+
+
+@pytest.mark.parametrize("at", [5, 6])  # mid-epoch, at an epoch end
+def test_ctrl_c_saves_after_the_step_and_resumes_exactly(toy, tmp_path, python_sigint_handler, at):
+    extra = {"train.ckpt_every": 0, "trick.text_dropout": 0.1}  # only epoch-end saves: the save at Ctrl-C is the interrupt's own
+    full = run(toy, tmp_path / "full", **extra)
+    cfg = make_config("clip", micro_overrides(toy, tmp_path / "cut", **extra))
+    with pytest.raises(Interrupted) as e:
+        train(cfg, progress=False, callbacks=[CtrlC(at)])
+    assert (e.value.step, e.value.checkpoint) == (at, tmp_path / "cut" / "checkpoint.pt")
+    assert read_checkpoint_file(e.value.checkpoint)["state"]["step"] == at
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is Python's again
+    resumed = train(cfg, progress=False, resume=True)
+    assert resumed["resumed_from_step"] == at
+    wf, wr = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    hf = json.loads((tmp_path / "full" / "history.json").read_text())
+    hr = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert hf["train"] == hr["train"] and [h["R@1"] for h in hf["eval"]] == [h["R@1"] for h in hr["eval"]]
 
 
 def test_run_folder_contents(toy, tmp_path):

@@ -285,12 +285,16 @@ def collect(out, csv_path=None, md_path=None) -> dict:
     "All records under `out` as one table: runs (CSV) and a summary per experiment (markdown)."
     if not Path(out).is_dir(): raise TBPSError(f"{out}: no such results folder (give a sweep's out folder, which holds records/)")
     recs = load_records(out)
+    if not recs:  # a mistyped folder, or a sweep not yet run: nothing to tabulate, and nothing is written
+        why = "no records/ folder in it" if not (Path(out) / "records").is_dir() else "its records/ folder holds no run records yet"
+        raise TBPSError(f"{out}: not a sweep's results folder with records ({why}); give the `out` of a sweep that "
+                        "`tbps-clip study run` has run (`tbps-clip study status` shows how far one is); nothing written")
     runs = flat_rows(recs)
     lines = []
     for exp in dict.fromkeys(r["exp"] for r in recs):
         summ = summarise([r for r in recs if r["exp"] == exp])
         lines += [_heading(exp, summ), to_markdown(summ, SUMMARY_COLUMNS), ""]
-    md = "\n".join(lines) if lines else "(no records)"
+    md = "\n".join(lines)
     if csv_path: write_csv(runs, csv_path)
     if md_path: atomic_write_text(md_path, md + "\n")
     return dict(runs=runs, markdown=md)

@@ -65,7 +65,8 @@ def flat_rows(records) -> list:
 # %% ../../nbs/31_study_runs.ipynb #c56ec28a
 # settings that do not change a run's result (the preset is only a name: its settings are in the config)
 _IGNORED = ("preset", "out_dir", "train.threads", "train.device", "data.num_workers", "data.eval_batch_size",
-            "eval.fit_probe", "eval.fit_probe_seed")  # the fit probe is measured after training
+            "eval.fit_probe", "eval.fit_probe_seed",  # the fit probe is measured after training
+            "train.log_to")  # where the training curves are also sent
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
