@@ -11,7 +11,6 @@ run). With --before REF the same commands also run against the package as of git
 """
 import argparse
 import io
-import json
 import os
 import shutil
 import statistics
@@ -92,8 +91,9 @@ def main(argv=None) -> int:
     rec = dict(python_pass=dict(median_s=round(base, 3), runs=[round(x, 3) for x in floor]), rows=rows, runs=a.runs,
                before=a.before, cpu_count=os.cpu_count(), load_average=[round(x, 2) for x in os.getloadavg()],
                python=sys.version.split()[0], when=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(rec, indent=1) + "\n")
-    (RESULTS / f"{a.name}.txt").write_text(text + "\n")
+    from tbps_clip.core import atomic_write_json, atomic_write_text  # after the timings: a killed run leaves the old record whole
+    atomic_write_json(RESULTS / f"{a.name}.json", rec)
+    atomic_write_text(RESULTS / f"{a.name}.txt", text + "\n")
     return 0
 
 
