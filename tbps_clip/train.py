@@ -62,8 +62,16 @@ def lr_at(step: int, total: int, warmup: int, oc) -> float:
 
 # %% ../nbs/11_train.ipynb #906cb76f
 class Callback:
-    "Base class for training callbacks; override any hook."
+    "Base class for training callbacks; override any hook of `HOOKS` (a method named like a hook but not one is an error)."
     order = 0
+    HOOKS = ("before_fit", "before_epoch", "before_batch", "after_forward", "after_loss", "after_batch", "after_log",
+             "after_epoch", "after_fit")
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # a misspelt hook would never be called: refuse it when the class is defined
+        bad = [n for n, v in vars(cls).items() if callable(v) and n.startswith(("before_", "after_")) and n not in Callback.HOOKS]
+        if bad: raise TBPSError(f"callback {cls.__name__}: {', '.join(bad)} is not a hook; the hooks are {', '.join(Callback.HOOKS)}")
 
 # %% ../nbs/11_train.ipynb #509de07d
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")

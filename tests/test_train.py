@@ -204,3 +204,14 @@ def test_both_towers_use_scaled_dot_product_attention():
         m.clip.encode_text(tok).sum().backward()
     n_txt = sum(e.count for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention")
     assert n_img == len(image_blocks(m)) and n_txt == len(text_blocks(m))
+
+
+def test_callback_hooks_are_the_hooks_the_trainer_calls_and_a_misspelt_one_is_refused():
+    import re
+    import tbps_clip.train as train_module
+    from tbps_clip.core import TBPSError
+    src = open(train_module.__file__).read()
+    assert set(re.findall(r'_cb\("(\w+)"\)', src)) == set(train_module.Callback.HOOKS)
+    with pytest.raises(TBPSError, match="before_step is not a hook"):
+        class Wrong(train_module.Callback):
+            def before_step(self, trainer): pass
