@@ -14,7 +14,11 @@ Figures (all read from the source as text or AST; nothing is imported or run):
 5. function-level imports: `import` statements inside a function body in `tbps_clip/`;
 6. `show_doc` calls in `nbs/`;
 7. per notebook group (the study notebooks 30-35, all): the longest export cell, and the export cells with no
-   demonstration (no code cell without `#| export` before the next export cell or the notebook's end).
+   demonstration (no code cell without `#| export` before the next export cell or the notebook's end), with the
+   notebooks that have most of them and the export cells over 80 lines;
+8. import cycles among the package's modules, edges being module-level imports, imports inside functions and
+   `'tbps_clip.module:name'` strings (registries resolved on first use): each strongly connected group of modules,
+   and whether it needs a function-level import or a string to close (a hidden cycle).
 """
 import argparse
 import ast
@@ -152,6 +156,73 @@ def undemonstrated(root: Path, pattern: str = "*.ipynb") -> tuple[int, int, int]
     return longest, bare, total
 
 
+def module_name(path: Path, root: Path) -> str:
+    "Dotted module name of a package file (`tbps_clip/study/grid.py` -> `tbps_clip.study.grid`)."
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_target(node, here: str, modules: set[str]) -> list[str]:
+    "Package modules an import node names (a `from pkg import mod` names the submodule when there is one)."
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name in modules]
+    base = here.split(".")
+    base = ".".join(base[:len(base) - node.level]) if node.level else ""
+    mod = ".".join(x for x in (base, node.module or "") if x)
+    subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules]
+    return subs or ([mod] if mod in modules else [])
+
+
+def import_edges(root: Path) -> list[tuple[str, str, str]]:
+    "(from, to, kind) for every dependency between package modules; kind: module, function or string."
+    files = {module_name(p, root): p for p in (root / "tbps_clip").rglob("*.py") if p.name != "_modidx.py"}
+    modules, edges = set(files), set()
+    for here, p in files.items():
+        tree = ast.parse(p.read_text())
+        top = {id(n) for n in tree.body}
+        for n in ast.walk(tree):
+            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                kind = "module" if id(n) in top else "function"
+                edges |= {(here, t, kind) for t in _import_target(n, here, modules) if t != here}
+            elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+                m = re.fullmatch(r"(tbps_clip(?:\.\w+)+):\w+", n.value)
+                if m and m.group(1) in modules and m.group(1) != here: edges.add((here, m.group(1), "string"))
+    return sorted(edges)
+
+
+def strongly_connected(nodes, succ) -> list[list[str]]:
+    "Tarjan's strongly connected components of a graph (`succ`: node -> successors), those of two or more nodes."
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+    def visit(v):
+        index[v] = low[v] = counter[0]; counter[0] += 1; stack.append(v); on.add(v)
+        for w in succ.get(v, ()):
+            if w not in index: visit(w); low[v] = min(low[v], low[w])
+            elif w in on: low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop(); on.discard(w); comp.append(w)
+                if w == v: break
+            if len(comp) > 1: out.append(sorted(comp))
+    for v in sorted(nodes):
+        if v not in index: visit(v)
+    return out
+
+
+def import_cycles(root: Path) -> list[tuple[list[str], list[str]]]:
+    "(modules, the function-level and string edges inside) of each group of modules that import each other."
+    edges = import_edges(root)
+    succ = {}
+    for a, b, _ in edges: succ.setdefault(a, set()).add(b)
+    nodes = {a for a, _, _ in edges} | {b for _, b, _ in edges}
+    out = []
+    for comp in strongly_connected(nodes, succ):
+        inside = [f"{a.split('.', 1)[1]} -> {b.split('.', 1)[1]} ({k})" for a, b, k in edges
+                  if a in comp and b in comp and k != "module"]
+        out.append(([c.split(".", 1)[1] for c in comp], inside))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=ROOT)
@@ -187,6 +258,16 @@ def main():
         longest, bare, total = undemonstrated(root, pat)
         print(f"{label}: longest export cell {longest} lines; {bare} of {total} export cells (imports aside) "
               "with no demonstration after them")
+    worst = sorted(((undemonstrated(root, nb.name)[1], nb.name) for nb in (root / "nbs").glob("*.ipynb")), reverse=True)
+    print("  most: " + ", ".join(f"{nb} {n}" for n, nb in worst[:a.top] if n))
+    long80 = [(n, nb) for n, nb in cells if n > 80]
+    print(f"export cells over 80 lines: {len(long80)}" + (": " + ", ".join(f"{nb} {n}" for n, nb in long80) if long80 else ""))
+    cyc = import_cycles(root)
+    hidden = [c for c in cyc if c[1]]
+    print(f"import cycles (strings and function-level imports counted): {len(cyc)} group(s), {len(hidden)} closed only "
+          "by a function-level import or a string")
+    for mods, inside in cyc:
+        print(f"  {' <-> '.join(mods)}: " + ("; ".join(inside) if inside else "module-level imports only"))
 
 
 if __name__ == "__main__":
