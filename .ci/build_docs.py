@@ -22,8 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the notebooks whose figures and printed results belong in the docs: the front page, the tutorial, and the module
-# notebooks that show figures (SynthPEDES samples, the evaluation figure) or search results; ~10 s each on a CPU
-EXECUTE = ["index.ipynb", "22_search_tutorial.ipynb", "03_synthpedes.ipynb", "10_evaluate.ipynb", "20_search.ipynb"]
+# notebooks that show figures (SynthPEDES samples and drawings, its captions, the pretraining corpus, the evaluation
+# figure) or search results; ~10 s each on a CPU
+EXECUTE = ["index.ipynb", "22_search_tutorial.ipynb", "03_synthpedes.ipynb", "03b_synthpedes_drawing.ipynb",
+           "03c_synthpedes_captions.ipynb", "12a_pretrain_corpus.ipynb", "10_evaluate.ipynb", "20_search.ipynb"]
 
 
 def log(msg: str): print(f"[build_docs] {msg}", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tbps_clip.core import cache_dir
-from tbps_clip.synthpedes import visible_attributes
+from tbps_clip.synthpedes.identities import visible_attributes
 
 
 def oracle_r1(root: Path, split: str) -> dict:

@@ -429,12 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     def preset(sp, default="clip"):
         sp.add_argument("--preset", default=default, help=f"configuration preset: {', '.join(PRESETS)}")
 
+    from tbps_clip.synthpedes import SYNTHPEDES_DEFAULTS as sd  # the package alone: no NumPy at parser time
     s = sub.add_parser("synth", help="generate SynthPEDES (synthetic text-person data)")
     s.add_argument("--out", help="output folder (default: the cache's default SynthPEDES)")
-    s.add_argument("--train-ids", type=int, default=1000, help="training identities")
-    s.add_argument("--val-ids", type=int, default=100, help="validation identities")
-    s.add_argument("--test-ids", type=int, default=300, help="test identities")
-    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    s.add_argument("--train-ids", type=int, default=sd["n_train_ids"], help="training identities")
+    s.add_argument("--val-ids", type=int, default=sd["n_val_ids"], help="validation identities")
+    s.add_argument("--test-ids", type=int, default=sd["n_test_ids"], help="test identities")
+    s.add_argument("--seed", type=int, default=sd["seed"], help="generator seed")
     s.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     s.add_argument("--show", metavar="PNG", help="also write a grid of samples with captions (default: none)")
     s.add_argument("--show-n", type=int, default=8, help="samples in the --show grid")

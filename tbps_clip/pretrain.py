@@ -21,7 +21,8 @@ from .core import TBPSError, cache_dir, derive_seed, environment_info, exclusive
 from .data import test_transform
 from .model import TBPSModel, arch_config, create_model
 from .evaluate import evaluate
-from .synthpedes import IMAGES_PER_PRETRAIN_ID, PretrainCorpus, read_synthpedes
+from .pretrain_corpus import IMAGES_PER_PRETRAIN_ID, PretrainCorpus
+from .synthpedes import read_synthpedes
 from .text import clean_caption, tokenize
 from .train import Callback, Trainer
 

@@ -60,5 +60,5 @@ def test_architecture_page_lists_every_notebook_with_its_module():
     want = {}
     for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
         m = re.search(r"#\|\s*default_exp\s+([\w.]+)", nb.read_text(encoding="utf-8"))
-        want[nb.name] = "(tutorial)" if not m else "tbps_clip" if m[1] == "__init__" else f"tbps_clip.{m[1]}"
+        want[nb.name] = "(tutorial)" if not m else "tbps_clip" if m[1] == "__init__" else f"tbps_clip.{m[1].removesuffix('.__init__')}"
     assert rows == want, sorted(set(rows.items()) ^ set(want.items()))

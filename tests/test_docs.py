@@ -1,8 +1,9 @@
 """The documentation site builds from the notebooks and docs/ (.ci/build_docs.py, nbdev's processing), every link of
 every page resolves, and it renders in a browser.
 
-The build runs once per session into a temporary folder (about 2 minutes on 2 cores: five notebooks executed for their
-figures, nbdev's processing of all of them, the pages written by nbconvert, as in CI where quarto cannot be installed).
+The build runs once per session into a temporary folder (about 2 minutes on 2 cores: the notebooks of EXECUTE run for
+their figures, nbdev's processing of all of them, the pages written by nbconvert, as in CI where quarto cannot be
+installed).
 TBPS_DOCS_SCREENSHOTS=folder keeps the screenshots (docs/screenshots/ holds the committed ones).
 """
 import base64
@@ -157,7 +158,9 @@ def test_index_and_a_module_page_render_in_headless_chromium(site, tmp_path):
         for internal in ("__dir__", "__getattr__", "Call self as a function", "_LAZY", "subprocess.run"):
             assert internal not in body, internal  # the front page shows what a user needs, not the module's machinery
         drv.save_screenshot(str(shots / "docs-index.png"))
-        drv.find_element(By.CSS_SELECTOR, 'nav a[href="search_tutorial.html"]').click()  # the sidebar leads on
+        link = drv.find_element(By.CSS_SELECTOR, 'nav a[href="search_tutorial.html"]')
+        drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)  # a long sidebar scrolls
+        link.click()  # the sidebar leads on
         assert drv.current_url.endswith("search_tutorial.html")
         WebDriverWait(drv, 30).until(lambda d: d.execute_script(figures_loaded), "the tutorial's figures did not load")
         sizes = drv.execute_script("return [...document.images].map(i => [i.naturalWidth, i.naturalHeight])")

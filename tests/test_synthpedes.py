@@ -1,4 +1,4 @@
-"Tests of the SynthPEDES generator and the pretraining corpus (tbps_clip.synthpedes); tiny sizes, a few seconds."
+"Tests of the SynthPEDES generator (tbps_clip.synthpedes) and the pretraining corpus (tbps_clip.pretrain_corpus); tiny sizes, a few seconds."
 import itertools
 import json
 import re
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tbps_clip.pretrain_corpus as PC
 import tbps_clip.synthpedes as S
+from tbps_clip.synthpedes import captions as C, dataset as DS, drawing as D, identities as I
 from tbps_clip.core import TBPSError
 from tbps_clip.records import load_annotations, read_annotations
 
@@ -51,7 +53,7 @@ def test_other_seed_gives_other_data(tiny, tmp_path):
 
 def test_identities_are_prefix_stable():
     # identity i depends on (seed, split, i) only: asking for more identities does not change the first ones
-    assert S.make_identities(40, seed=3, split="test") == S.make_identities(60, seed=3, split="test")[:40]
+    assert I.make_identities(40, seed=3, split="test") == I.make_identities(60, seed=3, split="test")[:40]
 
 
 # ---- structure --------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def test_splits_are_disjoint_and_sized_as_requested(ann):
 def test_every_identity_is_seen_from_every_view(info):
     views = defaultdict(set)
     for rel, i in info["images"].items(): views[rel.split("/")[1].split("_")[0]].add(i["view"])
-    assert all(v == set(S.VIEWS) for v in views.values())  # >= 3 images each, views cycle first
+    assert all(v == set(I.VIEWS) for v in views.values())  # >= 3 images each, views cycle first
 
 
 def test_captions_and_back_translations(ann, info):
@@ -87,15 +89,15 @@ def test_captions_and_back_translations(ann, info):
 
 
 def test_back_translation_keeps_the_content_in_another_family():
-    a = dict(S.make_identities(1, seed=5)[0], upper_color="green", lower_type="jeans", lower_color="blue")
+    a = dict(I.make_identities(1, seed=5)[0], upper_color="green", lower_type="jeans", lower_color="blue")
     for i in range(60):
-        for fam in S.FAMILIES:
-            cap, bt, keys = S.caption_pair(a, "back", np.random.default_rng(i), family=fam)
+        for fam in C.FAMILIES:
+            cap, bt, keys = C.caption_pair(a, "back", np.random.default_rng(i), family=fam)
             if "upper_color" in keys: assert "green" in bt
             if "lower_color" in keys: assert "blue" in bt
             assert cap.lower().rstrip(".") != bt.lower().rstrip(".")
     with pytest.raises(TBPSError, match="unknown caption family"):
-        S.caption(a, "front", np.random.default_rng(0), family="haiku")
+        C.caption(a, "front", np.random.default_rng(0), family="haiku")
 
 
 # ---- captions only mention what the view shows --------------------------------------------------------
@@ -104,7 +106,7 @@ def test_mentions_are_visible_in_the_view(info):
     n = 0
     for rel, i in info["images"].items():
         a = info["identities"][rel.split("/")[1].split("_")[0]]
-        vis = S.visible_attributes(a, i["view"])
+        vis = I.visible_attributes(a, i["view"])
         for keys in i["mentions"]:
             assert len(keys) >= 3 and set(keys) <= set(vis), (rel, keys)
             n += 1
@@ -118,13 +120,13 @@ _BACKPACK = "backpack|rucksack|knapsack|school bag"
 
 def test_view_dependent_details_in_caption_text():
     # the only red thing is the backpack: a caption of the front view (straps only) must never say red
-    a = dict(S.make_identities(1, seed=0)[0], gender="man", hair_color="black", upper_type="t-shirt", upper_color="blue",
+    a = dict(I.make_identities(1, seed=0)[0], gender="man", hair_color="black", upper_type="t-shirt", upper_color="blue",
              upper_pattern="logo", lower_type="trousers", lower_color="black", shoes_color="white", bag="backpack",
              bag_color="red", headwear="none", headwear_color=None, glasses=True)
     seen = defaultdict(int)
     for i in range(150):
-        for view in S.VIEWS:
-            cap, bt, keys = S.caption_pair(a, view, np.random.default_rng(i))
+        for view in I.VIEWS:
+            cap, bt, keys = C.caption_pair(a, view, np.random.default_rng(i))
             for t in (cap.lower(), bt.lower()):
                 red_bag = re.search(rf"red ({_BACKPACK})|({_BACKPACK}) in red", t)
                 if view == "front": assert "red" not in t, t
@@ -154,20 +156,20 @@ def test_images_of_one_identity_vary_at_pixel_level(ann):
 
 
 def test_confusable_identities_are_common():
-    def near_twins(ids): return np.mean([min(S.attr_distance(a, b) for b in ids if b is not a) <= 2 for a in ids])
-    assert near_twins(S.make_identities(80, seed=0)) > 0.3  # p_confusable 0.4 by default
-    assert near_twins(S.make_identities(80, seed=0, p_confusable=0.0)) < 0.15  # the mutation is what makes them
-    ids = S.make_identities(80, seed=0)
-    assert len({tuple(a[k] for k in S.ATTRIBUTES) for a in ids}) == 80  # but never identical
-    assert all(S._valid(a) for a in ids)
+    def near_twins(ids): return np.mean([min(I.attr_distance(a, b) for b in ids if b is not a) <= 2 for a in ids])
+    assert near_twins(I.make_identities(80, seed=0)) > 0.3  # p_confusable 0.4 by default
+    assert near_twins(I.make_identities(80, seed=0, p_confusable=0.0)) < 0.15  # the mutation is what makes them
+    ids = I.make_identities(80, seed=0)
+    assert len({tuple(a[k] for k in I.ATTRIBUTES) for a in ids}) == 80  # but never identical
+    assert all(I._valid(a) for a in ids)
 
 
 def test_mutation_changes_one_or_two_attributes():
     rng = np.random.default_rng(0)
     for _ in range(100):
-        p = S.sample_identity(rng)
-        m = S.mutate_identity(p, rng)
-        assert m is None or 1 <= S.attr_distance(p, m) <= 2
+        p = I.sample_identity(rng)
+        m = I.mutate_identity(p, rng)
+        assert m is None or 1 <= I.attr_distance(p, m) <= 2
 
 
 # ---- the output folder: reuse, interruption, mismatch ------------------------------------------------
@@ -181,13 +183,13 @@ def test_complete_dataset_is_reused(tiny):
 def test_interrupted_generation_is_regenerated(tiny, tmp_path, monkeypatch):
     out = tmp_path / "d"
     def boom(*a, **k): raise KeyboardInterrupt
-    monkeypatch.setattr(S, "write_annotations", boom)
+    monkeypatch.setattr(DS, "write_annotations", boom)
     with pytest.raises(KeyboardInterrupt):
         S.make_synthpedes(out, **TINY)
-    assert not (out / "annotations.json").exists() and (out / S._MARKER).exists()
+    assert not (out / "annotations.json").exists() and (out / DS._MARKER).exists()
     monkeypatch.undo()
     S.make_synthpedes(out, **TINY)
-    assert _files(out) == _files(tiny) and not (out / S._MARKER).exists()
+    assert _files(out) == _files(tiny) and not (out / DS._MARKER).exists()
 
 
 def test_concurrent_generations_of_one_folder_both_succeed(tiny, tmp_path):
@@ -198,7 +200,7 @@ def test_concurrent_generations_of_one_folder_both_succeed(tiny, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
     errs = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errs
-    assert _files(out) == _files(tiny) and not (out / S._MARKER).exists()
+    assert _files(out) == _files(tiny) and not (out / DS._MARKER).exists()
 
 
 def test_missing_image_is_regenerated(tiny, tmp_path):
@@ -256,46 +258,46 @@ def test_ensure_generates_once_in_the_cache(tmp_path, monkeypatch, capsys):
 # ---- pretraining corpus ----------------------------------------------------------------------------
 
 def test_pretrain_corpus_is_deterministic_and_web_like():
-    c = S.PretrainCorpus(12, seed=0)
+    c = PC.PretrainCorpus(12, seed=0)
     assert len(c) == 12
     im, cap = c[5]
-    im2, cap2 = S.pretrain_item(5, seed=0)
+    im2, cap2 = PC.pretrain_item(5, seed=0)
     assert cap == cap2 and np.array_equal(np.asarray(im), np.asarray(im2)) and im.size == (64, 128)
     assert c[-1][1] == c[11][1]
     with pytest.raises(IndexError): c[12]
-    caps = [S.pretrain_item(i)[1] for i in range(80)]
+    caps = [PC.pretrain_item(i)[1] for i in range(80)]
     assert max(len(x.split()) for x in caps) <= 14 and np.mean([len(x.split()) for x in caps]) < 9  # short
     assert len(set(caps)) > 60
-    assert not np.array_equal(np.asarray(S.pretrain_item(5, seed=1)[0]), np.asarray(im))
+    assert not np.array_equal(np.asarray(PC.pretrain_item(5, seed=1)[0]), np.asarray(im))
 
 
 def test_pretrain_identities_have_four_images_and_are_not_synthpedes_ones(monkeypatch):
     drawn = []
-    render = S.render_person
+    render = D.render_person
     def spy(attrs, rng, size=(128, 64), view=None, style="default"):
         drawn.append((attrs, style))
         return render(attrs, rng, size, view, style)
-    monkeypatch.setattr(S, "render_person", spy)
-    for i in range(12): S.pretrain_item(i)
+    monkeypatch.setattr(PC, "render_person", spy)
+    for i in range(12): PC.pretrain_item(i)
     people = [a for a, _ in drawn]
     assert all(style == "web" for _, style in drawn)
     assert people[0] == people[3] and people[4] == people[7] and people[3] != people[4] and people[7] != people[8]
-    synth = {tuple(a[k] for k in S.ATTRIBUTES) for a in S.make_identities(200, seed=0)}
-    assert not any(tuple(a[k] for k in S.ATTRIBUTES) in synth for a in people)
+    synth = {tuple(a[k] for k in I.ATTRIBUTES) for a in I.make_identities(200, seed=0)}
+    assert not any(tuple(a[k] for k in I.ATTRIBUTES) in synth for a in people)
 
 
 # ---- rendering and the grid ------------------------------------------------------------------------
 
 def test_render_sizes_styles_and_errors():
-    a = S.sample_identity(np.random.default_rng(1))
-    for style in S.STYLES:
+    a = I.sample_identity(np.random.default_rng(1))
+    for style in D.STYLES:
         for size in ((128, 64), (256, 128)):
-            im = S.render_person(a, np.random.default_rng(0), size=size, style=style)
+            im = D.render_person(a, np.random.default_rng(0), size=size, style=style)
             assert im.size == (size[1], size[0]) and im.mode == "RGB"
     with pytest.raises(TBPSError, match="unknown render style"):
-        S.render_person(a, np.random.default_rng(0), style="oil")
+        D.render_person(a, np.random.default_rng(0), style="oil")
     with pytest.raises(TBPSError, match="unknown view"):
-        S.render_person(a, np.random.default_rng(0), view="top")
+        D.render_person(a, np.random.default_rng(0), view="top")
 
 
 def test_sample_grid(ann):
