@@ -28,7 +28,8 @@ from .model import TBPSModel, set_text_attention_dropout
 from .data import fewshot_subset
 from .probes import apply_freezes, count_parameters
 from .pretrain import ensure_synthclip
-from .records import Annotations, load_annotations
+from .datasets import load_annotations
+from .records import Annotations
 from .train import SoftLabels, Trainer
 
 # %% auto #0

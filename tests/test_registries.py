@@ -16,22 +16,28 @@ from tbps_clip.data import test_transform as make_test_transform
 from tbps_clip.heads import HEADS, attach_heads, forward_views, head_spec
 from tbps_clip.losses import LOSSES, LossTerm, View, active_terms, compute_losses, needed_heads, needed_views
 from tbps_clip.model import create_model
-from tbps_clip.records import READERS, load_annotations, read_annotations, reader
+from tbps_clip.datasets import DATASETS, RawFormat, load_annotations, raw_formats, reader
+from tbps_clip.records import read_annotations, read_normalised
 
 
 # ---- registries --------------------------------------------------------------------------------------------
 
 def test_every_registry_entry_resolves():
-    for name in READERS: assert callable(reader(name))
+    for name in DATASETS: assert callable(reader(name)) and not isinstance(reader(name), str)
     for ref in [*CHECKPOINT_READERS, *WEIGHT_LOADERS]: assert callable(resolve(ref, "entry"))
+
+
+def test_the_dataset_table_holds_every_reader_itself():
+    "One table: each name maps to the reader object (no 'module:function' string); every raw layout is a RawFormat."
+    assert DATASETS["annotations"] is read_normalised and callable(DATASETS["synthpedes"])
+    assert set(raw_formats()) == {"cuhk-pedes", "icfg-pedes", "rstpreid", "official"}
+    assert all(isinstance(f, RawFormat) and f.key == k for k, f in raw_formats().items())
+    assert [k for k, f in raw_formats().items() if f.per_split] == ["official"]
 
 
 def test_missing_entries_are_clear_errors(monkeypatch, tmp_path):
     with pytest.raises(TBPSError, match="unknown dataset 'nope'; known readers: annotations, cuhk-pedes"):
         load_annotations("nope", str(tmp_path))
-    monkeypatch.setitem(READERS, "gone", "tbps_clip.datasets:read_gone")
-    with pytest.raises(LookupError, match="reader 'tbps_clip.datasets:read_gone' does not exist"):
-        load_annotations("gone", str(tmp_path))
     monkeypatch.setattr("tbps_clip.checkpoint.CHECKPOINT_READERS", ["tbps_clip.nowhere:read"])
     f = tmp_path / "x.pt"
     torch.save({"a": torch.zeros(1)}, f)
@@ -43,11 +49,11 @@ def test_lookups_need_no_import_for_its_side_effects(toy, tmp_path):
     "In a fresh interpreter: the readers and checkpoint formats work without importing their modules first."
     code = f"""
 import sys, torch
-from tbps_clip.records import load_annotations
+from tbps_clip.datasets import load_annotations
 from tbps_clip.checkpoint import read_checkpoint_file
 from tbps_clip.data import TrainPairs
 from tbps_clip.data import test_transform as make_test_transform
-assert not any(m in sys.modules for m in ("tbps_clip.datasets", "tbps_clip.weights", "tbps_clip.augment", "tbps_clip.synthpedes"))
+assert not any(m in sys.modules for m in ("tbps_clip.weights", "tbps_clip.augment", "tbps_clip.synthpedes"))
 from safetensors.torch import save_file
 save_file({{"w": torch.ones(2)}}, {str(tmp_path / "w.safetensors")!r})
 assert torch.equal(read_checkpoint_file({str(tmp_path / "w.safetensors")!r})["w"], torch.ones(2))

@@ -10,7 +10,8 @@ from PIL import Image
 
 import tbps_clip.synthpedes as S
 from tbps_clip.core import TBPSError
-from tbps_clip.records import load_annotations, read_annotations
+from tbps_clip.datasets import load_annotations
+from tbps_clip.records import read_annotations
 
 TINY = dict(n_train_ids=6, n_val_ids=2, n_test_ids=3, progress=False)
 
