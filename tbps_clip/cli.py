@@ -61,7 +61,7 @@ def _train_config(a):
 
 def _saved_step(run: Path) -> int | None:
     "The step after which the run in `run` last saved its checkpoint, or None if it saved none (or it cannot be read)."
-    from tbps_clip.checkpoint import read_checkpoint_file
+    from tbps_clip.weights import read_checkpoint_file
     try: return int(read_checkpoint_file(run / "checkpoint.pt")["state"]["step"])
     except Exception: return None
 

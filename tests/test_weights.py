@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tbps_clip.weights as W
-from tbps_clip.checkpoint import load_weights, read_checkpoint_file, save_checkpoint
+from tbps_clip.checkpoint import save_checkpoint
 from tbps_clip.cli import main
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError
@@ -16,6 +16,7 @@ from tbps_clip.fixtures import write_fixture
 from tbps_clip.evaluate import evaluate
 from tbps_clip.model import create_model
 from tbps_clip.run import prepare_model
+from tbps_clip.weights import load_weights, read_checkpoint_file
 
 SQ = (32, 32)  # square input, as CLIP was pretrained (224x224 for the real ViT-B/16)
 
@@ -173,7 +174,7 @@ def test_release_is_laid_out_like_the_authors(release):
 
 
 def _weights_only(path):
-    from tbps_clip.checkpoint import CHECKPOINT_READERS
+    from tbps_clip.weights import CHECKPOINT_READERS
     saved = list(CHECKPOINT_READERS)
     CHECKPOINT_READERS.clear()
     try: return read_checkpoint_file(path)
