@@ -19,7 +19,7 @@ from .records import (SPLITS, Annotations, Record, check_annotations, read_annot
                                valid_pid, write_annotations)
 
 # %% auto #0
-__all__ = ['IMAGE_DIR', 'DATASETS', 'OFFICIAL_STATS', 'ISSUE_KINDS', 'DROPPABLE', 'RawFormat', 'raw_formats', 'Issue',
+__all__ = ['IMAGE_DIR', 'OFFICIAL_STATS', 'DATASETS', 'ISSUE_KINDS', 'DROPPABLE', 'RawFormat', 'raw_formats', 'Issue',
            'parse_drop', 'Entry', 'parse_entry', 'cross_issues', 'image_issues', 'split_stats', 'compare_stats',
            'apply_drops', 'Scan', 'scan_dataset', 'read_dataset', 'reader', 'load_annotations', 'prep_report',
            'format_prep_report', 'prepare', 'merge_back_translations', 'format_merge_report']
@@ -66,6 +66,19 @@ class RawFormat:
         raise TBPSError(f"{root}: no {' or '.join(self.files)} here; for {self.name}, {root_name} must be the folder that "
                         f"holds {self.files[0]} and {IMAGE_DIR}/ (see docs/real-data.md)")
 
+# Published split sizes (ids, images, captions); a tuple lists the values that different sources give.
+OFFICIAL_STATS = {
+    "cuhk-pedes": {"train": dict(ids=11003, images=34054, captions=(68108, 68126)),
+                   "val": dict(ids=1000, images=3078, captions=6158),
+                   "test": dict(ids=1000, images=3074, captions=6156)},
+    "icfg-pedes": {"train": dict(ids=3102, images=34674, captions=34674),  # one caption per image
+                   "test": dict(ids=1000, images=19848, captions=19848)},
+    "rstpreid": {"train": dict(ids=3701, images=18505, captions=37010),
+                 "val": dict(ids=200, images=1000),
+                 "test": dict(ids=200, images=1000, captions=2000)},
+}
+
+# %% ../nbs/15_datasets.ipynb #1e2d3c4b
 def _read_synthpedes(root: str = "", **kwargs) -> Annotations:
     "SynthPEDES (`synthpedes.read_synthpedes`); its generator (numpy, PIL) is imported only when one is read."
     from tbps_clip.synthpedes import read_synthpedes  # `tbps-clip --help` builds `prep` from this module: keep it light
@@ -92,18 +105,6 @@ DATASETS: dict[str, Callable] = {  # dataset name -> reader (root, **kwargs) -> 
 def raw_formats() -> dict:
     "The `RawFormat` entries of `DATASETS` (name -> format), in table order."
     return {k: v for k, v in DATASETS.items() if isinstance(v, RawFormat)}
-
-# Published split sizes (ids, images, captions); a tuple lists the values that different sources give.
-OFFICIAL_STATS = {
-    "cuhk-pedes": {"train": dict(ids=11003, images=34054, captions=(68108, 68126)),
-                   "val": dict(ids=1000, images=3078, captions=6158),
-                   "test": dict(ids=1000, images=3074, captions=6156)},
-    "icfg-pedes": {"train": dict(ids=3102, images=34674, captions=34674),  # one caption per image
-                   "test": dict(ids=1000, images=19848, captions=19848)},
-    "rstpreid": {"train": dict(ids=3701, images=18505, captions=37010),
-                 "val": dict(ids=200, images=1000),
-                 "test": dict(ids=200, images=1000, captions=2000)},
-}
 
 # %% ../nbs/15_datasets.ipynb #25ca7802
 ISSUE_KINDS = {  # kind: (severity, what dropping removes, description)
