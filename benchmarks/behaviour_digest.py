@@ -53,7 +53,7 @@ def untimed(d: dict) -> dict:
 
 def tiny_run(preset: str, data: Path, out: Path, extra: dict) -> dict:
     "Train `preset` briefly and return its losses, final-weights digest, test metrics and fit."
-    from tbps_clip.checkpoint import read_checkpoint_file
+    from tbps_clip.weights import read_checkpoint_file
     from tbps_clip.config import make_config
     from tbps_clip.run import train
     ov = {"data.dataset": "synthpedes", "data.root": str(data), "data.batch_size": 8, "train.max_steps": 6,

@@ -18,7 +18,7 @@ _all_ = ["make_config", "load_config", "make_synthpedes", "run_training", "evalu
 _LAZY = dict(make_config=("config", "make_config"), load_config=("config", "load_config"),
              make_synthpedes=("synthpedes", "make_synthpedes"), run_training=("run", "train"),
              evaluate_checkpoint=("run", "evaluate_checkpoint"), demo=("run", "demo"),
-             build_model=("checkpoint", "build_model"), Encoder=("search", "Encoder"),
+             build_model=("weights", "build_model"), Encoder=("search", "Encoder"),
              GalleryIndex=("search", "GalleryIndex"), contact_sheet=("search", "contact_sheet"), TBPSError=("core", "TBPSError"))
 
 def __getattr__(name: str):

@@ -61,7 +61,7 @@ def _train_config(a):
 
 def _saved_step(run: Path) -> int | None:
     "The step after which the run in `run` last saved its checkpoint, or None if it saved none (or it cannot be read)."
-    from tbps_clip.checkpoint import read_checkpoint_file
+    from tbps_clip.weights import read_checkpoint_file
     try: return int(read_checkpoint_file(run / "checkpoint.pt")["state"]["step"])
     except Exception: return None
 
@@ -353,12 +353,11 @@ def _add_study_commands(sub) -> None:
 # %% ../nbs/14_cli.ipynb #5a6d75e4
 def _add_prep_commands(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Add the preparation subcommands (one per dataset, and merge-bt) to the parser `p`."
-    from tbps_clip.datasets import DROPPABLE, FORMATS, IMAGE_DIR, OFFICIAL_FILES
-    sub = p.add_subparsers(dest="what", required=True, metavar="{" + ",".join([*FORMATS, "official", "merge-bt"]) + "}")
-    for name in [*FORMATS, "official"]:
-        desc = (f"{FORMATS[name].name}: {FORMATS[name].files[0]} and {IMAGE_DIR}/ in ROOT" if name in FORMATS
-                else f"the TBPS-CLIP authors' *_reid.json files ({', '.join(OFFICIAL_FILES)}) and {IMAGE_DIR}/ in ROOT")
-        s = sub.add_parser(name, help=desc)
+    from tbps_clip.datasets import DROPPABLE, raw_formats
+    formats = raw_formats()
+    sub = p.add_subparsers(dest="what", required=True, metavar="{" + ",".join([*formats, "merge-bt"]) + "}")
+    for name, fmt in formats.items():
+        s = sub.add_parser(name, help=fmt.describe())
         s.add_argument("root", help="the dataset folder")
         s.add_argument("--out", help="annotation file to write (default: ROOT/annotations.json)")
         s.add_argument("--drop", default="", help=f"comma-separated issue kinds to drop ({', '.join(DROPPABLE)}), or 'errors' or 'all' (default: none)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from .core import TBPSError
-from .datasets import FORMATS, IMAGE_DIR, OFFICIAL_FILES
+from .datasets import IMAGE_DIR, raw_formats
 from .records import SPLITS, Record, write_annotations
 
 # %% auto #0
@@ -73,7 +73,8 @@ def fixture_records(dataset: str, n_ids=(4, 2, 2), images_per_id: int = 2, capti
     "Clean records in the style of `dataset` (ids, image paths, captions), before any defect."
     rng = random.Random(seed)
     cpi = captions_per_image or (1 if dataset == "icfg-pedes" else 2)
-    splits = FORMATS[dataset].splits if dataset in FORMATS else SPLITS
+    fmt = raw_formats().get(dataset)
+    splits = fmt.splits if fmt else SPLITS
     recs, pid, seen = [], 1, set()
     for split, n in zip(SPLITS, n_ids):
         if split not in splits or not n: continue
@@ -98,10 +99,10 @@ def _caption_colours(caption: str) -> tuple:
 # %% ../nbs/15a_fixtures.ipynb #06736dcc
 _FIXTURE_SIZE = (48, 16)
 
-def _raw_entry(r: Record, dataset: str, official: bool) -> dict:
-    if official:
-        return dict(file_path=r.image, id=r.pid, captions=list(r.captions), **({"captions_bt": list(r.captions_bt)} if r.split == "train" else {}))
-    d = dict(split=r.split, captions=list(r.captions), **{FORMATS[dataset].path_field: r.image}, id=r.pid)
+def _raw_entry(r: Record, dataset: str, fmt) -> dict:
+    if fmt.per_split:
+        return dict(**{fmt.path_field: r.image}, id=r.pid, captions=list(r.captions), **({"captions_bt": list(r.captions_bt)} if r.split == "train" else {}))
+    d = dict(split=r.split, captions=list(r.captions), **{fmt.path_field: r.image}, id=r.pid)
     if dataset != "rstpreid": d["processed_tokens"] = [c.lower().strip(".").replace(",", "").split() for c in r.captions]
     return d
 
@@ -145,14 +146,15 @@ def write_fixture(dataset: str, root, n_ids=(4, 2, 2), images_per_id: int = 2, d
     rng = random.Random(seed)
     recs = fixture_records(dataset, n_ids, images_per_id, seed=seed)
     for r in recs: _save(draw_toy_person(*_caption_colours(r.captions[0]), rng, _FIXTURE_SIZE), root / IMAGE_DIR / r.image)
-    pf = "file_path" if official else FORMATS[dataset].path_field
-    if official:
-        for s, fname in OFFICIAL_FILES.items():
-            es = [_raw_entry(r, dataset, True) for r in recs if r.split == s]
+    fmt = raw_formats()["official" if official else dataset]
+    pf = fmt.path_field
+    if fmt.per_split:
+        for s, fname in fmt.split_files.items():
+            es = [_raw_entry(r, dataset, fmt) for r in recs if r.split == s]
             if es: (root / fname).write_text(json.dumps(es))
-        return dict(root=root, records=recs, planted=Counter(), files=[root / f for f in OFFICIAL_FILES.values() if (root / f).exists()])
-    raw = [_raw_entry(r, dataset, False) for r in recs]
+        return dict(root=root, records=recs, planted=Counter(), files=[root / f for f in fmt.files if (root / f).exists()])
+    raw = [_raw_entry(r, dataset, fmt) for r in recs]
     planted = _plant(raw, dataset, tuple(defects), pf, root, rng)
-    f = root / FORMATS[dataset].files[0]
+    f = root / fmt.files[0]
     f.write_text(json.dumps(raw))
     return dict(root=root, records=recs, planted=planted, files=[f])

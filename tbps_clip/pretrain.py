@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import (CKPT_FORMAT, load_weights, read_checkpoint_file, save_checkpoint, shipped_synthclip,
-                                  synthclip_path, tower_state)
+from .checkpoint import CKPT_FORMAT, save_checkpoint, shipped_synthclip, synthclip_path, tower_state
 from .config import DataConfig, make_config
 from .core import TBPSError, cache_dir, derive_seed, environment_info, exclusive_lock, seed_everything
 from .data import test_transform
@@ -25,6 +24,7 @@ from .pretrain_corpus import IMAGES_PER_PRETRAIN_ID, PretrainCorpus
 from .synthpedes import read_synthpedes
 from .text import clean_caption, tokenize
 from .train import Callback, Trainer
+from .weights import load_weights, read_checkpoint_file
 
 # %% auto #0
 __all__ = ['PRETRAIN_RECIPES', 'PRETRAIN_DEFAULTS', 'CorpusPairs', 'pretrain_recipe', 'pretrain_config', 'EveryNSteps',

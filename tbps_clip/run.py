@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import build_model, read_checkpoint_file, is_project_checkpoint
+from .checkpoint import is_project_checkpoint
 from .config import (Config, check_config, config_from_dict, config_to_dict, load_config, make_config, parse_overrides,
                               set_key)
 from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
@@ -28,8 +28,10 @@ from .model import TBPSModel, set_text_attention_dropout
 from .data import fewshot_subset
 from .probes import apply_freezes, count_parameters
 from .pretrain import ensure_synthclip
-from .records import Annotations, load_annotations
+from .datasets import load_annotations
+from .records import Annotations
 from .train import SoftLabels, Trainer
+from .weights import build_model, read_checkpoint_file
 
 # %% auto #0
 __all__ = ['RESUME_KEYS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record', 'run_log',

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import build_model
+from .weights import build_model
 from .config import Config, config_from_dict, config_to_dict
 from .core import TBPSError, atomic_write_bytes, atomic_write_json, autocast, patch_to, resolve_device, safe_join
 from .data import load_image, test_transform

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import read_checkpoint_file, save_checkpoint, load_state_strict, check_identity
+from .checkpoint import save_checkpoint, load_state_strict, check_identity
 from .config import Config, save_config
 from .core import TBPSError, atomic_write_json, autocast, patch_to, resolve_device
 from .data import EpochSampler, collate, worker_init
@@ -25,6 +25,7 @@ from .distributed import all_reduce_grads, broadcast_state, gather_objects
 from .heads import HEAD_LR, forward_views, soft_label_views
 from .losses import IMAGE, TEXT, LossContext, active_terms, compute_losses, loss_weights, soft_views
 from .model import TBPSModel
+from .weights import read_checkpoint_file
 
 # %% auto #0
 __all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers',

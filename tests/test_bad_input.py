@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import micro_overrides
-from tbps_clip.checkpoint import load_weights, read_checkpoint_file
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.model import create_model
 from tbps_clip.records import read_annotations
 from tbps_clip.run import train
+from tbps_clip.weights import load_weights, read_checkpoint_file
 
 
 def edit_records(path, fn):

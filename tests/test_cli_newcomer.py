@@ -17,11 +17,11 @@ from PIL import Image
 from conftest import micro_overrides
 from test_search import indexed_toy_gallery, run_cli
 from test_train import Crash
-from tbps_clip.checkpoint import read_checkpoint_file
 from tbps_clip.cli import build_parser
 from tbps_clip.config import config_to_dict, load_config, make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.run import train
+from tbps_clip.weights import read_checkpoint_file
 
 
 def files(folder) -> dict:

@@ -7,9 +7,11 @@ import pytest
 from tbps_clip.core import TBPSError
 from tbps_clip.data import TrainPairs, eval_split
 from tbps_clip.data import test_transform as make_test_transform
-from tbps_clip.datasets import FORMATS, OFFICIAL_FILES, read_dataset, scan_dataset
+from tbps_clip.datasets import DATASETS, RawFormat, load_annotations, raw_formats, read_dataset, scan_dataset
 from tbps_clip.fixtures import FIXTURE_DEFECTS, write_fixture
-from tbps_clip.records import READERS, load_annotations
+
+SINGLE_FILE = [k for k, f in raw_formats().items() if not f.per_split]  # the raw releases: one JSON list each
+OFFICIAL_FILES = DATASETS["official"].split_files
 
 SIZES = dict(n_ids=(5, 2, 3), images_per_id=3)
 
@@ -18,16 +20,16 @@ def counts(dataset):
     "Expected ids / images / captions per split of a clean fixture of SIZES."
     cpi = 1 if dataset == "icfg-pedes" else 2
     return {s: dict(ids=n, images=n * 3, captions=n * 3 * cpi)
-            for s, n in zip(("train", "val", "test"), SIZES["n_ids"]) if s in FORMATS[dataset].splits}
+            for s, n in zip(("train", "val", "test"), SIZES["n_ids"]) if s in DATASETS[dataset].splits}
 
 
-@pytest.mark.parametrize("dataset", list(FORMATS))
+@pytest.mark.parametrize("dataset", SINGLE_FILE)
 def test_reader_counts_on_clean_fixture(dataset, tmp_path):
     write_fixture(dataset, tmp_path / dataset, **SIZES)
     ann = load_annotations(dataset, str(tmp_path / dataset))  # through the registry, as data.dataset=... does
-    assert dataset in READERS and ann.dataset == dataset
+    assert isinstance(DATASETS[dataset], RawFormat) and ann.dataset == dataset
     assert ann.summary() == counts(dataset)
-    raw = json.loads((tmp_path / dataset / FORMATS[dataset].files[0]).read_text())
+    raw = json.loads((tmp_path / dataset / DATASETS[dataset].files[0]).read_text())
     assert len(ann.records) == len(raw)  # nothing dropped
     r = next(r for r in ann.records if r.split == "train")
     assert ann.image_path(r).is_file() and r.captions_bt == []  # raw releases have no back-translations

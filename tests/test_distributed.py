@@ -100,7 +100,7 @@ def test_torchrun_cli_matches_single_process(toy, tmp_path):
     r1 = subprocess.run([sys.executable, "-m", "tbps_clip.cli", "train", "--preset", "clip_star", *ov(tmp_path / "one", 8)],
                         env=env, capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    from tbps_clip.checkpoint import read_checkpoint_file
+    from tbps_clip.weights import read_checkpoint_file
     two, one = read_checkpoint_file(tmp_path / "two" / "checkpoint.pt"), read_checkpoint_file(tmp_path / "one" / "checkpoint.pt")
     assert len(two["state"]["rank_rng"]) == 2
     for k, v in one["model"].items():

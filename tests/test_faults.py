@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from conftest import micro_overrides
-from tbps_clip.checkpoint import check_identity, load_state_strict, load_weights, read_checkpoint_file, save_checkpoint
+from tbps_clip.checkpoint import check_identity, load_state_strict, save_checkpoint
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.model import create_model
 from tbps_clip.run import evaluate_checkpoint, train
+from tbps_clip.weights import load_weights, read_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRA = {"train.ckpt_every": 1, "train.threads": 1, "train.max_steps": 10, "trick.text_dropout": 0.1}  # dropout: RNG must resume too

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tbps_clip.core import TBPSError
-from tbps_clip.datasets import FORMATS, IMAGE_DIR, OFFICIAL_FILES, read_dataset
-from tbps_clip.records import FORMAT, FORMAT_VERSION, load_annotations, read_annotations, reader as dataset_reader
+from tbps_clip.datasets import IMAGE_DIR, load_annotations, raw_formats, read_dataset, reader as dataset_reader
+from tbps_clip.records import FORMAT, FORMAT_VERSION, read_annotations
 from tbps_clip.text import EOT_TOKEN, SOT_TOKEN, _PUNCT, clean_caption, tokenize, vocab_size
 
 # TBPS_FUZZ_EXAMPLES scales every test up for a longer local fuzzing session (random seeds then, not derandomised).
@@ -77,8 +77,9 @@ def dataset(draw, kind: str):
     """(entries as the file holds them, expected records, index of the first defective entry or None, defect name).
 
     kind: 'normalised' or a raw format name ('cuhk-pedes', 'icfg-pedes', 'rstpreid', 'official')."""
-    splits = FORMATS[kind].splits if kind in FORMATS else ("train", "val", "test")
-    img_key, pid_key = ("image", "pid") if kind == "normalised" else (FORMATS.get(kind, FORMATS["cuhk-pedes"]).path_field, "id")
+    formats = raw_formats()
+    splits = formats[kind].splits if kind in formats else ("train", "val", "test")
+    img_key, pid_key = ("image", "pid") if kind == "normalised" else (formats.get(kind, formats["cuhk-pedes"]).path_field, "id")
     n = draw(st.integers(1, 8))
     pids = draw(st.lists(PID, min_size=n, max_size=n))
     split_of = {}
@@ -228,15 +229,16 @@ def test_duplicate_keys_and_deep_nesting_are_refused(tmp_path):
 def write_raw(folder: Path, kind: str, raw: list, splits: list) -> list:
     "Write `raw` as `kind`'s annotation file(s) in `folder` (with an empty image folder); the files written."
     (folder / IMAGE_DIR).mkdir(parents=True)
-    if kind != "official":
-        f = folder / FORMATS[kind].files[0]
+    fmt = raw_formats()[kind]
+    if not fmt.per_split:
+        f = folder / fmt.files[0]
         f.write_text(json.dumps(raw))
         return [f]
     by = {}
     for e, s in zip(raw, splits): by.setdefault(s, []).append(e)
     files = []
     for s, es in by.items():
-        files.append(folder / OFFICIAL_FILES[s]); files[-1].write_text(json.dumps(es))
+        files.append(folder / fmt.split_files[s]); files[-1].write_text(json.dumps(es))
     return files
 
 
@@ -264,7 +266,7 @@ def test_raw_readers_on_any_json(kind, doc):
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         (folder / IMAGE_DIR).mkdir()
-        f = folder / (OFFICIAL_FILES["train"] if kind == "official" else FORMATS[kind].files[0])
+        f = folder / raw_formats()[kind].files[0]  # the authors' train file for official
         f.write_text(json.dumps(doc))
         try:
             with warnings.catch_warnings():
@@ -283,8 +285,9 @@ def test_raw_readers_on_any_json(kind, doc):
 ])
 def test_raw_reader_regressions(tmp_path, kind, field, value, message):
     "Defects the fuzzers found (through the code the readers share), pinned for every raw format."
-    pf = "file_path" if kind == "official" else FORMATS[kind].path_field
-    e = {"id": 1, "captions": ["a man in a red coat"], pf: "a.jpg", **({} if kind == "official" else {"split": "train"})}
+    fmt = raw_formats()[kind]
+    pf = fmt.path_field
+    e = {"id": 1, "captions": ["a man in a red coat"], pf: "a.jpg", **({} if fmt.per_split else {"split": "train"})}
     e[pf if field == "path" else field] = value
     write_raw(tmp_path, kind, [e], ["train"])
     with pytest.raises(TBPSError, match=rf"entry 0 .*{re.escape(message)}"):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import micro_overrides
-from tbps_clip.checkpoint import read_checkpoint_file, save_checkpoint, tower_state
+from tbps_clip.checkpoint import save_checkpoint, tower_state
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError, seed_everything
 from tbps_clip.importance import (ModuleRef, c1_scores, criticality, interpolated, layer_importance,
@@ -21,6 +21,7 @@ from tbps_clip.records import Annotations, Record, read_annotations
 from tbps_clip.run import evaluate_checkpoint, prepare_model, train
 from tbps_clip.text import tokenize
 from tbps_clip.train import Trainer
+from tbps_clip.weights import read_checkpoint_file
 
 from test_train import Crash
 

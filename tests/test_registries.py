@@ -1,61 +1,111 @@
-"""Registries are explicit (no entry depends on an import's side effect; a missing one is an error) and each loss
-term's declaration drives what the data, the heads and the forward pass make for it."""
+"""Registries are explicit (each holds the functions themselves, in the module that consults it; a missing name is an
+error), no 'module:function' string points back up the import graph, and each loss term's declaration drives what the
+data, the heads and the forward pass make for it."""
+import ast
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import tbps_clip
 from conftest import micro_overrides
 from tbps_clip.augment import VIEW_SOURCES, configure_pairs
-from tbps_clip.checkpoint import CHECKPOINT_READERS, WEIGHT_LOADERS, read_checkpoint_file
 from tbps_clip.config import LossConfig, make_config
-from tbps_clip.core import TBPSError, resolve
+from tbps_clip.core import TBPSError
 from tbps_clip.data import TrainPairs
 from tbps_clip.data import test_transform as make_test_transform
+from tbps_clip.datasets import DATASETS, RawFormat, load_annotations, raw_formats, reader
 from tbps_clip.heads import HEADS, attach_heads, forward_views, head_spec
 from tbps_clip.losses import LOSSES, LossTerm, View, active_terms, compute_losses, needed_heads, needed_views
 from tbps_clip.model import create_model
-from tbps_clip.records import READERS, load_annotations, read_annotations, reader
+from tbps_clip.records import read_annotations, read_normalised
+from tbps_clip.weights import CHECKPOINT_READERS, WEIGHT_LOADERS, read_checkpoint_file
 
 
 # ---- registries --------------------------------------------------------------------------------------------
 
-def test_every_registry_entry_resolves():
-    for name in READERS: assert callable(reader(name))
-    for ref in [*CHECKPOINT_READERS, *WEIGHT_LOADERS]: assert callable(resolve(ref, "entry"))
+def test_every_registry_entry_is_the_function_itself():
+    for name in DATASETS: assert callable(reader(name)) and not isinstance(reader(name), str)
+    for f in [*CHECKPOINT_READERS, *WEIGHT_LOADERS]: assert callable(f) and f.__module__ == "tbps_clip.weights"
 
 
-def test_missing_entries_are_clear_errors(monkeypatch, tmp_path):
+def test_the_dataset_table_holds_every_reader_itself():
+    "One table: each name maps to the reader object (no 'module:function' string); every raw layout is a RawFormat."
+    assert DATASETS["annotations"] is read_normalised and callable(DATASETS["synthpedes"])
+    assert set(raw_formats()) == {"cuhk-pedes", "icfg-pedes", "rstpreid", "official"}
+    assert all(isinstance(f, RawFormat) and f.key == k for k, f in raw_formats().items())
+    assert [k for k, f in raw_formats().items() if f.per_split] == ["official"]
+
+
+def test_missing_entries_are_clear_errors(tmp_path):
     with pytest.raises(TBPSError, match="unknown dataset 'nope'; known readers: annotations, cuhk-pedes"):
         load_annotations("nope", str(tmp_path))
-    monkeypatch.setitem(READERS, "gone", "tbps_clip.datasets:read_gone")
-    with pytest.raises(LookupError, match="reader 'tbps_clip.datasets:read_gone' does not exist"):
-        load_annotations("gone", str(tmp_path))
-    monkeypatch.setattr("tbps_clip.checkpoint.CHECKPOINT_READERS", ["tbps_clip.nowhere:read"])
+
+
+def test_a_new_checkpoint_format_is_one_reader_in_the_list(monkeypatch, tmp_path):
+    "The list is consulted in order at each read: a reader added to it is tried before torch.load."
     f = tmp_path / "x.pt"
     torch.save({"a": torch.zeros(1)}, f)
-    with pytest.raises(LookupError, match="checkpoint reader 'tbps_clip.nowhere:read' does not exist"):
-        read_checkpoint_file(f)
+    monkeypatch.setattr("tbps_clip.weights.CHECKPOINT_READERS", [lambda path, trust: {"read_by": "mine", "path": path}])
+    assert read_checkpoint_file(f) == {"read_by": "mine", "path": f}
 
 
 def test_lookups_need_no_import_for_its_side_effects(toy, tmp_path):
-    "In a fresh interpreter: the readers and checkpoint formats work without importing their modules first."
+    "In a fresh interpreter: the readers and checkpoint formats work on importing the module that holds them, alone."
     code = f"""
 import sys, torch
-from tbps_clip.records import load_annotations
-from tbps_clip.checkpoint import read_checkpoint_file
+from tbps_clip.datasets import load_annotations
+from tbps_clip.weights import read_checkpoint_file
 from tbps_clip.data import TrainPairs
 from tbps_clip.data import test_transform as make_test_transform
-assert not any(m in sys.modules for m in ("tbps_clip.datasets", "tbps_clip.weights", "tbps_clip.augment", "tbps_clip.synthpedes"))
+assert not any(m in sys.modules for m in ("tbps_clip.augment", "tbps_clip.synthpedes", "tbps_clip.run", "tbps_clip.pretrain"))
 from safetensors.torch import save_file
 save_file({{"w": torch.ones(2)}}, {str(tmp_path / "w.safetensors")!r})
 assert torch.equal(read_checkpoint_file({str(tmp_path / "w.safetensors")!r})["w"], torch.ones(2))
-assert "tbps_clip.weights" in sys.modules  # imported by the lookup
 assert load_annotations("annotations", annotations={str(toy)!r}).dataset == "toy"
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def import_graph() -> tuple:
+    "({module: modules it imports, at module level or in a function}, [(holder, 'module:function' string, module named)])."
+    pkg = Path(tbps_clip.__file__).parent
+    mods = {".".join(p.relative_to(pkg.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in pkg.rglob("*.py") if p.name != "_modidx.py"}
+    def known(name):
+        while name and name not in mods: name = name.rpartition(".")[0]
+        return name
+    edges, strings = {m: set() for m in mods}, []
+    for m, p in mods.items():
+        here = m if p.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import): edges[m] |= {known(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level: base = ".".join(here.split(".")[:len(here.split(".")) - node.level + 1] + ([base] if base else []))
+                edges[m] |= {known(f"{base}.{a.name}") or known(base) for a in node.names}
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"tbps_clip(\.\w+)*:\w+", node.value):
+                strings.append((m, node.value, known(node.value.split(":")[0])))
+    return {m: e - {"", None, m} for m, e in edges.items()}, strings
+
+
+def test_no_module_function_string_names_a_module_that_imports_its_holder():
+    "A string reference never hides a cycle: the module it names does not import (directly or not) the module holding it."
+    edges, strings = import_graph()
+    def reach(m):
+        seen, todo = set(), [m]
+        while todo:
+            for t in edges[todo.pop()] - seen: seen.add(t); todo.append(t)
+        return seen
+    assert edges["tbps_clip.datasets"] >= {"tbps_clip.records"} and "tbps_clip.datasets" in reach("tbps_clip.run")  # the graph is read
+    assert all(t for _, _, t in strings), strings
+    assert [(m, s) for m, s, t in strings if m in reach(t)] == []
+    assert "tbps_clip.weights" not in reach("tbps_clip.checkpoint") and "tbps_clip.datasets" not in reach("tbps_clip.records")
+    assert not reach("tbps_clip.probes") & {"tbps_clip.checkpoint", "tbps_clip.weights"}  # weights may import probes
 
 
 def test_the_training_transform_is_the_augmentation_policy_without_any_registry(toy, tmp_path):

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from tbps_clip.checkpoint import load_weights, read_checkpoint_file, shipped_synthclip, synthclip_source
+from tbps_clip.checkpoint import shipped_synthclip, synthclip_source
 from tbps_clip.config import make_config
 from tbps_clip.model import create_model
 from tbps_clip.pretrain import sha256, zero_shot_evaluator
+from tbps_clip.weights import load_weights, read_checkpoint_file
 
 ARCH = make_config("clip").model.arch
 

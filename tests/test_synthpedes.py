@@ -12,7 +12,8 @@ import tbps_clip.pretrain_corpus as PC
 import tbps_clip.synthpedes as S
 from tbps_clip.synthpedes import captions as C, dataset as DS, drawing as D, identities as I
 from tbps_clip.core import TBPSError
-from tbps_clip.records import load_annotations, read_annotations
+from tbps_clip.datasets import load_annotations
+from tbps_clip.records import read_annotations
 
 TINY = dict(n_train_ids=6, n_val_ids=2, n_test_ids=3, progress=False)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import micro_overrides
-from tbps_clip.checkpoint import read_checkpoint_file
 from tbps_clip.config import load_config, make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.run import evaluate_checkpoint, train
 from tbps_clip.train import Callback, Interrupted
+from tbps_clip.weights import read_checkpoint_file
 
 
 def run(toy, out, **extra):

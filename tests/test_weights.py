@@ -7,16 +7,16 @@ import pytest
 import torch
 
 import tbps_clip.weights as W
-from tbps_clip.checkpoint import load_weights, read_checkpoint_file, save_checkpoint
+from tbps_clip.checkpoint import save_checkpoint
 from tbps_clip.cli import main
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError
-from tbps_clip.datasets import OFFICIAL_FILES
+from tbps_clip.datasets import DATASETS, load_annotations
 from tbps_clip.fixtures import write_fixture
 from tbps_clip.evaluate import evaluate
 from tbps_clip.model import create_model
-from tbps_clip.records import load_annotations
 from tbps_clip.run import prepare_model
+from tbps_clip.weights import load_weights, read_checkpoint_file
 
 SQ = (32, 32)  # square input, as CLIP was pretrained (224x224 for the real ViT-B/16)
 
@@ -174,7 +174,7 @@ def test_release_is_laid_out_like_the_authors(release):
 
 
 def _weights_only(path):
-    from tbps_clip.checkpoint import CHECKPOINT_READERS
+    from tbps_clip.weights import CHECKPOINT_READERS
     saved = list(CHECKPOINT_READERS)
     CHECKPOINT_READERS.clear()
     try: return read_checkpoint_file(path)
@@ -262,7 +262,7 @@ def test_eval_only_on_synthpedes_from_a_saved_checkpoint(tmp_path, capsys):
 def test_eval_only_with_openai_weights_on_official_test_file(src, archive, tmp_path):
     root = tmp_path / "CUHK-PEDES"
     write_fixture("cuhk-pedes", root, official=True, n_ids=(3, 2, 4), images_per_id=3)
-    for s in ("train", "val"): (root / OFFICIAL_FILES[s]).unlink()  # evaluation needs the test file only
+    for s in ("train", "val"): (root / DATASETS["official"].split_files[s]).unlink()  # evaluation needs the test file only
     out = tmp_path / "eval.json"
     assert main(["eval", str(archive), "model.arch=tbps-micro", "model.quick_gelu=true", "data.image_size=[32,32]",
                  "data.dataset=official", f"data.root={root}", "train.device=cpu", "--out", str(out)]) == 0

@@ -5,7 +5,6 @@
 # %% ../../nbs/31a_study_executors.ipynb #901ec13b
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..core import TBPSError, atomic_write_json
+from ..core import TBPSError, atomic_write_json, resolve
 
 # %% auto #0
 __all__ = ['EXECUTOR_ENV', 'SLURM_KEYS', 'make_executor', 'current_executor', 'is_serial', 'threads_per_job', 'run_calls']
@@ -54,15 +53,13 @@ def threads_per_job(jobs: int) -> int:
     return max(1, cores // jobs)
 
 # %% ../../nbs/31a_study_executors.ipynb #1c6f4a62
-def _resolve(target: str):
-    "The function `target` names ('module:name')."
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
 def _main(argv=None) -> int:
-    "Run the call in a JSON file (one local job of `run_calls`)."
+    "Run the call in a JSON file (one local job of `run_calls`); a target that does not exist, or a TBPSError, exits with 2."
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    try: _resolve(spec["target"])(**spec["kwargs"])
+    try: fn = resolve(spec["target"], "run target")
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr); return 2
+    try: fn(**spec["kwargs"])
     except TBPSError as e:
         print(f"error: {e}", file=sys.stderr); return 2
     return 0
@@ -97,15 +94,16 @@ def _run_slurm(fn, calls: list, slurm: dict, folder: Path) -> list:
 def run_calls(target: str, calls: list, executor: dict, folder, labels=None, log=print) -> list:
     "Call the function `target` ('module:name') with every kwargs dict in `calls` on `executor`; the errors, one line each, labelled."
     if not calls: return []
+    fn = resolve(target, "run target")  # a target that does not exist stops here, before any run starts
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     labels = labels or [str(i) for i in range(len(calls))]
     if log: log(f"{len(calls)} run(s) on {executor['kind']}" + (f", {executor['jobs']} at once" if executor["kind"] == "local" else ""))
     if executor["kind"] == "slurm":
-        return _run_slurm(_resolve(target), calls, executor["slurm"], folder)
+        return _run_slurm(fn, calls, executor["slurm"], folder)
     if is_serial(executor):
         errors = []
         for label, c in zip(labels, calls):
-            try: _resolve(target)(**c)
+            try: fn(**c)
             except Exception as e: errors.append(f"{label}: {type(e).__name__}: {e}")
         return errors
     threads = threads_per_job(executor["jobs"])
