@@ -323,47 +323,52 @@ class GalleryIndex:
         if self.root is not None and (r == self.root or self.root in r.parents): return r.relative_to(self.root).as_posix()
         return str(r)
 
-    def prepare(self, items, names=None) -> tuple[list, list, list]:
-        "(items to embed, their stored paths, Skipped) for a folder, a list of paths or a list of PIL images."
-        skipped = []
-        if isinstance(items, (str, Path)):
-            items, skipped = find_images(items, exclude=[self.folder] if self.folder else [])
-        items = list(items)
-        if names is not None and len(names) != len(items):
-            raise TBPSError(f"got {len(items)} images but {len(names)} names")
-        stored = [MEMORY_PREFIX + str(names[i] if names else i) if isinstance(it, Image.Image)
-                  else self.stored_path(names[i] if names else it) for i, it in enumerate(items)]
-        known, keep = set(self.paths), []
-        for i, s in enumerate(stored):
-            if s in known: skipped.append(Skipped(s, "already in the index"))
-            else: known.add(s); keep.append(i)
-        return [items[i] for i in keep], [stored[i] for i in keep], skipped
+# %% ../nbs/20_search.ipynb #c8ec7c08
+@patch_to(GalleryIndex)
+def prepare(self, items, names=None) -> tuple[list, list, list]:
+    "(items to embed, their stored paths, Skipped) for a folder, a list of paths or a list of PIL images."
+    skipped = []
+    if isinstance(items, (str, Path)):
+        items, skipped = find_images(items, exclude=[self.folder] if self.folder else [])
+    items = list(items)
+    if names is not None and len(names) != len(items):
+        raise TBPSError(f"got {len(items)} images but {len(names)} names")
+    stored = [MEMORY_PREFIX + str(names[i] if names else i) if isinstance(it, Image.Image)
+              else self.stored_path(names[i] if names else it) for i, it in enumerate(items)]
+    known, keep = set(self.paths), []
+    for i, s in enumerate(stored):
+        if s in known: skipped.append(Skipped(s, "already in the index"))
+        else: known.add(s); keep.append(i)
+    return [items[i] for i in keep], [stored[i] for i in keep], skipped
 
-    def append(self, feats: np.ndarray, stored: list) -> None:
-        "Add embeddings (n, dim) with their stored paths as a new, not yet saved part."
-        if feats.ndim != 2 or feats.shape[1] != self.dim or len(feats) != len(stored):
-            raise TBPSError(f"embeddings of shape {feats.shape} do not fit an index of dim {self.dim} with {len(stored)} paths")
-        if len(stored):
-            self.parts.append(np.ascontiguousarray(feats, dtype=self.dtype)); self._saved.append(None)
-            self.paths += list(stored)
+@patch_to(GalleryIndex)
+def append(self, feats: np.ndarray, stored: list) -> None:
+    "Add embeddings (n, dim) with their stored paths as a new, not yet saved part."
+    if feats.ndim != 2 or feats.shape[1] != self.dim or len(feats) != len(stored):
+        raise TBPSError(f"embeddings of shape {feats.shape} do not fit an index of dim {self.dim} with {len(stored)} paths")
+    if len(stored):
+        self.parts.append(np.ascontiguousarray(feats, dtype=self.dtype)); self._saved.append(None)
+        self.paths += list(stored)
 
-    def add(self, encoder: Encoder, items, names=None, progress: bool = True) -> IndexReport:
-        "Embed and append new images (already indexed ones are skipped); returns and keeps the report."
-        self.check_model(encoder)
-        t0 = time.perf_counter()
-        todo, stored, skipped = self.prepare(items, names)
-        feats, ok, bad = encoder.embed_images(todo, stored, progress=progress)
-        self.append(feats, [stored[i] for i in ok])
-        self.last_report = IndexReport(len(ok), skipped + bad, time.perf_counter() - t0)
-        return self.last_report
+@patch_to(GalleryIndex)
+def add(self, encoder: Encoder, items, names=None, progress: bool = True) -> IndexReport:
+    "Embed and append new images (already indexed ones are skipped); returns and keeps the report."
+    self.check_model(encoder)
+    t0 = time.perf_counter()
+    todo, stored, skipped = self.prepare(items, names)
+    feats, ok, bad = encoder.embed_images(todo, stored, progress=progress)
+    self.append(feats, [stored[i] for i in ok])
+    self.last_report = IndexReport(len(ok), skipped + bad, time.perf_counter() - t0)
+    return self.last_report
 
-    def file(self, i: int) -> Path | None:
-        "The image file of entry `i` (None for in-memory images); relative paths never leave the root."
-        p = self.paths[i]
-        if p.startswith(MEMORY_PREFIX): return None
-        if Path(p).is_absolute(): return Path(p)
-        if self.root is None: raise TBPSError(f"index entry {i} ({p}) is relative but the index has no root")
-        return safe_join(self.root, p, what=f"index entry {i}")
+@patch_to(GalleryIndex)
+def file(self, i: int) -> Path | None:
+    "The image file of entry `i` (None for in-memory images); relative paths never leave the root."
+    p = self.paths[i]
+    if p.startswith(MEMORY_PREFIX): return None
+    if Path(p).is_absolute(): return Path(p)
+    if self.root is None: raise TBPSError(f"index entry {i} ({p}) is relative but the index has no root")
+    return safe_join(self.root, p, what=f"index entry {i}")
 
 # %% ../nbs/20_search.ipynb #3dfd96d7
 @patch_to(GalleryIndex)

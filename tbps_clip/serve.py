@@ -148,6 +148,7 @@ nav{padding:0 1.2em 2em;display:flex;gap:1em;align-items:center}
 <script src="/app.js"></script></body></html>
 """
 
+# %% ../nbs/21_serve.ipynb #26fdd822
 SCRIPT = """'use strict';
 const $ = id => document.getElementById(id);
 let page = 1, last = null;
@@ -276,6 +277,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         if not self.quiet: sys.stderr.write(f"[tbps-clip serve] {self.address_string()} {fmt % args}\n")
 
+# %% ../nbs/21_serve.ipynb #4e9061a4
 _BUSY = b'{"error": "server busy: too many connections at once; try again"}'
 
 class BoundedHTTPServer(ThreadingHTTPServer):
@@ -316,6 +318,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         except OSError: pass
         finally: self.close_request(request)
 
+# %% ../nbs/21_serve.ipynb #ba89757a
 def make_server(app: SearchApp, host: str = "127.0.0.1", port: int = 8765, quiet: bool = False,
                 max_connections: int = MAX_CONNECTIONS) -> BoundedHTTPServer:
     "A threading HTTP server for `app` bound to `host:port` (port 0: any free port), serving `max_connections` at once."

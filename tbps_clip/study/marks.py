@@ -74,6 +74,7 @@ def pooled_paired_sd(comparisons, metric: str = "R@1") -> tuple:
         ss += (len(d) - 1) * statistics.variance(d); dof += len(d) - 1
     return (math.sqrt(ss / dof), dof) if dof else (None, 0)
 
+# %% ../../nbs/33_study_marks.ipynb #ea2df381
 def _fit_of(records, name: str):
     xs = [r["fit"]["R@1"] for r in records if r["name"] == name and (r.get("fit") or {}).get("R@1") is not None]
     return statistics.mean(xs) if xs else None
@@ -104,6 +105,7 @@ def compare(records, specs, sd: float | None, metric: str = "R@1", k: float = 2.
         out.append(res)
     return out
 
+# %% ../../nbs/33_study_marks.ipynb #ddcbe29e
 def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple:
     "The Wilson score interval (95% by default) of a proportion agree/n, as fractions; (None, None) for n = 0."
     if not n: return (None, None)
