@@ -236,6 +236,7 @@ def _f_has(c) -> str:
     out = [s] + ([f"{pr} {v('is')} {bag['vp']}."] if bag else []) + ([f"{pr} {v('is')} {c['clause']}."] if c["clause"] else [])
     return " ".join(out)
 
+# %% ../../nbs/03c_synthpedes_captions.ipynb #e2e25293
 def _f_in(c) -> str:
     "A lady in a striped dress, with a white handbag, walking on the street."
     w = c["w"]

@@ -146,6 +146,7 @@ def _draw_arm(d, m, a, k, arm, up, skin, shade=1.0):
         else: m.polygon(_limb(cut, fore_end, 0.028 * u, 0.022 * u), fill=0)
         m.ellipse(_ell(hand, 0.02 * u, 0.022 * u), fill=0)
 
+# %% ../../nbs/03b_synthpedes_drawing.ipynb #ef4aa8bb
 def _draw_pattern(img, mask, a, k, rng):
     "Stripes or checks over the upper garment (the region drawn on `mask`)."
     u, Y = k["u"], k["Y"]
@@ -318,6 +319,7 @@ def _draw_person(img, a: dict, view: str, cx: float, feet: float, ph: float, rng
     _draw_head(d, a, k, skin, "front")
     _draw_bag(d, a, k, "hand")
 
+# %% ../../nbs/03b_synthpedes_drawing.ipynb #29305f28
 def _muted(rng, sat: float = 45.0) -> tuple:
     "A random, mostly desaturated scene colour."
     return _clip(rng.uniform(40, 215) + rng.normal(0, sat, 3))
@@ -369,6 +371,7 @@ def _light(img, rng, st: dict):
     if sigma > 0.5: arr += rng.standard_normal(arr.shape, dtype=np.float32) * sigma
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
+# %% ../../nbs/03b_synthpedes_drawing.ipynb #ca51678d
 def render_person(attrs: dict, rng, size=(128, 64), view: str | None = None, style: str = "default") -> Image.Image:
     "An image (PIL, `size` = (height, width)) of identity `attrs` from `view` (random if None), with random nuisance."
     if style not in STYLES: raise TBPSError(f"unknown render style {style!r}; choose one of {', '.join(STYLES)}")
