@@ -20,6 +20,7 @@ from .core import TBPSError, cache_dir, derive_seed, environment_info, exclusive
 from .data import test_transform
 from .model import TBPSModel, arch_config, create_model
 from .evaluate import evaluate
+from .metrics import METRICS
 from .pretrain_corpus import IMAGES_PER_PRETRAIN_ID, PretrainCorpus
 from .synthpedes import read_synthpedes
 from .text import clean_caption, tokenize
@@ -162,7 +163,7 @@ def ship_synthclip(arch: str, built=None, out=None, wall_seconds: float | None =
                 f"{pre['corpus_size'] // IMAGES_PER_PRETRAIN_ID:,} identities disjoint from SynthPEDES, each item seen once",
                 wall_seconds=wall_seconds or _last_run_seconds(pre), hardware=hardware or environment_info(),
                 curve=[dict(step=e["step"], val_r1=round(e["R@1"], 2)) for e in ck["state"]["history"]["eval"]],
-                zero_shot={s: {k: round(v, 2) for k, v in zero_shot_evaluator(s)(model).items() if k in ("R@1", "R@5", "R@10", "mAP", "mINP")}
+                zero_shot={s: {k: round(v, 2) for k, v in zero_shot_evaluator(s)(model).items() if k in METRICS}
                            for s in ("val", "test")}, synthetic=True)
     st = write_safetensors_checkpoint(out / f"synthclip-{arch}.safetensors", model, card)
     card["file"], card["sha256"], card["bytes"] = st.name, sha256(st), st.stat().st_size
@@ -173,7 +174,7 @@ def ship_synthclip(arch: str, built=None, out=None, wall_seconds: float | None =
 def model_card_markdown(card: dict) -> str:
     "The model card as Markdown."
     pre, zs = card["pretraining"], card["zero_shot"]
-    rows = "\n".join(f"| {s} | " + " | ".join(f"{zs[s][k]:.2f}" for k in ("R@1", "R@5", "R@10", "mAP", "mINP")) + " |" for s in zs)
+    rows = "\n".join(f"| {s} | " + " | ".join(f"{zs[s][k]:.2f}" for k in METRICS) + " |" for s in zs)
     hw = card["hardware"] if isinstance(card["hardware"], str) else json.dumps(card["hardware"])
     return f"""# Model card: the small pretrained CLIP `{card['arch']}` (synthetic)
 
