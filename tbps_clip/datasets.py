@@ -81,7 +81,7 @@ OFFICIAL_STATS = {
 # %% ../nbs/15_datasets.ipynb #1e2d3c4b
 def _read_synthpedes(root: str = "", **kwargs) -> Annotations:
     "SynthPEDES (`synthpedes.read_synthpedes`); its generator (numpy, PIL) is imported only when one is read."
-    from tbps_clip.synthpedes import read_synthpedes  # `tbps-clip --help` builds `prep` from this module: keep it light
+    from tbps_clip.synthpedes.dataset import read_synthpedes  # `tbps-clip --help` builds `prep` from this module: keep it light
     return read_synthpedes(root, **kwargs)
 
 DATASETS: dict[str, Callable] = {  # dataset name -> reader (root, **kwargs) -> Annotations

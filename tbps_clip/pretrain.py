@@ -22,7 +22,7 @@ from .model import TBPSModel, arch_config, create_model
 from .evaluate import evaluate
 from .metrics import METRICS
 from .pretrain_corpus import IMAGES_PER_PRETRAIN_ID, PretrainCorpus
-from .synthpedes import read_synthpedes
+from .synthpedes.dataset import read_synthpedes
 from .text import clean_caption, tokenize
 from .train import Callback, Trainer
 from .weights import load_weights, read_checkpoint_file

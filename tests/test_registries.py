@@ -161,3 +161,35 @@ def test_a_new_term_needs_only_its_declaration(toy, tmp_path, monkeypatch):
 def test_a_view_whose_head_is_undeclared_is_refused():
     with pytest.raises(TBPSError, match="ss_image"):
         LossTerm("x", lambda o, b, c: 0, views=(View("v", "image", "simclr", "ss_image"),))
+
+
+def floors(edges: dict) -> dict:
+    "Each module's floor: 0 for one that imports no other module of the package, else one above the highest it imports."
+    out = {}
+    def floor(m):
+        if m not in out:
+            out[m] = None  # a cycle would recurse back here
+            below = [floor(t) for t in edges[m]]
+            assert None not in below, f"import cycle through {m}"
+            out[m] = 1 + max(below, default=-1)
+        return out[m]
+    for m in edges: floor(m)
+    return out
+
+
+def documented_floors() -> dict:
+    "The floors table of docs/architecture.md: {module: floor}."
+    text = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    section = text.split("\n## Floors\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", section, re.M)
+    return {f"tbps_clip.{m}" if m != "tbps_clip" else m: int(f) for f, mods in rows for m in re.findall(r"`([\w.]+)`", mods)}
+
+
+def test_the_documented_floors_are_the_import_graphs():
+    "docs/architecture.md's floors are computed from the code's imports: every module sits above all it imports."
+    edges, _ = import_graph()
+    pkg = Path(tbps_clip.__file__).parent
+    real = {m: f for m, f in floors(edges).items()
+            if (pkg.parent / (m.replace(".", "/") + ".py")).is_file() or (pkg.parent / m.replace(".", "/") / "__init__.py").stat().st_size}
+    assert documented_floors() == real
+    assert all(real[t] < real[m] for m in real for t in edges[m] if t in real)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from ..core import TBPSError
-from ..synthpedes import ensure_synthpedes
+from ..synthpedes.dataset import ensure_synthpedes
 
 # %% auto #0
 __all__ = ['SCALES', 'SWEEPS', 'ALIASES', 'scale_overrides', 'e06_rows', 'select_rows']
