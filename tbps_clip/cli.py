@@ -26,7 +26,8 @@ def _cmd_synth(a):
     path = make_synthpedes(out, n_train_ids=a.train_ids, n_val_ids=a.val_ids, n_test_ids=a.test_ids,
                            seed=a.seed, overwrite=a.overwrite)
     ann = read_annotations(path if Path(path).suffix == ".json" else Path(path) / "annotations.json")
-    print(f"SynthPEDES (synthetic) at {out}: " + json.dumps(ann.summary()))
+    from tbps_clip.config import dataset_label
+    print(f"{dataset_label(ann.dataset)} at {out}: " + json.dumps(ann.summary()))
     if a.show:
         sample_grid(ann, n=a.show_n, split="train", seed=a.seed).save(a.show)
         print(f"sample grid written to {a.show}")
@@ -84,16 +85,16 @@ def _cmd_train(a):
         if os.environ.get("RANK", "0") == "0": e.cli_message = _interrupted(cfg, e)
         raise
     if rec.get("rank", 0) != 0: return  # torchrun: rank 0 reports
-    tag = " (synthetic)" if rec["synthetic"] else ""
-    print(f"{rec['dataset']}{tag} {rec['split']}, preset {rec['preset']}, {rec['steps']} steps:")
+    from tbps_clip.config import dataset_label
+    print(f"{dataset_label(rec['dataset'], rec['synthetic'])} {rec['split']}, preset {rec['preset']}, {rec['steps']} steps:")
     print(results_table({rec["preset"]: rec["metrics"]}))
 
 def _cmd_eval(a):
     _check_overrides(a.overrides)
     from tbps_clip.run import evaluate_checkpoint, results_table
     rec = evaluate_checkpoint(a.checkpoint, a.overrides, split=a.split, out=a.out, trust=a.trust)
-    tag = " (synthetic)" if rec["synthetic"] else ""
-    print(f"{rec['dataset']}{tag} {a.split}: {rec['metrics']['queries']} queries, {rec['metrics']['gallery']} images")
+    from tbps_clip.config import dataset_label
+    print(f"{dataset_label(rec['dataset'], rec['synthetic'])} {a.split}: {rec['metrics']['queries']} queries, {rec['metrics']['gallery']} images")
     print(results_table({Path(str(rec["checkpoint"])).name: rec["metrics"]}))
     if a.out: print(f"results written to {a.out}")
 
@@ -102,9 +103,7 @@ def _cmd_demo(a):
     make_config(a.preset, _check_overrides(a.overrides))  # a configuration error answers before torch is imported
     from tbps_clip.run import demo
     rec = demo(a.preset, a.out, a.overrides)
-    print(f"\nSynthPEDES (synthetic) test, {rec['metrics']['queries']} queries x {rec['metrics']['gallery']} images, "
-          f"{rec['steps']} fine-tuning steps, seed {rec['seed']}:")
-    print(rec["table"])
+    print(f"\n{rec['summary']}")  # the heading and table the demo wrote, as the README shows them
     print(f"figure: {rec['figure']}\nretrievals (top 5 before and after): {Path(a.out) / 'retrievals.png'}\n"
           f"results: {Path(a.out) / 'results.json'}\ntotal {rec['demo_seconds']} s")
 

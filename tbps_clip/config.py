@@ -18,7 +18,8 @@ from .core import TBPSError, atomic_write_text
 # %% auto #0
 __all__ = ['SETTING', 'PRESETS', 'CHECKS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on',
            'OptimConfig', 'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'check_config', 'set_key',
-           'parse_overrides', 'make_config', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
+           'parse_overrides', 'make_config', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config',
+           'is_synthetic_dataset', 'dataset_label']
 
 # %% ../nbs/01_config.ipynb #94c57872
 @dataclass
@@ -380,3 +381,13 @@ def load_config(path) -> Config:
     try: d = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e: raise TBPSError(f"{path}: cannot read config: {e}") from None
     return config_from_dict(d, str(path))
+
+# %% ../nbs/01_config.ipynb #b1fc7b4a
+def is_synthetic_dataset(name: str) -> bool:
+    "Whether results on dataset `name` must be labelled synthetic (the embedded SynthPEDES)."
+    return name == "synthpedes"
+
+def dataset_label(name: str, synthetic: bool | None = None) -> str:
+    "How results on dataset `name` are labelled; `synthetic` (default: decided by the name) adds ' (synthetic)'."
+    if not (is_synthetic_dataset(name) if synthetic is None else synthetic): return name
+    return "SynthPEDES (synthetic)" if is_synthetic_dataset(name) else f"{name} (synthetic)"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..config import dataset_label
 from ..core import TBPSError, atomic_write_text
 from .grid import ALIASES
 from .marks import agreement_summary, compare, pooled_paired_sd, summarise
@@ -83,9 +84,8 @@ def plot_forest(marked, path, title: str, metric: str = "R@1", k: float = 2.0) -
 # %% ../../nbs/34_study_report.ipynb #7cd9b6e2
 def data_label(records) -> str:
     "How results on the records' data are labelled: 'SynthPEDES (synthetic)' or the dataset's name."
-    names = sorted({str(r.get("dataset")) for r in records})
-    if any(r.get("synthetic") for r in records): return "SynthPEDES (synthetic)" if names == ["synthpedes"] else f"{'/'.join(names)} (synthetic)"
-    return "/".join(names) or "no data"
+    names = "/".join(sorted({str(r.get("dataset")) for r in records}))
+    return dataset_label(names, any(r.get("synthetic") for r in records)) if names else "no data"
 
 def table_records(records, table: str) -> list:
     "The records whose rows belong to paper `table` (its rows, and main rows standing for appendix values)."
