@@ -16,7 +16,8 @@ import yaml
 from .core import TBPSError, atomic_write_text
 
 # %% auto #0
-__all__ = ['SETTING', 'PRESETS', 'CHECKS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on',
+__all__ = ['SETTING', 'PRESETS', 'NORMALIZE', 'PROBES', 'SOFT_LABEL_SOURCES', 'PRECISIONS', 'COMPILE_MODES', 'DIST_BACKENDS',
+           'LOG_TARGETS', 'CHECKS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on',
            'OptimConfig', 'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'check_config', 'set_key',
            'parse_overrides', 'make_config', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config',
            'is_synthetic_dataset', 'dataset_label']
@@ -204,6 +205,18 @@ register_preset("irra", {"loss.itc": 0.0, "loss.sdm": 1.0, "loss.mlm": 1.0, "los
                          "optim.head_lr_mult": 5.0}, base="clip")
 
 # %% ../nbs/01_config.ipynb #c0f1a7e3
+# The choices of the fields that name one; the modules that act on a choice read its list from here
+NORMALIZE = {  # data.normalize: name -> the images' (mean, std) per channel
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+PROBES = ("none", "coop", "adapter")  # model.probe
+SOFT_LABEL_SOURCES = ("nograd", "detached")  # trick.soft_label_source
+PRECISIONS = ("amp", "bf16", "fp16", "fp32")  # train.precision
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # train.compile, besides 'off'
+DIST_BACKENDS = ("auto", "nccl", "gloo")  # train.dist_backend
+LOG_TARGETS = ("tensorboard", "wandb")  # train.log_to: 'none', or one or more of these, comma-separated
+
 def _at_least(lo): return (lambda v: v >= lo, f"must be at least {lo}")
 def _between(lo, hi): return (lambda v: lo <= v <= hi, f"must lie between {lo} and {hi}")
 def _below_one(): return (lambda v: 0 <= v < 1, "must lie in [0, 1)")
@@ -215,17 +228,17 @@ _int = lambda x: isinstance(x, int) and not isinstance(x, bool)
 # key -> (test, what the value must be); a key not listed only has its type checked (by `set_key`)
 CHECKS: dict = {
     "data.image_size": _pair(lambda x: _int(x) and x > 0, "positive integers (height, width)"),
-    "data.normalize": _one_of("clip", "imagenet"),
+    "data.normalize": _one_of(*NORMALIZE),
     **{f"data.{k}": _at_least(1) for k in ("batch_size", "eval_batch_size", "prefetch_factor", "max_words")},
     "data.num_workers": _at_least(0), "data.fewshot": _between(0, 1),
-    "model.context_length": _at_least(0), "model.probe": _one_of("none", "coop", "adapter"),
+    "model.context_length": _at_least(0), "model.probe": _one_of(*PROBES),
     "model.coop_n_ctx": _at_least(0), "model.adapter_alpha": _between(0, 1), "model.adapter_reduction": _at_least(1),
     "model.drop_text_layers": _items(lambda x: _int(x) and x >= 0, "layer numbers (0 or more)"),
     **{f"aug.{k}": _between(0, 1) for k in ("erase_p", "gray_p", "hflip_p", "vflip_p", "bt", "rd", "sr", "ri", "rs", "eda")},
     **{f"aug.{k}": _at_least(0) for k in ("pool_k", "jitter", "hue", "rotate", "randaug_n", "randaug_m")},
     "aug.blur_kernel": (lambda v: v > 0 and v % 2 == 1, "must be a positive odd number"),
     "trick.text_dropout": _below_one(), "trick.soft_label": _between(0, 1), "trick.soft_label_warmup": _at_least(0),
-    "trick.soft_label_source": _one_of("nograd", "detached"),
+    "trick.soft_label_source": _one_of(*SOFT_LABEL_SOURCES),
     **{f"loss.{f.name}": _at_least(0) for f in dataclasses.fields(LossConfig) if not f.metadata.get("setting")},
     "loss.ss_tau": (lambda v: v > 0, "must be positive"), "loss.sdm_tau": (lambda v: v > 0, "must be positive"),
     "loss.ritc_eps": (lambda v: v > 0, "must be positive"), "loss.mlm_prob": (lambda v: 0 < v < 1, "must lie in (0, 1)"),
@@ -235,12 +248,12 @@ CHECKS: dict = {
     "optim.eps": (lambda v: v > 0, "must be positive"),
     "train.epochs": _at_least(1), "train.log_every": _at_least(1),
     **{f"train.{k}": _at_least(0) for k in ("max_steps", "eval_every", "ckpt_every", "threads", "grad_cache_chunk")},
-    "train.precision": _one_of("amp", "bf16", "fp16", "fp32"),
-    "train.compile": _one_of("off", "default", "reduce-overhead", "max-autotune"),
-    "train.dist_backend": _one_of("auto", "nccl", "gloo"),
+    "train.precision": _one_of(*PRECISIONS),
+    "train.compile": _one_of("off", *COMPILE_MODES),
+    "train.dist_backend": _one_of(*DIST_BACKENDS),
     "train.freeze_text_layers": _items(lambda x: _int(x) and x >= 0, "layer numbers (0 or more)"),
-    "train.log_to": (lambda v: v == "none" or (bool(v) and all(s.strip() in ("tensorboard", "wandb") for s in v.split(","))),
-                     "must be none, tensorboard, wandb or tensorboard,wandb"),
+    "train.log_to": (lambda v: v == "none" or (bool(v) and all(s.strip() in LOG_TARGETS for s in v.split(","))),
+                     f"must be none, {', '.join(LOG_TARGETS)} or {','.join(LOG_TARGETS)}"),
     "eval.chunk_size": _at_least(1), "eval.fit_probe": _between(0, 1),
 }
 
