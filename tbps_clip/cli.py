@@ -268,7 +268,7 @@ def _study_params(items) -> dict:
     return out
 
 def _cmd_study_run(a):
-    from tbps_clip.study.driver import check_provenance, load_sweep, run_notebook, run_sweep
+    from tbps_clip.study.driver import check_provenance, load_sweep, run_notebook, run_sweep, sweep_executor
     from tbps_clip.study.executors import make_executor
     params = _study_params(a.params + _deprecated_set(a.old_set, "write notebook parameters as -p NAME=VALUE"))
     notebook = Path(a.target).suffix == ".ipynb"
@@ -280,7 +280,7 @@ def _cmd_study_run(a):
         results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout, executor=ex)]
     else:
         results = run_sweep(a.target, only=a.only, out=a.out, force=a.force, set_params=params, timeout=a.timeout,
-                            jobs=a.jobs, executor=a.executor)
+                            executor=sweep_executor(a.target, a.executor, a.jobs))
     failed = [r for r in results if r["status"] != "ok"]
     print(f"{len(results) - len(failed)} of {len(results)} notebook(s) ok" + (f" ({sum(bool(r.get('skipped')) for r in results)} done earlier)"))
     if failed:
