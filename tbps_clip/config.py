@@ -18,9 +18,9 @@ from .core import TBPSError, atomic_write_text
 # %% auto #0
 __all__ = ['SETTING', 'PRESETS', 'NORMALIZE', 'PROBES', 'SOFT_LABEL_SOURCES', 'PRECISIONS', 'COMPILE_MODES', 'DIST_BACKENDS',
            'LOG_TARGETS', 'CHECKS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on',
-           'OptimConfig', 'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'check_config', 'set_key',
-           'parse_overrides', 'make_config', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config',
-           'is_synthetic_dataset', 'dataset_label']
+           'OptimConfig', 'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'get_key', 'check_config',
+           'set_key', 'parse_overrides', 'make_config', 'config_to_dict', 'config_from_dict', 'save_config',
+           'load_config', 'is_synthetic_dataset', 'dataset_label']
 
 # %% ../nbs/01_config.ipynb #94c57872
 @dataclass
@@ -257,7 +257,8 @@ CHECKS: dict = {
     "eval.chunk_size": _at_least(1), "eval.fit_probe": _between(0, 1),
 }
 
-def _get(cfg, key: str):
+def get_key(cfg: Config, key: str):
+    "The value of the dotted `key` of `cfg`."
     for p in key.split("."): cfg = getattr(cfg, p)
     return cfg
 
@@ -267,7 +268,7 @@ def check_config(cfg: Config, source: str = "") -> Config:
     "Refuse a value outside its valid range (or an unknown architecture) with the key and value; returns `cfg`."
     where = f"{source}: " if source else ""
     for key, (test, must) in CHECKS.items():
-        v = _get(cfg, key)
+        v = get_key(cfg, key)
         try: ok = test(v)
         except TypeError: ok = False  # e.g. image_size=['abc']: a string compared with a number
         if not ok: raise TBPSError(f"{where}{key}={_shown(v)}: {must}")

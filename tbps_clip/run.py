@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import build_model, read_checkpoint_file, is_project_checkpoint
-from .config import (Config, check_config, config_from_dict, config_to_dict, dataset_label, is_synthetic_dataset,
-                              load_config, make_config, parse_overrides, set_key)
+from .config import (Config, check_config, config_from_dict, config_to_dict, dataset_label, get_key,
+                              is_synthetic_dataset, load_config, make_config, parse_overrides, set_key)
 from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
                             seed_everything)
 from .augment import configure_pairs, image_transform, synonym_source
@@ -171,10 +171,6 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
 # computes (per-item seeds make the data independent of the number of loader workers)
 RESUME_KEYS = ("train.device", "train.threads", "data.num_workers", "data.prefetch_factor", "data.pin_memory", "train.log_to")
 
-def _value(cfg: Config, key: str):
-    for part in key.split("."): cfg = getattr(cfg, part)
-    return cfg
-
 def resume_config(run_dir, overrides=None, preset: str | None = None) -> Config:
     "The configuration of the run in `run_dir` (its `config.yaml`); overrides may only repeat it, or change `RESUME_KEYS`."
     run_dir = Path(run_dir)
@@ -191,7 +187,7 @@ def resume_config(run_dir, overrides=None, preset: str | None = None) -> Config:
         new = copy.deepcopy(cfg)
         set_key(new, k, v)
         if k not in RESUME_KEYS and new != cfg:  # the same value as the run's (the original command again) is fine
-            raise TBPSError(f"{k}={v}: the run in {run_dir} has {k}={_value(cfg, k)!r} ({path}); a resumed run cannot "
+            raise TBPSError(f"{k}={v}: the run in {run_dir} has {k}={get_key(cfg, k)!r} ({path}); a resumed run cannot "
                             f"change it, only {', '.join(RESUME_KEYS)}")
         cfg = new
     return check_config(cfg, str(path))
