@@ -42,6 +42,7 @@ class DataConfig:
     fewshot: float = 0.0  # train on this fraction of the training identities (all their images and captions); 0 = all
     fewshot_seed: int = 0  # seed of the few-shot identity draw (the subsets of one seed are nested: 1% within 5% within 10%)
 
+# %% ../nbs/01_config.ipynb #94f1eb3b
 @dataclass
 class ModelConfig:
     "The CLIP towers and where their weights come from."
@@ -56,6 +57,7 @@ class ModelConfig:
     adapter_reduction: int = 4  # CLIP-Adapter: hidden width = embed_dim // reduction
     drop_text_layers: tuple = ()  # text-tower residual layers (0-based) removed after loading the weights (compression)
 
+# %% ../nbs/01_config.ipynb #60712a31
 @dataclass
 class AugConfig:
     "Image and text augmentation (Tables 2 and 3) with the appendix's settings."
@@ -86,6 +88,7 @@ class AugConfig:
     rs: float = 0.0  # random swap: alpha
     eda: float = 0.0  # EDA: one of SR, RI, RS, RD chosen per caption, with this alpha
 
+# %% ../nbs/01_config.ipynb #d2699962
 @dataclass
 class TrickConfig:
     "The training tricks of Table 1."
@@ -96,6 +99,7 @@ class TrickConfig:
     soft_label_warmup: float = 1.0  # epochs over which alpha ramps linearly from 0 to `soft_label`
     soft_label_source: str = "nograd"  # 'nograd': an extra no-grad pass of the model in train mode (official, the paper's); 'detached': the gradient pass's features, detached (no extra pass; identical targets without dropout)
 
+# %% ../nbs/01_config.ipynb #2929c566
 SETTING = {"setting": True}  # marks a LossConfig field that is a setting, not a loss weight
 
 @dataclass
@@ -127,6 +131,7 @@ def loss_on(loss_cfg: LossConfig, *terms) -> bool:
     "Whether any of the loss `terms` has a non-zero weight in `loss_cfg`."
     return any(getattr(loss_cfg, t, 0) for t in terms)
 
+# %% ../nbs/01_config.ipynb #b2cf66af
 @dataclass
 class OptimConfig:
     "AdamW and the per-iteration warm-up + cosine schedule of the official code."
@@ -141,6 +146,7 @@ class OptimConfig:
     head_lr_mult: float = 5.0  # learning-rate multiple of the new heads (ID classifier; MLM's cross-attention, transformer and vocabulary head), as the official code's 5
     fused: bool = True  # torch's fused AdamW kernel (CUDA and CPU; on the CPU ~8x faster than the per-tensor loop); False = the per-tensor loop
 
+# %% ../nbs/01_config.ipynb #5626c3bf
 @dataclass
 class TrainConfig:
     "Length, seed, device and bookkeeping of a training run."
@@ -159,6 +165,7 @@ class TrainConfig:
     freeze_text_layers: tuple = ()  # text-tower residual layers (0-based, as in the full model) kept frozen (compression)
     log_to: str = "none"  # also send the training curves (history.json) to 'tensorboard' (events in the run folder), 'wandb', or both ('tensorboard,wandb')
 
+# %% ../nbs/01_config.ipynb #1db72427
 @dataclass
 class EvalConfig:
     "Text-to-image evaluation."
@@ -168,6 +175,7 @@ class EvalConfig:
     fit_probe: float = 0.1  # fit: R@1 on this fraction of the training identities (the few-shot draw at `fit_probe_seed`, nested in every larger one); 0 = none
     fit_probe_seed: int = 0  # the draw of the fit probe (the same as `data.fewshot_seed` keeps it inside a few-shot run's identities)
 
+# %% ../nbs/01_config.ipynb #ef391442
 @dataclass
 class Config:
     "A complete, resolved run configuration."
