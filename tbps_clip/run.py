@@ -108,6 +108,7 @@ def check_image_files(cfg: Config, ann: Annotations, splits=None, show: int = 3)
     raise TBPSError(f"{ann.source}: {len(missing)} of the {len(seen)} image files it names are missing under "
                     f"{ann.image_root}: {first}{more}; {hint}")
 
+# %% ../nbs/13_run.ipynb #e8b08693
 def train(cfg: Config, resume: bool = False, progress: bool = True, callbacks=(), zero_shot: bool = False) -> dict:
     "Train `cfg` end to end and return (and save) its result record; under torchrun, one process of several."
     check_log_to(cfg)  # a logger that is not installed is refused before anything starts
