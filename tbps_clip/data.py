@@ -98,6 +98,7 @@ def readable_records(ann: Annotations, records) -> tuple:
                       f"e.g. {bad[0][1]}", stacklevel=2)
     return good, bad
 
+# %% ../nbs/05_data.ipynb #401d7be4
 class TrainPairs(Dataset):
     "(image, caption) pairs of one split with seeded per-item randomness."
     def __init__(self, ann: Annotations, split: str = "train", transform: Callable | None = None,

@@ -172,6 +172,7 @@ def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, c
     # in order: a notebook may use the runs of one before it (e08 and e11 e10's model, e99 all)
     return [run_notebook(nb, params, out, force=force, cwd=cwd, timeout=timeout, log=log, executor=ex) for nb, params in plan]
 
+# %% ../../nbs/35_study_driver.ipynb #9550c7ea
 def _driver_alive(st: dict) -> bool:
     "Whether the driver that marked a notebook running still runs (unknowable from another host: assumed so)."
     if st.get("host") != socket.gethostname() or not st.get("pid"): return True
