@@ -9,7 +9,7 @@ zero-shot test R@1, test R@1 of each seed, seed 0's final val R@1 at 1x and 2x, 
 effect a 3-vs-3 paired comparison resolves (2 standard errors of a paired difference, with the paired sd estimated
 as sqrt(2) x the seed sd, i.e. no pairing benefit assumed), the attribute oracle, and minutes per run.
 
-    PYTHONPATH=$PWD python benchmarks/calibrate_analogue.py --steps 300 --lr 3e-4 [--out runs/calibration]
+    PYTHONPATH=$PWD python benchmarks/calibrate_analogue.py [--steps 300] [--lr 1e-3] [--out runs/calibration]
 Finished runs in --out are reused (an interrupted calibration resumes).
 """
 import argparse, json, math, os, statistics, subprocess, sys, time
@@ -21,9 +21,9 @@ ORACLE_TEST_R1 = 86.71  # benchmarks/results/synthpedes_oracle.txt: v2-default t
 
 
 def overrides(args, seed: int, steps: int, preset: str) -> dict:
-    "The run's dotted overrides: the study's CPU setting with this budget."
-    return {"model.arch": args.arch, "model.pretrained": "synthclip", "optim.lr": args.lr, "train.max_steps": steps,
-            "train.seed": seed, "train.threads": 1, "train.eval_every": 0, "train.ckpt_every": 100, "train.log_every": 10}
+    "The run's dotted overrides: the study scale's settings with this architecture, learning rate and budget."
+    from tbps_clip.study.grid import scale_overrides
+    return {**scale_overrides("study", arch=args.arch, steps=steps), "optim.lr": args.lr, "train.seed": seed}
 
 
 def one(args, name: str, preset: str, seed: int, steps: int) -> dict:
@@ -57,9 +57,11 @@ def curve(rec: dict) -> list:
 
 
 def main():
+    from tbps_clip.study.grid import SCALES
+    study = SCALES["study"]  # the budget, learning rate and architecture default to the study scale's
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300); ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--arch", default="tbps-tiny-cs"); ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=study["steps"]); ap.add_argument("--lr", type=float, default=study["overrides"]["optim.lr"])
+    ap.add_argument("--arch", default=study["arch"]); ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=5); ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="runs/calibration"); ap.add_argument("--record", default="results/analogue")
     ap.add_argument("--tbps", action="store_true", help="also time one tbps run at the budget (else see study_cost.py)")

@@ -2,12 +2,11 @@
 
     TBPS_CLIP_CACHE=... python benchmarks/compare_presets.py --steps 250 --seeds 0 1 --out runs/compare
 
-Every run is a normal `tbps_clip.run.train` run (its folder holds config, checkpoint, history, log and
-results); the table gives mean and spread (sample standard deviation) over seeds. Budgets are in steps:
+Every run is a study run (`tbps_clip.study.runs.run_once`: its record in OUT/records/compare/, its folder with
+config, history and log in OUT/runs/compare/; a finished run is reused); the table gives mean and spread (sample standard deviation) over seeds. Budgets are in steps:
 the machines are shared, wall time is not comparable.
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -21,26 +20,21 @@ def main():
     p.add_argument("--out", default="runs/compare")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     a = p.parse_args()
-    from tbps_clip.config import make_config, parse_overrides
-    from tbps_clip.run import train
+    from tbps_clip.config import dataset_label, parse_overrides
+    from tbps_clip.study.runs import run_once
     out = Path(a.out)
     recs = {}
     for seed in a.seeds:
         for preset in a.presets:
-            run_dir = out / f"{preset}-s{seed}"
-            done = run_dir / "results.json"
-            if done.exists():
-                rec = json.loads(done.read_text())
-            else:
-                cfg = make_config(preset, {"out_dir": str(run_dir), "train.max_steps": a.steps, "train.seed": seed,
-                                           "train.eval_every": 0, **parse_overrides(a.overrides)})
-                rec = train(cfg, progress=False)
+            overrides = {"train.max_steps": a.steps, "train.eval_every": 0, **parse_overrides(a.overrides)}
+            rec = run_once("compare", preset, preset, overrides, seed, "custom", out)
             recs.setdefault(preset, []).append(rec)
             m = rec["metrics"]
             print(f"{preset:>11} seed {seed}: R@1 {m['R@1']:.2f}  mAP {m['mAP']:.2f}  ({rec['steps']} steps, "
                   f"{rec['train_seconds']:.0f} s)", flush=True)
     synthetic = all(r["synthetic"] for rs in recs.values() for r in rs)
-    head = (f"{'SynthPEDES (synthetic)' if synthetic else 'dataset'} test, text-to-image, {a.steps} steps, "
+    datasets = "/".join(sorted({r["dataset"] for rs in recs.values() for r in rs}))
+    head = (f"{dataset_label(datasets, synthetic)} test, text-to-image, {a.steps} steps, "
             f"seeds {', '.join(map(str, a.seeds))}: mean (sd)")
     lines = [head, f"{'preset':>11}  {'R@1':>13}  {'mAP':>13}"]
     summary = {}

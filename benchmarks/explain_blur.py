@@ -39,13 +39,11 @@ def study_record(seed: int) -> dict:
 
 
 def train_clip(out: Path, seed: int) -> Path:
-    "Train (or reuse) `clip` with the study's overrides at `seed`; its run folder."
-    from tbps_clip.config import make_config
-    from tbps_clip.run import train
-    rec, run = study_record(seed), out / f"clip-s{seed}"
-    cfg = make_config(rec["preset"], {**rec["overrides"], "train.seed": seed, "out_dir": str(run)})
-    if not (run / "results.json").is_file(): train(cfg, resume=True, progress=False)
-    return run
+    "Train (or reuse) the study's `clip` row at `seed` as the study ran it; its run folder, with the checkpoint kept."
+    from tbps_clip.study.runs import run_dir_of, run_once
+    rec = study_record(seed)
+    run_once(rec["exp"], rec["name"], rec["preset"], rec["overrides"], seed, rec["scale"], out, keep_checkpoint=True)
+    return run_dir_of(out, rec["exp"], rec["name"], seed)
 
 
 def test_time_op(name: str, settings: dict, image_size, normalize: str):

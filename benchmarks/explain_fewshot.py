@@ -33,14 +33,11 @@ def study_r1(row: str) -> dict:
 
 
 def train_clip(out: Path, seed: int, steps: int) -> dict:
-    "Train (or reuse) `clip` at 1% with e09's overrides at `steps`; its results."
-    from tbps_clip.config import make_config
-    from tbps_clip.run import train
-    run = out / f"clip@0.01-{steps}steps-s{seed}"
-    if (run / "results.json").is_file(): return json.loads((run / "results.json").read_text())
+    "Train (or reuse) `clip` at 1% with e09's overrides at `steps`; its record."
+    from tbps_clip.study.runs import run_once
     rec = json.loads((STUDY / f"clip@0.01-s{seed}.json").read_text())
-    cfg = make_config(rec["preset"], {**rec["overrides"], "train.seed": seed, "train.max_steps": steps, "out_dir": str(run)})
-    return train(cfg, resume=True, progress=False)
+    return run_once(rec["exp"], f"{rec['name']}-{steps}steps", rec["preset"], {**rec["overrides"], "train.max_steps": steps},
+                    seed, rec["scale"], out)
 
 
 def main():

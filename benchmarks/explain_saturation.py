@@ -20,27 +20,21 @@ seen; it adds evidence beside those rows and never replaces them. Runs: `clip`, 
 
     PYTHONPATH=$PWD python benchmarks/explain_saturation.py [--out runs/explain-saturation]
 """
-import argparse, dataclasses, json, math, statistics, sys
+import argparse, dataclasses, json, math, statistics
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate_analogue import overrides  # the study's CPU setting (its seed-0 `clip` equals the study's)  # noqa: E402
 
 ROWS, SEEDS, FRACTION, STEPS = ("clip", "clip_star", "tbps"), (0, 1, 2), 0.1, 300
 FULL_SET_EFFECT = {"clip_star": -1.27, "tbps": -0.83}  # v3 records, paired over seeds 0-2 (docs/study.md's table)
 
 
 def train_row(out: Path, preset: str, seed: int) -> Path:
-    "Train (or reuse) one run on the few-shot identities; its folder."
-    from tbps_clip.config import make_config
-    from tbps_clip.run import train
-    run = out / f"{preset}-s{seed}"
-    if not (run / "results.json").is_file():
-        a = argparse.Namespace(arch="tbps-tiny-cs", lr=1e-3)
-        cfg = make_config(preset, {**overrides(a, seed, STEPS, preset), "data.fewshot": FRACTION, "data.fewshot_seed": 0,
-                                   "out_dir": str(run)})
-        train(cfg, resume=True, progress=False)
-    return run
+    "Train (or reuse) one run at the study scale on the few-shot identities; its folder, with the checkpoint kept."
+    from tbps_clip.study.grid import scale_overrides
+    from tbps_clip.study.runs import run_dir_of, run_once
+    exp = f"fewshot{FRACTION:g}"
+    overrides = {**scale_overrides("study", steps=STEPS), "data.fewshot": FRACTION, "data.fewshot_seed": 0}
+    run_once(exp, preset, preset, overrides, seed, "study", out, keep_checkpoint=True)
+    return run_dir_of(out, exp, preset, seed)
 
 
 def own_identities(ann):

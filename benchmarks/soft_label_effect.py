@@ -3,15 +3,14 @@
     python benchmarks/soft_label_effect.py --preset clip_star --steps 300 --seeds 0 1 2 [--threads 1]
                                            [--out runs/soft_label] [--name soft_label_effect] [key=value ...]
 
-Each (seed, source) pair is a normal `tbps_clip.run.train` run on the configured data (default: the embedded
+Each (seed, source) pair is a study run (`tbps_clip.study.runs.run_once`, experiment `sl`) on the configured data (default: the embedded
 SynthPEDES, so figures are SYNTHETIC) with the preset's soft labels; the two runs of a seed share everything
 but the source. Prints per-seed test R@1 / mAP and training seconds, the mean (sd) per source and the mean
-paired difference (detached - nograd) with its sd; finished runs are reused (their results.json). The record
+paired difference (detached - nograd) with its sd; finished runs are reused (their records in OUT/records/sl/). The record
 (benchmarks/results/<name>.json/.txt) carries the machine, threads, load average and every run's metrics.
 The paired difference decides the default only if it is clearly outside the seed-to-seed spread.
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -38,24 +37,19 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    from tbps_clip.config import make_config, parse_overrides
+    from tbps_clip.config import dataset_label, make_config, parse_overrides
     from tbps_clip.core import TBPSError
-    from tbps_clip.run import train
+    from tbps_clip.study.runs import run_dir_of, run_once
     if not make_config(a.preset, a.overrides).trick.soft_label:
         raise TBPSError(f"preset {a.preset!r} (with {a.overrides}) has no soft labels (trick.soft_label=0)")
     out = Path(a.out)
     runs = []
     for seed in a.seeds:
         for src in SOURCES:
-            run_dir = out / f"{a.preset}-{src}-s{seed}"
-            done = run_dir / "results.json"
-            if done.exists():
-                rec = json.loads(done.read_text())
-            else:
-                cfg = make_config(a.preset, {"out_dir": str(run_dir), "train.max_steps": a.steps, "train.seed": seed,
-                                             "train.eval_every": 0, "train.threads": a.threads,
-                                             "trick.soft_label_source": src, **parse_overrides(a.overrides)})
-                rec = train(cfg, progress=False)
+            overrides = {"train.max_steps": a.steps, "train.eval_every": 0, "train.threads": a.threads,
+                         "trick.soft_label_source": src, **parse_overrides(a.overrides)}
+            rec = run_once("sl", f"{a.preset}-{src}", a.preset, overrides, seed, "custom", out)
+            run_dir = run_dir_of(out, "sl", f"{a.preset}-{src}", seed)
             m = rec["metrics"]
             runs.append(dict(seed=seed, source=src, R1=m["R@1"], mAP=m["mAP"], train_seconds=rec["train_seconds"],
                              steps=rec["steps"], synthetic=rec["synthetic"], dataset=rec["dataset"], run_dir=str(run_dir)))
@@ -70,7 +64,7 @@ def main(argv=None):
     summary["R1_paired_diff_mean"], summary["R1_paired_diff_sd"] = statistics.mean(diff), sd(diff)
     rec = dict(machine=machine(), args=vars(a), synthetic=synthetic, runs=runs, summary=summary,
                load_average_end=load_average())
-    head = (f"{'SynthPEDES (SYNTHETIC)' if synthetic else runs[0]['dataset']} test, text-to-image; preset {a.preset}, "
+    head = (f"{dataset_label(runs[0]['dataset'], synthetic)} test, text-to-image; preset {a.preset}, "
             f"{a.steps} steps, seeds {a.seeds}, {a.threads} thread(s); {rec['machine']['cpu']}; load average "
             f"{rec['machine']['load_average']} -> {rec['load_average_end']}")
     rows = [[r["seed"], r["source"], f"{r['R1']:.2f}", f"{r['mAP']:.2f}", f"{r['train_seconds']:.0f}"] for r in runs]

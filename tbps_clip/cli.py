@@ -19,6 +19,59 @@ from .core import TBPSError
 __all__ = ['build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #689008b4
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Adds '(default: X)' to an option's help unless the help already states it or there is nothing to show (flags)."
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is None or action.default is False or action.default in ("", []): return h
+        return super()._get_help_string(action)
+
+class _SubParsers(argparse._SubParsersAction):
+    "Subcommands whose own --help starts with their one-line description: the help the list of commands shows."
+    def add_parser(self, name, **kwargs):
+        h = kwargs.get("help")
+        if h and "description" not in kwargs: kwargs["description"] = h[:1].upper() + h[1:] + ("" if h.endswith(".") else ".")
+        return super().add_parser(name, **kwargs)
+
+class _Parser(argparse.ArgumentParser):
+    "An argument parser whose subcommands (same class) all show their defaults and take options among positionals."
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _SubParsers)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # a subcommand's trailing key=value overrides after its options (`index G --out I k=v`): plain parsing gives
+        # the overrides nothing once it has passed them, so a command without subcommands parses intermixed
+        if self._subparsers is None and not getattr(self, "_intermixed", False):
+            self._intermixed = True
+            try: return self.parse_known_intermixed_args(args, namespace)
+            finally: self._intermixed = False
+        return super().parse_known_args(args, namespace)
+
+# %% ../nbs/14_cli.ipynb #853c387e
+def _check_overrides(overrides) -> list:
+    "`overrides` (key=value strings), each key and value checked against the configuration's fields; torch is not imported."
+    from tbps_clip.config import Config, parse_overrides, set_key
+    cfg = Config()
+    for k, v in parse_overrides(overrides).items(): set_key(cfg, k, v)
+    return list(overrides)
+
+def _overrides_arg(sp) -> None:
+    "Add a command's trailing key=value configuration overrides."
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides, e.g. data.batch_size=32")
+
+def _preset_arg(sp, default: str = "clip") -> None:
+    "Add a command's --preset."
+    from tbps_clip.config import PRESETS
+    sp.add_argument("--preset", default=default, help=f"configuration preset: {', '.join(PRESETS)}")
+
+def _deprecated_set(items, instead: str = "write overrides as key=value arguments") -> list:
+    "What was given with the deprecated --set, after a warning saying what to write instead."
+    if items: print(f"tbps-clip: warning: --set is deprecated; {instead}", file=sys.stderr)
+    return list(items)
+
+# %% ../nbs/14_cli.ipynb #9e46014a
 def _cmd_synth(a):
     from tbps_clip.synthpedes import make_synthpedes, sample_grid, default_synthpedes_root
     from tbps_clip.records import read_annotations
@@ -26,7 +79,8 @@ def _cmd_synth(a):
     path = make_synthpedes(out, n_train_ids=a.train_ids, n_val_ids=a.val_ids, n_test_ids=a.test_ids,
                            seed=a.seed, overwrite=a.overwrite)
     ann = read_annotations(path if Path(path).suffix == ".json" else Path(path) / "annotations.json")
-    print(f"SynthPEDES (synthetic) at {out}: " + json.dumps(ann.summary()))
+    from tbps_clip.config import dataset_label
+    print(f"{dataset_label(ann.dataset)} at {out}: " + json.dumps(ann.summary()))
     if a.show:
         sample_grid(ann, n=a.show_n, split="train", seed=a.seed).save(a.show)
         print(f"sample grid written to {a.show}")
@@ -39,13 +93,19 @@ def _cmd_pretrain(a):
         print(f"already built: {p} (use --force to rebuild)"); return
     print(f"pretrained small CLIP written to {pretrain_synthclip(a.arch, steps=a.steps, seed=a.seed, out=p, device=a.device)}")
 
-def _check_overrides(overrides) -> list:
-    "`overrides` (key=value strings), each key and value checked against the configuration's fields; torch is not imported."
-    from tbps_clip.config import Config, parse_overrides, set_key
-    cfg = Config()
-    for k, v in parse_overrides(overrides).items(): set_key(cfg, k, v)
-    return list(overrides)
+def _add_pretrain(sub) -> None:
+    "The `pretrain` command."
+    s = sub.add_parser("pretrain", help="pretrain the small CLIP on the synthetic web-like corpus")
+    s.add_argument("--arch", default="tbps-tiny-cs", help="architecture to pretrain")
+    s.add_argument("--steps", type=int, help="training steps (default: 4000 for tbps-tiny-cs; each architecture's "
+                   "recipe is in PRETRAIN_RECIPES of tbps_clip.pretrain)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the corpus and the training")
+    s.add_argument("--out", help="output checkpoint (default: the cache, where model.pretrained=synthclip finds it)")
+    s.add_argument("--device", default="auto", help="torch device")
+    s.add_argument("--force", action="store_true", help="rebuild even if it is already built")
+    s.set_defaults(func=_cmd_pretrain)
 
+# %% ../nbs/14_cli.ipynb #93e0db8f
 def _train_config(a):
     "The configuration `train` runs: a new one from preset and overrides, or with --resume the run folder's own."
     from tbps_clip.config import make_config, parse_overrides
@@ -84,36 +144,79 @@ def _cmd_train(a):
         if os.environ.get("RANK", "0") == "0": e.cli_message = _interrupted(cfg, e)
         raise
     if rec.get("rank", 0) != 0: return  # torchrun: rank 0 reports
-    tag = " (synthetic)" if rec["synthetic"] else ""
-    print(f"{rec['dataset']}{tag} {rec['split']}, preset {rec['preset']}, {rec['steps']} steps:")
+    from tbps_clip.config import dataset_label
+    print(f"{dataset_label(rec['dataset'], rec['synthetic'])} {rec['split']}, preset {rec['preset']}, {rec['steps']} steps:")
     print(results_table({rec["preset"]: rec["metrics"]}))
 
+def _add_train(sub) -> None:
+    "The `train` command."
+    from tbps_clip.config import PRESETS
+    s = sub.add_parser("train", help="train and evaluate a configured run",
+                       epilog="Several processes: torchrun --nproc_per_node N -m tbps_clip.cli train ... "
+                              "Ctrl-C saves the run after the current step and prints the command that resumes it.")
+    s.add_argument("--preset", help=f"configuration preset: {', '.join(PRESETS)} (default: clip; with --resume: the run's)")
+    s.add_argument("--out", help="run folder (sets out_dir; default: the config's out_dir, runs/default)")
+    s.add_argument("--resume", action="store_true", help="continue the interrupted run in --out as its config.yaml says")
+    _overrides_arg(s)
+    s.set_defaults(func=_cmd_train)
+
+# %% ../nbs/14_cli.ipynb #d2627bc1
 def _cmd_eval(a):
     _check_overrides(a.overrides)
     from tbps_clip.run import evaluate_checkpoint, results_table
     rec = evaluate_checkpoint(a.checkpoint, a.overrides, split=a.split, out=a.out, trust=a.trust)
-    tag = " (synthetic)" if rec["synthetic"] else ""
-    print(f"{rec['dataset']}{tag} {a.split}: {rec['metrics']['queries']} queries, {rec['metrics']['gallery']} images")
+    from tbps_clip.config import dataset_label
+    print(f"{dataset_label(rec['dataset'], rec['synthetic'])} {a.split}: {rec['metrics']['queries']} queries, {rec['metrics']['gallery']} images")
     print(results_table({Path(str(rec["checkpoint"])).name: rec["metrics"]}))
     if a.out: print(f"results written to {a.out}")
 
+def _add_eval(sub) -> None:
+    "The `eval` command."
+    s = sub.add_parser("eval", help="evaluate a checkpoint on one split")
+    s.add_argument("checkpoint", help="checkpoint file")
+    s.add_argument("--split", default="test", help="split to evaluate")
+    s.add_argument("--out", help="write the result record (JSON) here (default: not written)")
+    s.add_argument("--trust", action="store_true", help="allow unpickling arbitrary objects (trusted files only)"); _overrides_arg(s)
+    s.set_defaults(func=_cmd_eval)
+
+# %% ../nbs/14_cli.ipynb #e7641383
 def _cmd_demo(a):
     from tbps_clip.config import make_config
     make_config(a.preset, _check_overrides(a.overrides))  # a configuration error answers before torch is imported
     from tbps_clip.run import demo
     rec = demo(a.preset, a.out, a.overrides)
-    print(f"\nSynthPEDES (synthetic) test, {rec['metrics']['queries']} queries x {rec['metrics']['gallery']} images, "
-          f"{rec['steps']} fine-tuning steps, seed {rec['seed']}:")
-    print(rec["table"])
+    print(f"\n{rec['summary']}")  # the heading and table the demo wrote, as the README shows them
     print(f"figure: {rec['figure']}\nretrievals (top 5 before and after): {Path(a.out) / 'retrievals.png'}\n"
           f"results: {Path(a.out) / 'results.json'}\ntotal {rec['demo_seconds']} s")
+
+def _add_demo(sub) -> None:
+    "The `demo` command."
+    s = sub.add_parser("demo", help="the main job on the embedded default: zero-shot vs fine-tuned on SynthPEDES")
+    _preset_arg(s); s.add_argument("--out", default="runs/demo", help="run folder of the demo"); _overrides_arg(s)
+    s.set_defaults(func=_cmd_demo)
 
 def _cmd_config(a):
     import yaml
     from tbps_clip.config import make_config, config_to_dict
     print(yaml.safe_dump(config_to_dict(make_config(a.preset, a.overrides)), sort_keys=False), end="")
 
+def _add_config(sub) -> None:
+    "The `config` command."
+    s = sub.add_parser("config", help="print the resolved configuration (checked as train would check it)")
+    _preset_arg(s); _overrides_arg(s)
+    s.set_defaults(func=_cmd_config)
+
 # %% ../nbs/14_cli.ipynb #3c79770d
+def _model_args(sp, checkpoint: str) -> None:
+    "Add the options naming the model a search command embeds with (`checkpoint`: what it is by default)."
+    sp.add_argument("--checkpoint", help=f"checkpoint to embed with (default: {checkpoint})")
+    sp.add_argument("--trust", action="store_true", help="allow unpickling arbitrary objects (trusted files only)")
+    sp.add_argument("--device", help="torch device (default: the config's train.device)")
+
+def _old_set_arg(sp) -> None:
+    "Add --set, the spelling of overrides before key=value arguments, kept with a warning."
+    sp.add_argument("--set", dest="old_set", action="append", default=[], help=argparse.SUPPRESS)
+
 def _gallery_items(path):
     "A gallery folder as it is, or the image paths listed in a .txt file (relative to the file's folder)."
     p = Path(path)
@@ -143,16 +246,26 @@ def _cmd_index(a):
         if world > 1: print(f"encoded by {world} ranks")
         print(f"index: {a.out} ({len(idx)} images, {idx.dtype}, model {idx.model['arch']}, {enc.source})")
 
+def _add_index(sub) -> None:
+    "The `index` command."
+    s = sub.add_parser("index", help="embed a gallery of person images into a searchable index")
+    s.add_argument("gallery", help="gallery folder (searched recursively) or a .txt file listing image paths")
+    s.add_argument("--out", required=True, help="index folder to write")
+    s.add_argument("--add", action="store_true", help="add the images not yet in an existing index at --out")
+    s.add_argument("--dtype", choices=["float32", "float16"], help="stored embedding precision (default: float32, or the existing index's)")
+    s.add_argument("--batch-size", type=int, help="images per encoding batch (default: data.eval_batch_size)")
+    s.add_argument("--workers", type=int, help="image-loading worker processes (default: data.num_workers)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--verbose", action="store_true", help="list every skipped file (default: the first 20)")
+    _model_args(s, "the configured model.pretrained"); _overrides_arg(s)
+    s.set_defaults(func=_cmd_index)
+
+# %% ../nbs/14_cli.ipynb #c47e21e5
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")  # a dotted configuration key and '=': never a description
 
 def _split_queries(words) -> tuple[list, list]:
     "(descriptions, key=value overrides) of `search`'s positional arguments."
     return [w for w in words if not _OVERRIDE.match(w)], [w for w in words if _OVERRIDE.match(w)]
-
-def _deprecated_set(items, instead: str = "write overrides as key=value arguments") -> list:
-    "What was given with the deprecated --set, after a warning saying what to write instead."
-    if items: print(f"tbps-clip: warning: --set is deprecated; {instead}", file=sys.stderr)
-    return list(items)
 
 def _query_list(a) -> list:
     qs = _split_queries(a.queries)[0]
@@ -206,35 +319,8 @@ def _cmd_search(a):
     if a.html:
         print(f"HTML report: {html_report(idx, list(zip(queries, results)), a.html)}", file=sys.stderr if a.json else sys.stdout)
 
-def _cmd_serve(a):
-    if not 0 <= a.port <= 65535: raise TBPSError(f"--port {a.port}: ports are 0-65535 (0: any free port)")  # before loading anything
-    overrides = _check_overrides(list(a.overrides) + _deprecated_set(a.old_set))
-    if overrides and not a.checkpoint: raise TBPSError(f"{overrides[0]}: overrides need --checkpoint (the model to search with)")
-    from tbps_clip.serve import serve
-    serve(a.index, host=a.host, port=a.port, checkpoint=a.checkpoint, overrides=overrides, trust=a.trust, device=a.device,
-          max_connections=a.max_connections)
-
-def _add_search_commands(sub, overrides) -> None:
-    "The `index`, `search` and `serve` subcommands; `overrides(parser)` adds the trailing key=value arguments."
-    def model(sp, checkpoint: str):
-        sp.add_argument("--checkpoint", help=f"checkpoint to embed with (default: {checkpoint})")
-        sp.add_argument("--trust", action="store_true", help="allow unpickling arbitrary objects (trusted files only)")
-        sp.add_argument("--device", help="torch device (default: the config's train.device)")
-    def old_set(sp):  # the spelling before key=value arguments, kept with a warning
-        sp.add_argument("--set", dest="old_set", action="append", default=[], help=argparse.SUPPRESS)
-
-    s = sub.add_parser("index", help="embed a gallery of person images into a searchable index")
-    s.add_argument("gallery", help="gallery folder (searched recursively) or a .txt file listing image paths")
-    s.add_argument("--out", required=True, help="index folder to write")
-    s.add_argument("--add", action="store_true", help="add the images not yet in an existing index at --out")
-    s.add_argument("--dtype", choices=["float32", "float16"], help="stored embedding precision (default: float32, or the existing index's)")
-    s.add_argument("--batch-size", type=int, help="images per encoding batch (default: data.eval_batch_size)")
-    s.add_argument("--workers", type=int, help="image-loading worker processes (default: data.num_workers)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--verbose", action="store_true", help="list every skipped file (default: the first 20)")
-    model(s, "the configured model.pretrained"); overrides(s)
-    s.set_defaults(func=_cmd_index)
-
+def _add_search(sub) -> None:
+    "The `search` command."
     s = sub.add_parser("search", help="rank the indexed images for a text description")
     s.add_argument("queries", nargs="*", metavar="DESCRIPTION or key=value",
                    help="one or more descriptions; arguments like model.arch=ViT-B-16 are configuration overrides (with --checkpoint)")
@@ -246,15 +332,26 @@ def _add_search_commands(sub, overrides) -> None:
     s.add_argument("--sheet", metavar="PNG", help="write a contact sheet of the hits, one per query (default: none)")
     s.add_argument("--html", metavar="HTML", help="write a self-contained HTML report (default: none)")
     s.add_argument("--json", action="store_true", help="one JSON line per query instead of text")
-    model(s, "the model that built the index"); old_set(s)
+    _model_args(s, "the model that built the index"); _old_set_arg(s)
     s.set_defaults(func=_cmd_search)
 
+# %% ../nbs/14_cli.ipynb #cf329cae
+def _cmd_serve(a):
+    if not 0 <= a.port <= 65535: raise TBPSError(f"--port {a.port}: ports are 0-65535 (0: any free port)")  # before loading anything
+    overrides = _check_overrides(list(a.overrides) + _deprecated_set(a.old_set))
+    if overrides and not a.checkpoint: raise TBPSError(f"{overrides[0]}: overrides need --checkpoint (the model to search with)")
+    from tbps_clip.serve import serve
+    serve(a.index, host=a.host, port=a.port, checkpoint=a.checkpoint, overrides=overrides, trust=a.trust, device=a.device,
+          max_connections=a.max_connections)
+
+def _add_serve(sub) -> None:
+    "The `serve` command."
     s = sub.add_parser("serve", help="a local web page to search indexes by text")
     s.add_argument("--index", required=True, action="append", help="index folder (repeat for several)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     s.add_argument("--max-connections", type=int, default=32, help="connections served at once; more get 503")
-    model(s, "the model that built each index"); overrides(s); old_set(s)
+    _model_args(s, "the model that built each index"); _overrides_arg(s); _old_set_arg(s)
     s.set_defaults(func=_cmd_serve)
 
 # %% ../nbs/14_cli.ipynb #98789c4e
@@ -269,7 +366,7 @@ def _study_params(items) -> dict:
     return out
 
 def _cmd_study_run(a):
-    from tbps_clip.study.driver import check_provenance, load_sweep, run_notebook, run_sweep
+    from tbps_clip.study.driver import check_provenance, load_sweep, run_notebook, run_sweep, sweep_executor
     from tbps_clip.study.executors import make_executor
     params = _study_params(a.params + _deprecated_set(a.old_set, "write notebook parameters as -p NAME=VALUE"))
     notebook = Path(a.target).suffix == ".ipynb"
@@ -281,7 +378,7 @@ def _cmd_study_run(a):
         results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout, executor=ex)]
     else:
         results = run_sweep(a.target, only=a.only, out=a.out, force=a.force, set_params=params, timeout=a.timeout,
-                            jobs=a.jobs, executor=a.executor)
+                            executor=sweep_executor(a.target, a.executor, a.jobs))
     failed = [r for r in results if r["status"] != "ok"]
     print(f"{len(results) - len(failed)} of {len(results)} notebook(s) ok" + (f" ({sum(bool(r.get('skipped')) for r in results)} done earlier)"))
     if failed:
@@ -289,6 +386,7 @@ def _cmd_study_run(a):
         raise TBPSError(f"{len(failed)} notebook(s) failed: " + "; ".join(f"{Path(r['notebook']).stem}: {r['error']}" for r in failed)
                         + f" (tracebacks in {where})")
 
+# %% ../nbs/14_cli.ipynb #e487a49c
 def _cmd_study_collect(a):
     from tbps_clip.study.report import collect
     res = collect(a.results, csv_path=a.csv or Path(a.results) / "runs.csv", md_path=a.md or Path(a.results) / "summary.md")
@@ -322,6 +420,7 @@ def _cmd_study_status(a):
                 else "nothing saved yet" + (f" ({r['steps']} steps)" if r["steps"] else ""))
         print(f"  {r['run']:<28} {step:<28} {'checkpoint' if r['checkpoint'] else 'no checkpoint':<14} last written {_ago(r['idle_seconds'])}")
 
+# %% ../nbs/14_cli.ipynb #0a5809e2
 def _add_study_commands(sub) -> None:
     "The `study` subcommand: run experiment notebooks, collect their records."
     s = sub.add_parser("study", help="run the experiment notebooks (papermill) and collect their records")
@@ -385,48 +484,19 @@ def _cmd_prep(a) -> int:
         raise TBPSError(f"{rep['blocking']['count']} error(s) left in {a.root}; nothing written (see the report above)")
     return 0
 
+def _add_prep(sub) -> None:
+    "The `prep` command."
+    s = sub.add_parser("prep", help="check a dataset download, write its annotation file and a report")
+    _add_prep_commands(s); s.set_defaults(func=_cmd_prep)
+
 # %% ../nbs/14_cli.ipynb #ae22179c
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    "Adds '(default: X)' to an option's help unless the help already states it or there is nothing to show (flags)."
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if "default" in h or action.default is None or action.default is False or action.default in ("", []): return h
-        return super()._get_help_string(action)
-
-class _SubParsers(argparse._SubParsersAction):
-    "Subcommands whose own --help starts with their one-line description: the help the list of commands shows."
-    def add_parser(self, name, **kwargs):
-        h = kwargs.get("help")
-        if h and "description" not in kwargs: kwargs["description"] = h[:1].upper() + h[1:] + ("" if h.endswith(".") else ".")
-        return super().add_parser(name, **kwargs)
-
-class _Parser(argparse.ArgumentParser):
-    "An argument parser whose subcommands (same class) all show their defaults and take options among positionals."
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-        self.register("action", "parsers", _SubParsers)
-
-    def parse_known_args(self, args=None, namespace=None):
-        # a subcommand's trailing key=value overrides after its options (`index G --out I k=v`): plain parsing gives
-        # the overrides nothing once it has passed them, so a command without subcommands parses intermixed
-        if self._subparsers is None and not getattr(self, "_intermixed", False):
-            self._intermixed = True
-            try: return self.parse_known_intermixed_args(args, namespace)
-            finally: self._intermixed = False
-        return super().parse_known_args(args, namespace)
-
 def build_parser() -> argparse.ArgumentParser:
-    "The argument parser of `tbps-clip`."
+    "The argument parser of `tbps-clip`; each command's parser is made beside its handler."
     from tbps_clip import __version__
     p = _Parser(prog="tbps-clip", description="TBPS-CLIP: text-based person search with CLIP.",
                 epilog="Configuration overrides are trailing key=value arguments, e.g. data.batch_size=32 optim.lr=5e-5.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    def ov(sp): sp.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides, e.g. data.batch_size=32")
-    from tbps_clip.config import PRESETS
-    def preset(sp, default="clip"):
-        sp.add_argument("--preset", default=default, help=f"configuration preset: {', '.join(PRESETS)}")
 
     from tbps_clip.synthpedes import SYNTHPEDES_DEFAULTS as sd  # the package alone: no NumPy at parser time
     s = sub.add_parser("synth", help="generate SynthPEDES (synthetic text-person data)")
@@ -440,44 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-n", type=int, default=8, help="samples in the --show grid")
     s.set_defaults(func=_cmd_synth)
 
-    s = sub.add_parser("pretrain", help="pretrain the small CLIP on the synthetic web-like corpus")
-    s.add_argument("--arch", default="tbps-tiny-cs", help="architecture to pretrain")
-    s.add_argument("--steps", type=int, help="training steps (default: 4000 for tbps-tiny-cs; each architecture's "
-                   "recipe is in PRETRAIN_RECIPES of tbps_clip.pretrain)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the corpus and the training")
-    s.add_argument("--out", help="output checkpoint (default: the cache, where model.pretrained=synthclip finds it)")
-    s.add_argument("--device", default="auto", help="torch device")
-    s.add_argument("--force", action="store_true", help="rebuild even if it is already built")
-    s.set_defaults(func=_cmd_pretrain)
-
-    s = sub.add_parser("train", help="train and evaluate a configured run",
-                       epilog="Several processes: torchrun --nproc_per_node N -m tbps_clip.cli train ... "
-                              "Ctrl-C saves the run after the current step and prints the command that resumes it.")
-    s.add_argument("--preset", help=f"configuration preset: {', '.join(PRESETS)} (default: clip; with --resume: the run's)")
-    s.add_argument("--out", help="run folder (sets out_dir; default: the config's out_dir, runs/default)")
-    s.add_argument("--resume", action="store_true", help="continue the interrupted run in --out as its config.yaml says")
-    ov(s)
-    s.set_defaults(func=_cmd_train)
-
-    s = sub.add_parser("eval", help="evaluate a checkpoint on one split")
-    s.add_argument("checkpoint", help="checkpoint file")
-    s.add_argument("--split", default="test", help="split to evaluate")
-    s.add_argument("--out", help="write the result record (JSON) here (default: not written)")
-    s.add_argument("--trust", action="store_true", help="allow unpickling arbitrary objects (trusted files only)"); ov(s)
-    s.set_defaults(func=_cmd_eval)
-
-    s = sub.add_parser("prep", help="check a dataset download, write its annotation file and a report")
-    _add_prep_commands(s); s.set_defaults(func=_cmd_prep)
-
-    s = sub.add_parser("demo", help="the main job on the embedded default: zero-shot vs fine-tuned on SynthPEDES")
-    preset(s); s.add_argument("--out", default="runs/demo", help="run folder of the demo"); ov(s)
-    s.set_defaults(func=_cmd_demo)
-
-    s = sub.add_parser("config", help="print the resolved configuration (checked as train would check it)")
-    preset(s); ov(s)
-    s.set_defaults(func=_cmd_config)
-    _add_search_commands(sub, ov)
-    _add_study_commands(sub)
+    for add in (_add_pretrain, _add_train, _add_eval, _add_prep, _add_demo, _add_config, _add_index, _add_search, _add_serve,
+                _add_study_commands):
+        add(sub)
     return p
 
 def main(argv=None) -> int:

@@ -16,9 +16,11 @@ import yaml
 from .core import TBPSError, atomic_write_text
 
 # %% auto #0
-__all__ = ['SETTING', 'PRESETS', 'CHECKS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on',
-           'OptimConfig', 'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'check_config', 'set_key',
-           'parse_overrides', 'make_config', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
+__all__ = ['SETTING', 'PRESETS', 'NORMALIZE', 'PROBES', 'SOFT_LABEL_SOURCES', 'PRECISIONS', 'COMPILE_MODES', 'DIST_BACKENDS',
+           'LOG_TARGETS', 'CHECKS', 'DataConfig', 'ModelConfig', 'AugConfig', 'TrickConfig', 'LossConfig', 'loss_on',
+           'OptimConfig', 'TrainConfig', 'EvalConfig', 'Config', 'register_preset', 'get_key', 'check_config',
+           'set_key', 'parse_overrides', 'make_config', 'config_to_dict', 'config_from_dict', 'save_config',
+           'load_config', 'is_synthetic_dataset', 'dataset_label']
 
 # %% ../nbs/01_config.ipynb #94c57872
 @dataclass
@@ -40,6 +42,7 @@ class DataConfig:
     fewshot: float = 0.0  # train on this fraction of the training identities (all their images and captions); 0 = all
     fewshot_seed: int = 0  # seed of the few-shot identity draw (the subsets of one seed are nested: 1% within 5% within 10%)
 
+# %% ../nbs/01_config.ipynb #94f1eb3b
 @dataclass
 class ModelConfig:
     "The CLIP towers and where their weights come from."
@@ -54,6 +57,7 @@ class ModelConfig:
     adapter_reduction: int = 4  # CLIP-Adapter: hidden width = embed_dim // reduction
     drop_text_layers: tuple = ()  # text-tower residual layers (0-based) removed after loading the weights (compression)
 
+# %% ../nbs/01_config.ipynb #60712a31
 @dataclass
 class AugConfig:
     "Image and text augmentation (Tables 2 and 3) with the appendix's settings."
@@ -84,6 +88,7 @@ class AugConfig:
     rs: float = 0.0  # random swap: alpha
     eda: float = 0.0  # EDA: one of SR, RI, RS, RD chosen per caption, with this alpha
 
+# %% ../nbs/01_config.ipynb #d2699962
 @dataclass
 class TrickConfig:
     "The training tricks of Table 1."
@@ -94,6 +99,7 @@ class TrickConfig:
     soft_label_warmup: float = 1.0  # epochs over which alpha ramps linearly from 0 to `soft_label`
     soft_label_source: str = "nograd"  # 'nograd': an extra no-grad pass of the model in train mode (official, the paper's); 'detached': the gradient pass's features, detached (no extra pass; identical targets without dropout)
 
+# %% ../nbs/01_config.ipynb #2929c566
 SETTING = {"setting": True}  # marks a LossConfig field that is a setting, not a loss weight
 
 @dataclass
@@ -125,6 +131,7 @@ def loss_on(loss_cfg: LossConfig, *terms) -> bool:
     "Whether any of the loss `terms` has a non-zero weight in `loss_cfg`."
     return any(getattr(loss_cfg, t, 0) for t in terms)
 
+# %% ../nbs/01_config.ipynb #b2cf66af
 @dataclass
 class OptimConfig:
     "AdamW and the per-iteration warm-up + cosine schedule of the official code."
@@ -139,6 +146,7 @@ class OptimConfig:
     head_lr_mult: float = 5.0  # learning-rate multiple of the new heads (ID classifier; MLM's cross-attention, transformer and vocabulary head), as the official code's 5
     fused: bool = True  # torch's fused AdamW kernel (CUDA and CPU; on the CPU ~8x faster than the per-tensor loop); False = the per-tensor loop
 
+# %% ../nbs/01_config.ipynb #5626c3bf
 @dataclass
 class TrainConfig:
     "Length, seed, device and bookkeeping of a training run."
@@ -157,6 +165,7 @@ class TrainConfig:
     freeze_text_layers: tuple = ()  # text-tower residual layers (0-based, as in the full model) kept frozen (compression)
     log_to: str = "none"  # also send the training curves (history.json) to 'tensorboard' (events in the run folder), 'wandb', or both ('tensorboard,wandb')
 
+# %% ../nbs/01_config.ipynb #1db72427
 @dataclass
 class EvalConfig:
     "Text-to-image evaluation."
@@ -166,6 +175,7 @@ class EvalConfig:
     fit_probe: float = 0.1  # fit: R@1 on this fraction of the training identities (the few-shot draw at `fit_probe_seed`, nested in every larger one); 0 = none
     fit_probe_seed: int = 0  # the draw of the fit probe (the same as `data.fewshot_seed` keeps it inside a few-shot run's identities)
 
+# %% ../nbs/01_config.ipynb #ef391442
 @dataclass
 class Config:
     "A complete, resolved run configuration."
@@ -203,6 +213,18 @@ register_preset("irra", {"loss.itc": 0.0, "loss.sdm": 1.0, "loss.mlm": 1.0, "los
                          "optim.head_lr_mult": 5.0}, base="clip")
 
 # %% ../nbs/01_config.ipynb #c0f1a7e3
+# The choices of the fields that name one; the modules that act on a choice read its list from here
+NORMALIZE = {  # data.normalize: name -> the images' (mean, std) per channel
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+PROBES = ("none", "coop", "adapter")  # model.probe
+SOFT_LABEL_SOURCES = ("nograd", "detached")  # trick.soft_label_source
+PRECISIONS = ("amp", "bf16", "fp16", "fp32")  # train.precision
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # train.compile, besides 'off'
+DIST_BACKENDS = ("auto", "nccl", "gloo")  # train.dist_backend
+LOG_TARGETS = ("tensorboard", "wandb")  # train.log_to: 'none', or one or more of these, comma-separated
+
 def _at_least(lo): return (lambda v: v >= lo, f"must be at least {lo}")
 def _between(lo, hi): return (lambda v: lo <= v <= hi, f"must lie between {lo} and {hi}")
 def _below_one(): return (lambda v: 0 <= v < 1, "must lie in [0, 1)")
@@ -214,17 +236,17 @@ _int = lambda x: isinstance(x, int) and not isinstance(x, bool)
 # key -> (test, what the value must be); a key not listed only has its type checked (by `set_key`)
 CHECKS: dict = {
     "data.image_size": _pair(lambda x: _int(x) and x > 0, "positive integers (height, width)"),
-    "data.normalize": _one_of("clip", "imagenet"),
+    "data.normalize": _one_of(*NORMALIZE),
     **{f"data.{k}": _at_least(1) for k in ("batch_size", "eval_batch_size", "prefetch_factor", "max_words")},
     "data.num_workers": _at_least(0), "data.fewshot": _between(0, 1),
-    "model.context_length": _at_least(0), "model.probe": _one_of("none", "coop", "adapter"),
+    "model.context_length": _at_least(0), "model.probe": _one_of(*PROBES),
     "model.coop_n_ctx": _at_least(0), "model.adapter_alpha": _between(0, 1), "model.adapter_reduction": _at_least(1),
     "model.drop_text_layers": _items(lambda x: _int(x) and x >= 0, "layer numbers (0 or more)"),
     **{f"aug.{k}": _between(0, 1) for k in ("erase_p", "gray_p", "hflip_p", "vflip_p", "bt", "rd", "sr", "ri", "rs", "eda")},
     **{f"aug.{k}": _at_least(0) for k in ("pool_k", "jitter", "hue", "rotate", "randaug_n", "randaug_m")},
     "aug.blur_kernel": (lambda v: v > 0 and v % 2 == 1, "must be a positive odd number"),
     "trick.text_dropout": _below_one(), "trick.soft_label": _between(0, 1), "trick.soft_label_warmup": _at_least(0),
-    "trick.soft_label_source": _one_of("nograd", "detached"),
+    "trick.soft_label_source": _one_of(*SOFT_LABEL_SOURCES),
     **{f"loss.{f.name}": _at_least(0) for f in dataclasses.fields(LossConfig) if not f.metadata.get("setting")},
     "loss.ss_tau": (lambda v: v > 0, "must be positive"), "loss.sdm_tau": (lambda v: v > 0, "must be positive"),
     "loss.ritc_eps": (lambda v: v > 0, "must be positive"), "loss.mlm_prob": (lambda v: 0 < v < 1, "must lie in (0, 1)"),
@@ -234,16 +256,17 @@ CHECKS: dict = {
     "optim.eps": (lambda v: v > 0, "must be positive"),
     "train.epochs": _at_least(1), "train.log_every": _at_least(1),
     **{f"train.{k}": _at_least(0) for k in ("max_steps", "eval_every", "ckpt_every", "threads", "grad_cache_chunk")},
-    "train.precision": _one_of("amp", "bf16", "fp16", "fp32"),
-    "train.compile": _one_of("off", "default", "reduce-overhead", "max-autotune"),
-    "train.dist_backend": _one_of("auto", "nccl", "gloo"),
+    "train.precision": _one_of(*PRECISIONS),
+    "train.compile": _one_of("off", *COMPILE_MODES),
+    "train.dist_backend": _one_of(*DIST_BACKENDS),
     "train.freeze_text_layers": _items(lambda x: _int(x) and x >= 0, "layer numbers (0 or more)"),
-    "train.log_to": (lambda v: v == "none" or (bool(v) and all(s.strip() in ("tensorboard", "wandb") for s in v.split(","))),
-                     "must be none, tensorboard, wandb or tensorboard,wandb"),
+    "train.log_to": (lambda v: v == "none" or (bool(v) and all(s.strip() in LOG_TARGETS for s in v.split(","))),
+                     f"must be none, {', '.join(LOG_TARGETS)} or {','.join(LOG_TARGETS)}"),
     "eval.chunk_size": _at_least(1), "eval.fit_probe": _between(0, 1),
 }
 
-def _get(cfg, key: str):
+def get_key(cfg: Config, key: str):
+    "The value of the dotted `key` of `cfg`."
     for p in key.split("."): cfg = getattr(cfg, p)
     return cfg
 
@@ -253,7 +276,7 @@ def check_config(cfg: Config, source: str = "") -> Config:
     "Refuse a value outside its valid range (or an unknown architecture) with the key and value; returns `cfg`."
     where = f"{source}: " if source else ""
     for key, (test, must) in CHECKS.items():
-        v = _get(cfg, key)
+        v = get_key(cfg, key)
         try: ok = test(v)
         except TypeError: ok = False  # e.g. image_size=['abc']: a string compared with a number
         if not ok: raise TBPSError(f"{where}{key}={_shown(v)}: {must}")
@@ -380,3 +403,13 @@ def load_config(path) -> Config:
     try: d = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e: raise TBPSError(f"{path}: cannot read config: {e}") from None
     return config_from_dict(d, str(path))
+
+# %% ../nbs/01_config.ipynb #b1fc7b4a
+def is_synthetic_dataset(name: str) -> bool:
+    "Whether results on dataset `name` must be labelled synthetic (the embedded SynthPEDES)."
+    return name == "synthpedes"
+
+def dataset_label(name: str, synthetic: bool | None = None) -> str:
+    "How results on dataset `name` are labelled; `synthetic` (default: decided by the name) adds ' (synthetic)'."
+    if not (is_synthetic_dataset(name) if synthetic is None else synthetic): return name
+    return "SynthPEDES (synthetic)" if is_synthetic_dataset(name) else f"{name} (synthetic)"

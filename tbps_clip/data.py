@@ -20,12 +20,13 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from .config import NORMALIZE
 from .core import TBPSError, derive_seed
 from .records import Annotations, Record
 from .text import clean_caption, tokenize
 
 # %% auto #0
-__all__ = ['MAX_IMAGE_PIXELS', 'NORMALIZE', 'CaptionAug', 'load_image', 'normalize_transform', 'test_transform', 'reindex_pids',
+__all__ = ['MAX_IMAGE_PIXELS', 'CaptionAug', 'load_image', 'normalize_transform', 'test_transform', 'reindex_pids',
            'readable_records', 'TrainPairs', 'ImageSet', 'EvalSplit', 'eval_split', 'EpochSampler', 'collate',
            'worker_init', 'fewshot_pids', 'fewshot_subset']
 
@@ -64,11 +65,6 @@ def load_image(path) -> Image.Image:
         raise TBPSError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/05_data.ipynb #f551df28
-NORMALIZE = {
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
 def normalize_transform(name: str) -> T.Normalize:
     "The Normalize transform for constants `name` ('clip' or 'imagenet')."
     if name not in NORMALIZE:
@@ -102,6 +98,7 @@ def readable_records(ann: Annotations, records) -> tuple:
                       f"e.g. {bad[0][1]}", stacklevel=2)
     return good, bad
 
+# %% ../nbs/05_data.ipynb #401d7be4
 class TrainPairs(Dataset):
     "(image, caption) pairs of one split with seeded per-item randomness."
     def __init__(self, ann: Annotations, split: str = "train", transform: Callable | None = None,

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import LayerNorm, Transformer
+from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
 
 from .config import Config
@@ -20,8 +20,8 @@ from .losses import View, active_terms, mlm_token_nll, needed_heads, needed_view
 from .model import TBPSModel, encode_text_trimmed
 
 # %% auto #0
-__all__ = ['HEAD_LR', 'HEADS', 'text_token_feats', 'image_token_feats', 'QuickGELU', 'projection_mlp', 'id_classifier', 'MLMHead',
-           'Head', 'head_spec', 'attach_heads', 'encode_view', 'forward_views', 'soft_label_views']
+__all__ = ['HEAD_LR', 'HEADS', 'text_token_feats', 'image_token_feats', 'projection_mlp', 'id_classifier', 'MLMHead', 'Head',
+           'head_spec', 'attach_heads', 'encode_view', 'forward_views', 'soft_label_views']
 
 # %% ../nbs/07a_heads.ipynb #15359df2
 def text_token_feats(model: TBPSModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -46,10 +46,6 @@ def image_token_feats(model: TBPSModel, images: torch.Tensor) -> tuple:
 # parameters at `optim.head_lr_mult` x the lr: the official code's names with 'cross', 'classifier' or 'mlm_head'
 # (cross_attn, cross_modal_transformer, classifier, mlm_head), not MLM's layer norms ln_pre_t, ln_pre_i, ln_post
 HEAD_LR = ("heads.classifier.", "heads.mlm.cross_attn.", "heads.mlm.transformer.", "heads.mlm.head.")
-
-class QuickGELU(nn.Module):
-    "x * sigmoid(1.702 x), CLIP's activation."
-    def forward(self, x): return x * torch.sigmoid(1.702 * x)
 
 def projection_mlp(dim: int, hidden: int) -> nn.Sequential:
     "SimCLR's projection: dim -> hidden -> dim with a ReLU."

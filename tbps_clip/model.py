@@ -90,9 +90,9 @@ def encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/06_model.ipynb #6fabb774
 class TBPSModel(nn.Module):
     "A CLIP dual encoder for person search: L2-normalised image and text features and a logit scale."
-    def __init__(self, clip: nn.Module, arch: str, image_size, context_length: int):
+    def __init__(self, clip: nn.Module, arch: str, context_length: int):
         super().__init__()
-        self.clip, self.arch, self.image_size, self.context_length = clip, arch, tuple(image_size), context_length
+        self.clip, self.arch, self.context_length = clip, arch, context_length
         self.heads = nn.ModuleDict()  # training-only heads (SS projections, ID classifier, MLM); unused at inference
         self.edits: dict = {}  # structural edits applied to this model (name -> JSON-ready settings), in order
 
@@ -115,6 +115,11 @@ class TBPSModel(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
         "Features of a batch of images and captions."
         return dict(image_feats=self.encode_image(images), text_feats=self.encode_text(tokens), logit_scale=self.logit_scale)
+
+    @property
+    def image_size(self) -> tuple:
+        "The input size (height, width) the image tower was built for: open_clip's own record of it."
+        return tuple(self.clip.visual.image_size)
 
     @property
     def embed_dim(self) -> int:
@@ -143,7 +148,7 @@ def create_model(arch: str, image_size=None, context_length: int = 0, quick_gelu
         clip = open_clip.create_model(arch, pretrained=None, force_image_size=image_size, force_quick_gelu=quick_gelu,
                                       force_context_length=ctx, device=device)
         add_conv_stem(clip, arch)
-    return TBPSModel(clip, arch, image_size, ctx)
+    return TBPSModel(clip, arch, ctx)
 
 # %% ../nbs/06_model.ipynb #e83e623c
 def text_blocks(model: TBPSModel) -> list:

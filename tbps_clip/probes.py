@@ -10,17 +10,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import Config, ModelConfig
+from .config import PROBES, Config, ModelConfig
 from .core import TBPSError, registrar
 from .heads import attach_heads
 from .model import TBPSModel, create_model, lock_patch_embedding, text_blocks
 from .text import tokenize
 
 # %% auto #0
-__all__ = ['MODEL_EDITS', 'register_edit', 'PROBES', 'TABLE12_LAYERS', 'apply_edits', 'config_edits', 'text_layer_ids',
-           'drop_text_layers', 'freeze_text_layers', 'apply_freezes', 'count_parameters', 'layer_parameters',
-           'CoOpPrompt', 'ImageAdapter', 'attach_probe', 'coop_parameters', 'adapter_parameters',
-           'trainable_parameters', 'compression_counts']
+__all__ = ['MODEL_EDITS', 'register_edit', 'TABLE12_LAYERS', 'apply_edits', 'config_edits', 'text_layer_ids', 'drop_text_layers',
+           'freeze_text_layers', 'apply_freezes', 'count_parameters', 'layer_parameters', 'CoOpPrompt', 'ImageAdapter',
+           'attach_probe', 'coop_parameters', 'adapter_parameters', 'trainable_parameters', 'compression_counts']
 
 # %% ../nbs/17_probes.ipynb #775f2b0b
 MODEL_EDITS: dict[str, Callable] = {}  # name -> edit(model, settings)
@@ -37,8 +36,6 @@ def apply_edits(model: TBPSModel, edits: dict, source: str = "config") -> TBPSMo
         elif have != settings:
             raise TBPSError(f"{source}: the model already has {name} {have!r}, which conflicts with {settings!r}")
     return model
-
-PROBES = ("none", "coop", "adapter")
 
 def config_edits(mc: ModelConfig) -> dict:
     "The structural edits `mc` asks for, as `model.edits` records them."

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import is_project_checkpoint
-from .config import (Config, check_config, config_from_dict, config_to_dict, load_config, make_config, parse_overrides,
-                              set_key)
+from .config import (Config, check_config, config_from_dict, config_to_dict, dataset_label, get_key,
+                              is_synthetic_dataset, load_config, make_config, parse_overrides, set_key)
 from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
                             seed_everything)
 from .augment import configure_pairs, image_transform, synonym_source
@@ -34,18 +34,14 @@ from .train import SoftLabels, Trainer
 from .weights import build_model, read_checkpoint_file
 
 # %% auto #0
-__all__ = ['RESUME_KEYS', 'DEMO_BUDGET', 'load_data', 'is_synthetic', 'prepare_model', 'set_threads', 'run_record', 'run_log',
-           'train_dataset', 'check_image_files', 'train', 'resume_config', 'eval_config', 'evaluate_checkpoint',
-           'results_table', 'plot_results', 'demo']
+__all__ = ['RESUME_KEYS', 'DEMO_BUDGET', 'load_data', 'prepare_model', 'set_threads', 'run_record', 'run_log', 'train_dataset',
+           'check_image_files', 'train', 'resume_config', 'eval_config', 'evaluate_checkpoint', 'results_table',
+           'plot_results', 'demo']
 
 # %% ../nbs/13_run.ipynb #6750e830
 def load_data(cfg: Config) -> Annotations:
     "The annotations `cfg.data` points at (the embedded SynthPEDES is generated on first use)."
     return load_annotations(cfg.data.dataset, cfg.data.root, cfg.data.annotations)
-
-def is_synthetic(ann: Annotations) -> bool:
-    "Whether results on `ann` must be labelled synthetic."
-    return ann.dataset == "synthpedes"
 
 def prepare_model(cfg: Config, trust: bool = False) -> TBPSModel:
     "The configured model with weights loaded and the model-level tricks applied."
@@ -61,7 +57,7 @@ def set_threads(cfg: Config) -> None:
 
 def run_record(cfg: Config, ann: Annotations, **fields) -> dict:
     "A result record: what ran, on what data, with which code and machine."
-    return dict(synthetic=is_synthetic(ann), dataset=ann.dataset or cfg.data.dataset, preset=cfg.preset,
+    return dict(synthetic=is_synthetic_dataset(ann.dataset), dataset=ann.dataset or cfg.data.dataset, preset=cfg.preset,
                 seed=cfg.train.seed, config=config_to_dict(cfg), **fields,
                 environment=environment_info(), git_commit=git_commit(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
@@ -114,6 +110,7 @@ def check_image_files(cfg: Config, ann: Annotations, splits=None, show: int = 3)
     raise TBPSError(f"{ann.source}: {len(missing)} of the {len(seen)} image files it names are missing under "
                     f"{ann.image_root}: {first}{more}; {hint}")
 
+# %% ../nbs/13_run.ipynb #e8b08693
 def train(cfg: Config, resume: bool = False, progress: bool = True, callbacks=(), zero_shot: bool = False) -> dict:
     "Train `cfg` end to end and return (and save) its result record; under torchrun, one process of several."
     check_log_to(cfg)  # a logger that is not installed is refused before anything starts
@@ -177,10 +174,6 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
 # computes (per-item seeds make the data independent of the number of loader workers)
 RESUME_KEYS = ("train.device", "train.threads", "data.num_workers", "data.prefetch_factor", "data.pin_memory", "train.log_to")
 
-def _value(cfg: Config, key: str):
-    for part in key.split("."): cfg = getattr(cfg, part)
-    return cfg
-
 def resume_config(run_dir, overrides=None, preset: str | None = None) -> Config:
     "The configuration of the run in `run_dir` (its `config.yaml`); overrides may only repeat it, or change `RESUME_KEYS`."
     run_dir = Path(run_dir)
@@ -197,7 +190,7 @@ def resume_config(run_dir, overrides=None, preset: str | None = None) -> Config:
         new = copy.deepcopy(cfg)
         set_key(new, k, v)
         if k not in RESUME_KEYS and new != cfg:  # the same value as the run's (the original command again) is fine
-            raise TBPSError(f"{k}={v}: the run in {run_dir} has {k}={_value(cfg, k)!r} ({path}); a resumed run cannot "
+            raise TBPSError(f"{k}={v}: the run in {run_dir} has {k}={get_key(cfg, k)!r} ({path}); a resumed run cannot "
                             f"change it, only {', '.join(RESUME_KEYS)}")
         cfg = new
     return check_config(cfg, str(path))
@@ -265,7 +258,7 @@ def demo(preset: str = "clip", out: str = "runs/demo", overrides=None, progress:
     cfg = make_config(preset, {**DEMO_BUDGET, "out_dir": out, **parse_overrides(overrides)})
     rec = train(cfg, progress=progress, zero_shot=True)
     rows = {"zero-shot (small pretrained CLIP)": rec["zero_shot"], f"fine-tuned ({preset})": rec["metrics"]}
-    label = "SynthPEDES (synthetic)" if rec["synthetic"] else rec["dataset"]
+    label = dataset_label(rec["dataset"], rec["synthetic"])
     fig = plot_results(rows, Path(out) / "demo.png", f"{label} test, text-to-image; {rec['steps']} steps, seed {cfg.train.seed}")
     seed_everything(cfg.train.seed)  # as `train` did before building it: the same zero-shot model, even from random weights
     before_after = dict(zip(rows, (prepare_model(cfg), prepare_model(eval_config(str(Path(out) / "checkpoint.pt"))))))

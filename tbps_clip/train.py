@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import save_checkpoint, load_state_strict, check_identity
-from .config import Config, save_config
+from .config import COMPILE_MODES, SOFT_LABEL_SOURCES, Config, save_config
 from .core import TBPSError, atomic_write_json, autocast, patch_to, resolve_device
 from .data import EpochSampler, collate, worker_init
 from .distributed import all_reduce_grads, broadcast_state, gather_objects
@@ -28,9 +28,9 @@ from .model import TBPSModel
 from .weights import read_checkpoint_file
 
 # %% auto #0
-__all__ = ['FUSED_DEVICES', 'COMPILE_MODES', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers',
-           'run_length', 'needs_grad_scaler', 'rng_state', 'set_rng_state', 'Trainer', 'Interrupted', 'chunk_spans',
-           'join_chunks', 'soft_label_alpha', 'SoftLabels']
+__all__ = ['FUSED_DEVICES', 'param_groups', 'make_optimizer', 'lr_at', 'Callback', 'compile_towers', 'run_length',
+           'needs_grad_scaler', 'rng_state', 'set_rng_state', 'Trainer', 'Interrupted', 'chunk_spans', 'join_chunks',
+           'soft_label_alpha', 'SoftLabels']
 
 # %% ../nbs/11_train.ipynb #906cca4b
 def param_groups(model: torch.nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list:
@@ -75,8 +75,6 @@ class Callback:
         if bad: raise TBPSError(f"callback {cls.__name__}: {', '.join(bad)} is not a hook; the hooks are {', '.join(Callback.HOOKS)}")
 
 # %% ../nbs/11_train.ipynb #509de07d
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-
 def compile_towers(model: TBPSModel, mode: str) -> TBPSModel:
     "torch.compile the image and text towers in place (`mode` one of COMPILE_MODES); parameter names are unchanged."
     if mode not in COMPILE_MODES:
@@ -399,8 +397,8 @@ def soft_label_alpha(step: int, steps_per_epoch: int, alpha: float, warmup_epoch
 class SoftLabels(Callback):
     "Put soft-label inputs (alpha and no-grad features) into the loss context before the losses."
     def __init__(self, alpha: float, warmup_epochs: float = 1.0, source: str = "nograd"):
-        if source not in ("nograd", "detached"):
-            raise TBPSError(f"trick.soft_label_source={source!r}: choose nograd or detached")
+        if source not in SOFT_LABEL_SOURCES:
+            raise TBPSError(f"trick.soft_label_source={source!r}: choose {' or '.join(SOFT_LABEL_SOURCES)}")
         if not 0 <= alpha <= 1: raise TBPSError(f"trick.soft_label={alpha}: must lie in [0, 1]")
         self.alpha, self.warmup, self.source = alpha, warmup_epochs, source
 

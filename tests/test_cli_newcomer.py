@@ -398,3 +398,10 @@ def test_ctrl_c_during_train_saves_and_prints_the_command_that_resumes(toy, tmp_
     assert p.returncode == 130 and step > 0, err[-2000:]
     assert last == (f"tbps-clip: interrupted; saved after step {step} in {run / 'checkpoint.pt'}; "
                     f"resume with: tbps-clip train --out {run} --resume"), err[-2000:]
+
+def test_results_on_synthetic_data_are_labelled_one_way_everywhere():
+    from tbps_clip.config import dataset_label
+    from tbps_clip.study.report import data_label
+    assert dataset_label("synthpedes") == "SynthPEDES (synthetic)" and dataset_label("cuhk-pedes") == "cuhk-pedes"
+    assert data_label([dict(dataset="synthpedes", synthetic=True)]) == dataset_label("synthpedes")  # the study's reports
+    assert data_label([dict(dataset="cuhk-pedes", synthetic=False)]) == "cuhk-pedes"

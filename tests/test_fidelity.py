@@ -11,16 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from open_clip.transformer import QuickGELU
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from conftest import micro_overrides
 from tbps_clip.augment import KEPT_OPS, CaptionAugmenter, Pool, PILGaussianBlur, image_transform, simclr_transform
-from tbps_clip.config import AugConfig, LossConfig, OptimConfig, make_config
+from tbps_clip.config import NORMALIZE, AugConfig, LossConfig, OptimConfig, make_config
 from tbps_clip.core import TBPSError
-from tbps_clip.data import NORMALIZE
 from tbps_clip.data import test_transform as eval_transform
-from tbps_clip.heads import MLMHead, QuickGELU, attach_heads
+from tbps_clip.heads import MLMHead, attach_heads
 from tbps_clip.losses import LossContext, compute_losses, itc, nitc
 from tbps_clip.model import create_model, image_blocks, text_blocks
 from tbps_clip.run import prepare_model, train

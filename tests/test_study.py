@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tbps_clip.core import TBPSError
-from tbps_clip.study.driver import load_sweep, run_notebook, run_sweep, sweep_status
+from tbps_clip.study.driver import load_sweep, run_notebook, run_sweep, sweep_executor, sweep_status
 from tbps_clip.study.grid import e06_rows, scale_overrides, select_rows
 from tbps_clip.study.marks import IDENTICAL, LOWER, NO_CHANGE, agreement_summary, compare, pooled_paired_sd, summarise
 from tbps_clip.study.paper import PAPER
@@ -517,7 +517,7 @@ def test_two_jobs_write_the_records_of_a_serial_run(tmp_path, kernel_env, capsys
     assert all(s["status"] == "ok" for s in serial)
     # resumable as before: a serial run over the jobs' folder finds every notebook done, and so does --jobs again
     assert all(r.get("skipped") for r in run_sweep(sweep, out=tmp_path / "jobs", log=None))
-    forced = run_sweep(sweep, out=tmp_path / "jobs", log=None, jobs=2, force=True)
+    forced = run_sweep(sweep, out=tmp_path / "jobs", log=None, executor=sweep_executor(sweep, "local", 2), force=True)
     assert all(r["status"] == "ok" and not r.get("skipped") for r in forced)
     assert len(list((tmp_path / "jobs" / "jobs").glob("*.log"))) == 6  # forced notebooks ran again, their runs did not
 
@@ -557,7 +557,7 @@ def test_slurm_executor_through_submitits_local_executor(tmp_path, kernel_env):
     with pytest.raises(TBPSError, match=r"sweep.yaml: unknown slurm setting\(s\) partiton"):
         run_sweep(small_sweep(tmp_path / "b", slurm={"partiton": "gpu"}), out=tmp_path / "x")
     with pytest.raises(TBPSError, match="needs a `slurm` entry"):
-        run_sweep(small_sweep(tmp_path / "c"), out=tmp_path / "x", executor="slurm")
+        sweep_executor(small_sweep(tmp_path / "c"), "slurm")
 
 
 # ---- marks from paired differences (the v3 study's marks) -----------------------------------------------------------------

@@ -22,9 +22,9 @@ from ..core import TBPSError, atomic_write_json, git_commit
 from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
-__all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'run_sweep', 'sweep_status',
-           'recorded_runs', 'sweep_progress', 'unfinished_runs', 'uncommitted_changes', 'check_provenance',
-           'provenance_diffs']
+__all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'sweep_executor', 'run_sweep',
+           'sweep_status', 'recorded_runs', 'sweep_progress', 'unfinished_runs', 'uncommitted_changes',
+           'check_provenance', 'provenance_diffs']
 
 # %% ../../nbs/35_study_driver.ipynb #1dee603c
 def params_key(params: dict) -> str:
@@ -159,15 +159,20 @@ def sweep_plan(path, only=None, out=None, set_params=None) -> tuple:
             for name, p in runs]
     return out, plan
 
+def sweep_executor(path, kind: str = "local", jobs: int = 1) -> dict:
+    "The checked executor of sweep file `path`: `kind` local (`jobs` runs at once) or slurm (the file's `slurm` settings)."
+    return make_executor(kind, jobs, load_sweep(path)["slurm"], str(path))
+
 def run_sweep(path, only=None, out=None, force: bool = False, set_params=None, cwd=None, timeout: int | None = None,
-              log=print, jobs: int = 1, executor: str = "local") -> list:
-    "Run the notebooks of sweep file `path` in order (those in `only`, if given), their runs `jobs` at once or on Slurm; their status records."
-    ex = make_executor(executor, jobs, load_sweep(path)["slurm"], str(path))
+              log=print, executor: dict | None = None) -> list:
+    "Run the notebooks of sweep file `path` in order (those in `only`, if given), their runs on `executor` (default: one at a time here); their status records."
+    ex = executor or make_executor()
     out, plan = sweep_plan(path, only, out, set_params)
     _log(out, f"sweep {path}: {len(plan)} notebook(s)" + ("" if ex == make_executor() else f"; runs on {json.dumps(ex)}"))
     # in order: a notebook may use the runs of one before it (e08 and e11 e10's model, e99 all)
     return [run_notebook(nb, params, out, force=force, cwd=cwd, timeout=timeout, log=log, executor=ex) for nb, params in plan]
 
+# %% ../../nbs/35_study_driver.ipynb #9550c7ea
 def _driver_alive(st: dict) -> bool:
     "Whether the driver that marked a notebook running still runs (unknowable from another host: assumed so)."
     if st.get("host") != socket.gethostname() or not st.get("pid"): return True

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..config import dataset_label
 from ..core import TBPSError, atomic_write_text
 from .grid import ALIASES
 from .marks import agreement_summary, compare, pooled_paired_sd, summarise
@@ -19,7 +20,7 @@ from .paper import PAPER, paper_table
 from .runs import flat_rows, load_records
 
 # %% auto #0
-__all__ = ['PROBES', 'MARK_COLUMNS', 'TOTALS', 'AGREEMENT_COLUMNS', 'REPORT_TABLES', 'SUMMARY_COLUMNS', 'to_markdown',
+__all__ = ['PROBE_TABLES', 'MARK_COLUMNS', 'TOTALS', 'AGREEMENT_COLUMNS', 'REPORT_TABLES', 'SUMMARY_COLUMNS', 'to_markdown',
            'write_csv', 'effects_long', 'plot_forest', 'data_label', 'table_records', 'group', 'table_group',
            'mark_groups', 'se_statement', 'write_group', 'agreement_rows', 'study_groups', 'study_marks',
            'run_hardware', 'study_cost', 'cost_section', 'provenance_lines', 'build_report', 'collect']
@@ -83,9 +84,8 @@ def plot_forest(marked, path, title: str, metric: str = "R@1", k: float = 2.0) -
 # %% ../../nbs/34_study_report.ipynb #7cd9b6e2
 def data_label(records) -> str:
     "How results on the records' data are labelled: 'SynthPEDES (synthetic)' or the dataset's name."
-    names = sorted({str(r.get("dataset")) for r in records})
-    if any(r.get("synthetic") for r in records): return "SynthPEDES (synthetic)" if names == ["synthpedes"] else f"{'/'.join(names)} (synthetic)"
-    return "/".join(names) or "no data"
+    names = "/".join(sorted({str(r.get("dataset")) for r in records}))
+    return dataset_label(names, any(r.get("synthetic") for r in records)) if names else "no data"
 
 def table_records(records, table: str) -> list:
     "The records whose rows belong to paper `table` (its rows, and main rows standing for appendix values)."
@@ -93,12 +93,12 @@ def table_records(records, table: str) -> list:
     names = set(t["rows"]) | {n for a, n in ALIASES.get(t["exp"], {}).items() if a in t["rows"]}
     return [r for r in records if r["exp"] == t["exp"] and r["name"] in names]
 
-PROBES = ("table10", "table11", "table12")  # the paper's probes of CLIP; the other tables are its ablations (and presets)
+PROBE_TABLES = ("table10", "table11", "table12")  # the paper's probes of CLIP; the other tables are its ablations (and presets)
 
 def group(table: str, records, specs, stem: str | None = None, title: str | None = None, note: str = "") -> dict:
     "A table's comparisons to mark: its records, the specs (row, against, paper, label), and what the report says of it."
     return dict(table=table, stem=stem or table, title=title or PAPER[table]["title"], records=list(records), specs=list(specs),
-                kind="probe" if table in PROBES else "ablation", appendix=table.endswith("_appendix"), note=note)
+                kind="probe" if table in PROBE_TABLES else "ablation", appendix=table.endswith("_appendix"), note=note)
 
 def table_group(records, table: str, metric: str = "R@1", paper_rows=None, baseline=None, stem: str | None = None,
                 title: str | None = None) -> dict:
