@@ -193,3 +193,21 @@ def test_the_documented_floors_are_the_import_graphs():
             if (pkg.parent / (m.replace(".", "/") + ".py")).is_file() or (pkg.parent / m.replace(".", "/") / "__init__.py").stat().st_size}
     assert documented_floors() == real
     assert all(real[t] < real[m] for m in real for t in edges[m] if t in real)
+
+
+def test_no_module_imports_through_a_front_door():
+    "The front doors (`tbps_clip`, `tbps_clip.synthpedes`) load their names lazily for users; the package imports them where they are defined."
+    import tbps_clip.synthpedes as sp
+    lazy = {"tbps_clip": set(tbps_clip._LAZY), "tbps_clip.synthpedes": set(sp._LAZY)}
+    assert lazy["tbps_clip.synthpedes"] >= {"read_synthpedes", "make_synthpedes"}  # the tables are read
+    pkg = Path(tbps_clip.__file__).parent
+    found = []
+    for p in pkg.rglob("*.py"):
+        here = ".".join(p.relative_to(pkg.parent).with_suffix("").parts).removesuffix(".__init__")
+        here = here if p.name == "__init__.py" else here.rpartition(".")[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level: base = ".".join(here.split(".")[:len(here.split(".")) - node.level + 1] + ([base] if base else []))
+                found += [f"{p.name}:{node.lineno} {base}.{a.name}" for a in node.names if a.name in lazy.get(base, ())]
+    assert found == []
