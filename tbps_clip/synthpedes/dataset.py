@@ -21,7 +21,7 @@ from ..records import Record, read_annotations, write_annotations
 from . import GENERATOR_VERSION, SYNTHPEDES_DEFAULTS
 from .captions import caption_pair, pick_family
 from .drawing import render_person
-from .identities import ATTRIBUTES, VIEWS, attr_distance, make_identities
+from .identities import ATTRIBUTES, VIEWPOINTS, attr_distance, make_identities
 
 # %% auto #0
 __all__ = ['JPEG_QUALITY', 'synthpedes_settings', 'make_synthpedes', 'default_synthpedes_root', 'ensure_synthpedes',
@@ -56,20 +56,20 @@ def _identity_images(a: dict, split: str, i: int, pid: int, s: dict):
     key = (s["seed"], GENERATOR_VERSION, split, i)
     rng = np.random.default_rng(derive_seed(*key, "images"))
     n = int(rng.integers(s["images_per_id"][0], s["images_per_id"][1] + 1))
-    order = [VIEWS[j] for j in rng.permutation(3)]
+    order = [VIEWPOINTS[j] for j in rng.permutation(3)]
     out = []
     for k in range(n):
-        view = order[k] if k < 3 else VIEWS[int(rng.integers(3))]
-        img = render_person(a, np.random.default_rng(derive_seed(*key, "image", k)), tuple(s["image_size"]), view)
+        viewpoint = order[k] if k < 3 else VIEWPOINTS[int(rng.integers(3))]
+        img = render_person(a, np.random.default_rng(derive_seed(*key, "image", k)), tuple(s["image_size"]), viewpoint)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=JPEG_QUALITY)
         crng, fams, caps, bts, mentions = np.random.default_rng(derive_seed(*key, "captions", k)), [], [], [], []
         for _ in range(s["captions_per_image"]):
             fams.append(pick_family(crng, exclude=fams))  # two annotators, two styles
-            c, bt, keys = caption_pair(a, view, crng, fams[-1])
+            c, bt, keys = caption_pair(a, viewpoint, crng, fams[-1])
             caps.append(c); bts.append(bt); mentions.append(keys)
         rel = f"{split}/{pid}_{k}.jpg"
-        out.append((rel, buf.getvalue(), Record(rel, pid, caps, split, bts), dict(view=view, families=fams, mentions=mentions)))
+        out.append((rel, buf.getvalue(), Record(rel, pid, caps, split, bts), dict(view=viewpoint, families=fams, mentions=mentions)))
     return out
 
 # %% ../../nbs/03d_synthpedes_dataset.ipynb #dfdf74c2
