@@ -13,7 +13,7 @@ import tbps_clip.synthpedes as S
 from tbps_clip.synthpedes import captions as C, dataset as DS, drawing as D, identities as I
 from tbps_clip.core import TBPSError
 from tbps_clip.datasets import load_annotations
-from tbps_clip.records import read_annotations
+from tbps_clip.annotations import read_annotations
 
 TINY = dict(n_train_ids=6, n_val_ids=2, n_test_ids=3, progress=False)
 
@@ -66,9 +66,9 @@ def test_splits_are_disjoint_and_sized_as_requested(ann):
     assert {s: len(p) for s, p in pids.items()} == {"train": 6, "val": 2, "test": 3}
     assert not (pids["train"] & pids["val"] or pids["train"] & pids["test"] or pids["val"] & pids["test"])
     per_id = defaultdict(int)
-    for r in ann.records: per_id[r.pid] += 1
+    for r in ann.entries: per_id[r.pid] += 1
     assert all(3 <= n <= 5 for n in per_id.values())
-    for r in ann.records:
+    for r in ann.entries:
         assert r.image == f"{r.split}/{r.pid}_{r.image.split('_')[1]}" and r.image.endswith(".jpg")
         assert Image.open(ann.image_path(r)).size == (64, 128)
 
@@ -80,7 +80,7 @@ def test_every_identity_is_seen_from_every_viewpoint(info):
 
 
 def test_captions_and_back_translations(ann, info):
-    for r in ann.records:
+    for r in ann.entries:
         assert len(r.captions) == 2 and len(r.captions_bt) == 2
         for c, bt in zip(r.captions, r.captions_bt):
             assert c.strip() and bt.strip() and len(c.split()) >= 4
@@ -145,7 +145,7 @@ def test_viewpoint_dependent_details_in_caption_text():
 
 def test_images_of_one_identity_vary_at_pixel_level(ann):
     by = defaultdict(list)
-    for r in ann.records: by[r.pid].append(np.asarray(Image.open(ann.image_path(r)), dtype=np.float32))
+    for r in ann.entries: by[r.pid].append(np.asarray(Image.open(ann.image_path(r)), dtype=np.float32))
     within = [np.mean([np.abs(x - y).mean() for x, y in itertools.combinations(v, 2)]) for v in by.values()]
     between = np.mean([np.abs(by[p][0] - by[q][0]).mean() for p, q in itertools.combinations(by, 2)])
     # reference: what a global 10% brightness change alone does to an image (about 10 grey levels)
