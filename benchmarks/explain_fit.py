@@ -35,7 +35,7 @@ def train_probe(ann, n_ids: int, seed: int = 0):
     pids = sorted({r.pid for r in ann.split("train")})
     chosen = set(random.Random(seed).sample(pids, n_ids))
     recs = [dataclasses.replace(r, split=PROBE) for r in ann.split("train") if r.pid in chosen]
-    return dataclasses.replace(ann, records=recs, source=f"{ann.source} (train probe: {n_ids} ids, seed {seed})")
+    return dataclasses.replace(ann, entries=recs, source=f"{ann.source} (train probe: {n_ids} ids, seed {seed})")
 
 
 def fit_gap(model, ann, probe, cfg) -> dict:

@@ -42,7 +42,7 @@ def own_identities(ann):
     from tbps_clip.data import fewshot_subset
     sub, _ = fewshot_subset(ann, FRACTION, 0)
     recs = [dataclasses.replace(r, split="test") for r in sub.split("train")]
-    return dataclasses.replace(ann, records=recs, source=f"{ann.source} (its {FRACTION:.0%} few-shot training identities)")
+    return dataclasses.replace(ann, entries=recs, source=f"{ann.source} (its {FRACTION:.0%} few-shot training identities)")
 
 
 def scores(run: Path, ann, own) -> dict:

@@ -42,7 +42,7 @@ def memory_mb():
 def synthpedes_part(a):
     "Index SynthPEDES test images with the checkpoint, CLI search of every caption, evaluator R@1, latency."
     from tbps_clip.cli import main
-    from tbps_clip.records import read_annotations
+    from tbps_clip.annotations import read_annotations
     from tbps_clip.run import evaluate_checkpoint
     from tbps_clip.search import Encoder, GalleryIndex, index_gallery
     from tbps_clip.synthpedes import ensure_synthpedes

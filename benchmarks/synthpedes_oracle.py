@@ -4,7 +4,7 @@ For each test (or val) caption, the generator's attributes.json says which attri
 first every gallery image that the caption does not contradict, ties in random order, so its expected R@1 is the
 fraction of those images that show the caption's identity. Two oracles: identity level (an image is consistent when
 its identity has the mentioned values) and image level (an image is ruled out only by an attribute visible in its
-view that contradicts the caption). Usage:
+viewpoint that contradicts the caption). Usage:
     python benchmarks/synthpedes_oracle.py [DATASET_FOLDER ...]   (default: the cache's default SynthPEDES)
 Prints one line per split and writes benchmarks/results/synthpedes_oracle.txt."""
 import json

@@ -74,7 +74,7 @@ def _deprecated_set(items, instead: str = "write overrides as key=value argument
 # %% ../nbs/14_cli.ipynb #9e46014a
 def _cmd_synth(a):
     from tbps_clip.synthpedes.dataset import make_synthpedes, sample_grid, default_synthpedes_root
-    from tbps_clip.records import read_annotations
+    from tbps_clip.annotations import read_annotations
     out = Path(a.out) if a.out else default_synthpedes_root()
     path = make_synthpedes(out, n_train_ids=a.train_ids, n_val_ids=a.val_ids, n_test_ids=a.test_ids,
                            seed=a.seed, overwrite=a.overwrite)

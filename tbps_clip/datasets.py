@@ -15,12 +15,12 @@ from typing import Callable
 
 from .core import TBPSError, atomic_write_json, read_json, safe_join
 from .text import clean_caption
-from .records import (SPLITS, Annotations, Record, check_annotations, read_annotations, read_normalised,
+from .annotations import (SPLITS, Annotations, Entry, check_annotations, read_annotations, read_normalised,
                                valid_pid, write_annotations)
 
 # %% auto #0
 __all__ = ['IMAGE_DIR', 'OFFICIAL_STATS', 'DATASETS', 'ISSUE_KINDS', 'DROPPABLE', 'RawFormat', 'raw_formats', 'Issue',
-           'parse_drop', 'Entry', 'parse_entry', 'cross_issues', 'image_issues', 'split_stats', 'compare_stats',
+           'parse_drop', 'RawEntry', 'parse_entry', 'cross_issues', 'image_issues', 'split_stats', 'compare_stats',
            'apply_drops', 'Scan', 'scan_dataset', 'read_dataset', 'reader', 'load_annotations', 'prep_report',
            'format_prep_report', 'prepare', 'merge_back_translations', 'format_merge_report']
 
@@ -157,8 +157,8 @@ def parse_drop(drop) -> set:
 
 # %% ../nbs/15_datasets.ipynb #33313505
 @dataclass
-class Entry:
-    "A structurally valid entry of an annotation file, before any dropping."
+class RawEntry:
+    "A structurally valid entry of a raw annotation file, before any dropping."
     file: str  # the annotation file
     index: int  # position in the file's list
     split: str
@@ -188,7 +188,7 @@ def _check_captions(caps, what: str, mk) -> list:
 
 def parse_entry(e, i: int, file: str, image_root, path_field: str = "file_path", split: str | None = None,
                 splits=SPLITS) -> tuple:
-    "Check entry `e` (number `i` of `file`): (Entry or None, issues). `split` given means the file is one split."
+    "Check entry `e` (number `i` of `file`): (RawEntry or None, issues). `split` given means the file is one split."
     img = e.get(path_field) if isinstance(e, dict) else None
     img = img if isinstance(img, str) else ""
     def mk(kind, detail, caption=-1): return Issue(kind, file, i, detail, img, caption)
@@ -218,7 +218,7 @@ def parse_entry(e, i: int, file: str, image_root, path_field: str = "file_path",
     if not isinstance(bt, list) or not all(isinstance(c, str) for c in bt) or (bt and len(bt) != len(caps)):
         return None, [mk("bad_type", f"'captions_bt' must be a list of {len(caps)} strings parallel to 'captions', got {str(bt)[:80]}")]
     issues = _check_captions(caps, "caption", mk) + _check_captions(bt, "back-translation", mk)
-    return Entry(file, i, s, pid, e[path_field], list(caps), list(bt)), issues
+    return RawEntry(file, i, s, pid, e[path_field], list(caps), list(bt)), issues
 
 # %% ../nbs/15_datasets.ipynb #beb12f2b
 def cross_issues(entries: list) -> list:
@@ -265,11 +265,11 @@ def image_issues(entries: list, image_root, check: str = "decode", progress: boo
     return out
 
 # %% ../nbs/15_datasets.ipynb #69d582cc
-def split_stats(records) -> dict:
+def split_stats(entries) -> dict:
     "Identities, images and captions per split."
     out = {}
     for s in SPLITS:
-        rs = [r for r in records if r.split == s]
+        rs = [r for r in entries if r.split == s]
         if rs: out[s] = dict(ids=len({r.pid for r in rs}), images=len(rs), captions=sum(len(r.captions) for r in rs))
     return out
 
@@ -284,8 +284,8 @@ def compare_stats(dataset: str, found: dict, file: str = "") -> list:
                 out.append(Issue("statistics", file, -1, f"{split}: {got.get(k, 0):,} {k}, official {' or '.join(f'{x:,}' for x in ok)}"))
     return out
 
-def apply_drops(entries: list, issues: list, drop=()) -> tuple:
-    "(records, dropped issues, blocking issues): records without what `drop` marks; errors not dropped block."
+def apply_drops(raw: list, issues: list, drop=()) -> tuple:
+    "(entries, dropped issues, blocking issues): the entries of `raw` without what `drop` marks; errors not dropped block."
     drop = parse_drop(drop)
     whole, caps = set(), {}
     for i in issues:
@@ -294,17 +294,17 @@ def apply_drops(entries: list, issues: list, drop=()) -> tuple:
         else: whole.add((i.file, i.entry))
     dropped = [i for i in issues if i.kind in drop]
     blocking = [i for i in issues if i.severity == "error" and i.kind not in drop]
-    records = []
-    for en in entries:
+    entries = []
+    for en in raw:
         key = (en.file, en.index)
         if key in whole: continue
         keep = [j for j in range(len(en.captions)) if j not in caps.get(key, ())]
         if not keep:
             dropped.append(Issue("empty_caption", en.file, en.index, "entry dropped: no caption left after dropping", en.image))
             continue
-        records.append(Record(en.image, en.pid, [en.captions[j] for j in keep], en.split,
-                              [en.captions_bt[j] for j in keep] if en.captions_bt else []))
-    return records, dropped, blocking
+        entries.append(Entry(en.image, en.pid, [en.captions[j] for j in keep], en.split,
+                             [en.captions_bt[j] for j in keep] if en.captions_bt else []))
+    return entries, dropped, blocking
 
 # %% ../nbs/15_datasets.ipynb #0bc70912
 @dataclass
@@ -366,7 +366,7 @@ def _summary(issues: list, n: int = 3) -> str:
 def read_dataset(dataset: str, root, drop=()) -> Annotations:
     "Annotations of `dataset` in `root`: errors stop unless their kinds are in `drop`; warnings are shown."
     sc = scan_dataset(dataset, root)
-    records, dropped, blocking = apply_drops(sc.entries, sc.issues, drop)
+    entries, dropped, blocking = apply_drops(sc.entries, sc.issues, drop)
     src = sc.files[0] if len(sc.files) == 1 else str(Path(sc.files[0]).parent)
     if blocking:
         kinds = ",".join(sorted({i.kind for i in blocking}))
@@ -377,7 +377,7 @@ def read_dataset(dataset: str, root, drop=()) -> Annotations:
     if warn:
         warnings.warn(f"{src}: kept {_summary(warn, 1)}; `tbps-clip prep {dataset} {root}` lists them", stacklevel=2)
     name = DATASETS[dataset].dataset_name.format(key=dataset, folder=Path(sc.files[0]).parent.name)  # e.g. official:CUHK-PEDES
-    ann = Annotations(records=records, image_root=sc.image_root.resolve(), dataset=name,
+    ann = Annotations(entries=entries, image_root=sc.image_root.resolve(), dataset=name,
                       meta=dict(reader=dataset, files=sc.files, dropped=len(dropped)), source=src)
     check_annotations(ann)
     return ann
@@ -398,9 +398,9 @@ def load_annotations(dataset: str, root: str = "", annotations: str = "") -> Ann
 def _examples(issues: list, n: int) -> list:
     return [str(i) for i in issues[:n]]
 
-def prep_report(sc: Scan, records: list, dropped: list, blocking: list, drop, examples: int = 5) -> dict:
+def prep_report(sc: Scan, entries: list, dropped: list, blocking: list, drop, examples: int = 5) -> dict:
     "The validation report of a scan as a JSON-ready dict."
-    found = split_stats(records)
+    found = split_stats(entries)
     stats = compare_stats(sc.dataset, found, sc.files[0]) if sc.dataset in OFFICIAL_STATS else []
     issues = sc.issues + stats
     kinds = {}
@@ -409,7 +409,7 @@ def prep_report(sc: Scan, records: list, dropped: list, blocking: list, drop, ex
         if ks: kinds[k] = dict(severity=sev, count=len(ks), description=desc, dropped=k in parse_drop(drop), examples=_examples(ks, examples))
     dropped_kinds = Counter(i.kind for i in dropped)
     return dict(dataset=sc.dataset, files=sc.files, image_root=str(sc.image_root), entries=sc.n_entries,
-                records_kept=len(records), splits=found, official=OFFICIAL_STATS.get(sc.dataset, {}), issues=kinds,
+                records_kept=len(entries), splits=found, official=OFFICIAL_STATS.get(sc.dataset, {}), issues=kinds,
                 drop=sorted(parse_drop(drop)),
                 dropped=dict(count=len(dropped), by_kind=dict(dropped_kinds), examples=_examples(dropped, examples),
                              entries=sum(1 for i in dropped if i.caption < 0), captions=sum(1 for i in dropped if i.caption >= 0)),
@@ -445,12 +445,12 @@ def prepare(dataset: str, root, out=None, drop=(), check_images: str = "decode",
             progress: bool = False, root_name: str = "root") -> dict:
     "Check a dataset folder, write its annotation file unless errors are left, and return the report (`root_name`: what errors call `root`)."
     sc = scan_dataset(dataset, root, check_images=check_images, progress=progress, root_name=root_name)
-    records, dropped, blocking = apply_drops(sc.entries, sc.issues, drop)
-    rep = prep_report(sc, records, dropped, blocking, drop, examples)
+    entries, dropped, blocking = apply_drops(sc.entries, sc.issues, drop)
+    rep = prep_report(sc, entries, dropped, blocking, drop, examples)
     out = Path(out) if out else Path(sc.files[0]).parent / "annotations.json"
     rep["written"] = None
     if not blocking:
-        write_annotations(out, records, sc.image_root, dataset=dataset,
+        write_annotations(out, entries, sc.image_root, dataset=dataset,
                           meta=dict(prepared_from=sc.files, dropped=rep["dropped"], check_images=check_images))
         check_annotations(read_annotations(out))
         rep["written"] = str(out)
@@ -472,14 +472,14 @@ def merge_back_translations(annotations, official, out=None, examples: int = 5) 
             bad += [x for x in iss if x.severity == "error"]
             if en is not None and en.captions_bt: index.setdefault(_norm_path(en.image), en)
     bt_splits = {en.split for en in index.values()}  # usually only train has back-translations
-    recs, st, miss_img, miss_cap = [], Counter(), [], []
-    for r in ann.records:
+    entries, st, miss_img, miss_cap = [], Counter(), [], []
+    for r in ann.entries:
         if r.split not in bt_splits:
-            recs.append(r); continue
+            entries.append(r); continue
         en = index.get(_norm_path(r.image))
         st["records"] += 1; st["captions"] += len(r.captions)
         if en is None:
-            miss_img.append(f"{r.split} {r.image}"); recs.append(r); continue
+            miss_img.append(f"{r.split} {r.image}"); entries.append(r); continue
         exact = {c: j for j, c in enumerate(en.captions)}
         loose = {_norm_caption(c): j for j, c in enumerate(en.captions)}
         bt = []
@@ -488,13 +488,13 @@ def merge_back_translations(annotations, official, out=None, examples: int = 5) 
             if j is not None and en.captions_bt[j].strip(): bt.append(en.captions_bt[j]); st["captions_matched"] += 1
             else: bt.append(c); miss_cap.append(f"{r.image}: {c[:80]!r}")
         st["records_matched"] += 1
-        recs.append(Record(r.image, r.pid, r.captions, r.split, bt))
+        entries.append(Entry(r.image, r.pid, r.captions, r.split, bt))
     out = Path(out) if out else Path(annotations).with_name(Path(annotations).stem + "_bt.json")
     rep = dict(annotations=str(annotations), official=[str(f) for f, _ in files], splits=sorted(bt_splits), **st,
                official_entries_with_bt=len(index), records_without_match=len(miss_img),
                captions_without_bt=len(miss_cap), examples_records=miss_img[:examples], examples_captions=miss_cap[:examples],
                official_problems=len(bad), examples_official_problems=_examples(bad, examples), written=str(out))
-    write_annotations(out, recs, ann.image_root, dataset=ann.dataset, meta={**ann.meta, "back_translations": {k: v for k, v in rep.items() if not k.startswith("examples")}})
+    write_annotations(out, entries, ann.image_root, dataset=ann.dataset, meta={**ann.meta, "back_translations": {k: v for k, v in rep.items() if not k.startswith("examples")}})
     return rep
 
 def format_merge_report(rep: dict) -> str:

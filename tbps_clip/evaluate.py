@@ -19,7 +19,7 @@ from .core import autocast
 from .data import ImageSet, eval_split, fewshot_subset, load_image, test_transform
 from .metrics import rank_metrics
 from .model import TBPSModel
-from .records import Annotations
+from .annotations import Annotations
 from .text import tokenize
 
 # %% auto #0
@@ -63,31 +63,31 @@ def evaluate(model: TBPSModel, ann: Annotations, split: str = "test", data_cfg=N
     es = eval_split(ann, split, dc.max_words)
     tf = test_transform(model.image_size, dc.normalize)
     q = encode_texts(model, es.captions, dc.eval_batch_size, device, precision)
-    g = encode_images(model, ImageSet(ann, es.records, tf), dc.eval_batch_size, device, precision, dc.num_workers)
+    g = encode_images(model, ImageSet(ann, es.entries, tf), dc.eval_batch_size, device, precision, dc.num_workers)
     t1 = time.perf_counter()
     res = rank_metrics(q, g, es.query_pids, es.gallery_pids, chunk_size=chunk_size)
-    res.update(queries=len(es.captions), gallery=len(es.records), encode_s=round(t1 - t0, 3),
+    res.update(queries=len(es.captions), gallery=len(es.entries), encode_s=round(t1 - t0, 3),
                rank_s=round(time.perf_counter() - t1, 3))
     model.train(was_training)
     return res
 
 # %% ../nbs/10_evaluate.ipynb #463a315c
-FIT_PROBE = "fit_probe"  # the split name the probe's records carry
+FIT_PROBE = "fit_probe"  # the split name the probe's entries carry
 
 def fit_probe(ann: Annotations, fraction: float = 0.1, seed: int = 0, split: str = "train") -> Annotations:
-    "Annotations holding only split `fit_probe`: the `split` records of the identities a few-shot draw at `fraction` (seed) keeps."
+    "Annotations holding only split `fit_probe`: the `split` entries of the identities a few-shot draw at `fraction` (seed) keeps."
     sub, rep = fewshot_subset(ann, fraction, seed, split)
     recs = [dataclasses.replace(r, split=FIT_PROBE) for r in sub.split(split)]
-    return dataclasses.replace(ann, records=recs, source=f"{ann.source} (fit probe: {rep['ids']} {split} ids, fraction {fraction:g}, seed {seed})")
+    return dataclasses.replace(ann, entries=recs, source=f"{ann.source} (fit probe: {rep['ids']} {split} ids, fraction {fraction:g}, seed {seed})")
 
 def fit_metrics(model: TBPSModel, ann: Annotations, fraction: float = 0.1, seed: int = 0, trained_pids=None, data_cfg=None,
                 chunk_size: int = 1024, precision: str = "amp") -> dict:
     "Metrics on the fit probe of `ann`, what it holds, and the share of its identities in `trained_pids` (None: all trained)."
     probe = fit_probe(ann, fraction, seed)
-    pids = {r.pid for r in probe.records}
+    pids = {r.pid for r in probe.entries}
     res = evaluate(model, probe, FIT_PROBE, data_cfg, chunk_size, precision=precision)
     trained = 1.0 if trained_pids is None else len(pids & set(trained_pids)) / len(pids)
-    return {**res, "probe": dict(fraction=fraction, seed=seed, ids=len(pids), images=len(probe.records)), "trained_on": round(trained, 4)}
+    return {**res, "probe": dict(fraction=fraction, seed=seed, ids=len(pids), images=len(probe.entries)), "trained_on": round(trained, 4)}
 
 # %% ../nbs/10_evaluate.ipynb #396158b5
 def top_k(model: TBPSModel, ann: Annotations, split: str, queries: list, k: int = 5, data_cfg=None, device=None,
@@ -99,7 +99,7 @@ def top_k(model: TBPSModel, ann: Annotations, split: str, queries: list, k: int 
     model.eval()
     es = eval_split(ann, split, dc.max_words)
     q = encode_texts(model, [es.captions[i] for i in queries], dc.eval_batch_size, device, precision)
-    g = encode_images(model, ImageSet(ann, es.records, test_transform(model.image_size, dc.normalize)),
+    g = encode_images(model, ImageSet(ann, es.entries, test_transform(model.image_size, dc.normalize)),
                       dc.eval_batch_size, device, precision, dc.num_workers)
     model.train(was_training)
     return (q @ g.t()).sort(dim=1, descending=True, stable=True).indices[:, :k]  # stable: ties to the lower position
@@ -115,10 +115,10 @@ def retrieval_figure(models: dict, ann: Annotations, split: str, path, table: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     es = eval_split(ann, split, (data_cfg.max_words if data_cfg else 77))
-    pairs = [(r, c) for r in es.records for c in r.captions]  # query number -> (record, raw caption): eval_split's order
+    pairs = [(r, c) for r in es.entries for c in r.captions]  # query number -> (entry, raw caption): eval_split's order
     qs = spread_queries(n_queries, len(pairs))
     tops = {name: top_k(m, ann, split, qs, k, data_cfg, device, precision) for name, m in models.items()}
-    side = table + f"\n\nframed: the described person\n{len(es.captions)} queries x {len(es.records)} images" if table else ""
+    side = table + f"\n\nframed: the described person\n{len(es.captions)} queries x {len(es.entries)} images" if table else ""
     w_img, w_tab = 0.85 * k + 1.3, max(map(len, side.splitlines()), default=0) * 7.5 * 0.62 / 72 + 0.3  # inches
     fig = plt.figure(figsize=(w_img + w_tab, len(qs) * (1.55 * len(models) + 0.5) + (0.4 if title else 0)), layout="constrained")
     left, right = fig.subfigures(1, 2, width_ratios=[w_img, w_tab]) if side else (fig, None)
@@ -129,13 +129,13 @@ def retrieval_figure(models: dict, ann: Annotations, split: str, path, table: st
         axes = np.asarray(sub.subplots(len(models), k, squeeze=False))
         for row, (name, top) in zip(axes, tops.items()):
             for r, (ax, j) in enumerate(zip(row, top[n].tolist())):
-                ax.imshow(load_image(ann.image_path(es.records[j])))
+                ax.imshow(load_image(ann.image_path(es.entries[j])))
                 ax.set_xticks([]); ax.set_yticks([])
-                hit = es.records[j].pid == rec.pid
+                hit = es.entries[j].pid == rec.pid
                 for s in ax.spines.values(): s.set_color("#1b9e4b" if hit else "#bbbbbb"); s.set_linewidth(4 if hit else 0.8)
                 ax.set_title(f"#{r + 1}", fontsize=7, pad=2)
             row[0].set_ylabel("\n".join(textwrap.wrap(name, 14)), fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
-        shown.append(dict(query=qi, caption=cap, pid=rec.pid, top_pids={name: [es.records[j].pid for j in top[n].tolist()]
+        shown.append(dict(query=qi, caption=cap, pid=rec.pid, top_pids={name: [es.entries[j].pid for j in top[n].tolist()]
                                                                         for name, top in tops.items()}))
     if right is not None: right.text(0.02, 0.98, side, family="monospace", fontsize=7.5, va="top", ha="left")
     if title: fig.suptitle(title, fontsize=10)

@@ -14,10 +14,10 @@ from PIL import Image
 
 from .core import TBPSError
 from .datasets import IMAGE_DIR, raw_formats
-from .records import SPLITS, Record, write_annotations
+from .annotations import SPLITS, Entry, write_annotations
 
 # %% auto #0
-__all__ = ['TOY_COLOURS', 'FIXTURE_DEFECTS', 'draw_toy_person', 'make_toy_dataset', 'fixture_records', 'write_fixture']
+__all__ = ['TOY_COLOURS', 'FIXTURE_DEFECTS', 'draw_toy_person', 'make_toy_dataset', 'fixture_entries', 'write_fixture']
 
 # %% ../nbs/15a_fixtures.ipynb #abe6ad7c
 TOY_COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 200), "yellow": (220, 210, 40),
@@ -42,7 +42,7 @@ def _save(im: Image.Image, path: Path) -> None:
 def make_toy_dataset(root, n_ids=(8, 2, 4), images_per_id: int = 3, size=(32, 16), seed: int = 0) -> Path:
     "Write a toy dataset (train/val/test identities `n_ids`) under `root`; the path of its annotation file."
     root, rng = Path(root), random.Random(seed)
-    records, pid = [], 0
+    entries, pid = [], 0
     for split, n in zip(SPLITS, n_ids):
         for _ in range(n):
             top, bottom = rng.sample(list(TOY_COLOURS), 2)
@@ -50,9 +50,9 @@ def make_toy_dataset(root, n_ids=(8, 2, 4), images_per_id: int = 3, size=(32, 16
                 rel = f"images/{split}/{pid}_{k}.png"
                 _save(draw_toy_person(top, bottom, rng, size), root / rel)
                 caps = [f"a person in a {top} top and {bottom} trousers", f"{bottom} pants with a {top} shirt"]
-                records.append(Record(rel, pid, caps, split, [f"someone wearing {top} and {bottom}"] * 2))
+                entries.append(Entry(rel, pid, caps, split, [f"someone wearing {top} and {bottom}"] * 2))
             pid += 1
-    return write_annotations(root / "annotations.json", records, root, dataset="toy")
+    return write_annotations(root / "annotations.json", entries, root, dataset="toy")
 
 # %% ../nbs/15a_fixtures.ipynb #700a3fba
 _TOPS = ["shirt", "jacket", "t-shirt", "coat", "sweater", "blouse", "hoodie", "vest"]
@@ -68,14 +68,14 @@ def _fixture_path(dataset: str, split: str, pid: int, k: int) -> str:
         return f"{split}/{pid:04d}/{pid:04d}_c{k % 6 + 1}_{k:04d}.jpg"
     return f"{pid}_c{k % 15 + 1}_{k:04d}.jpg"
 
-def fixture_records(dataset: str, n_ids=(4, 2, 2), images_per_id: int = 2, captions_per_image: int | None = None,
+def fixture_entries(dataset: str, n_ids=(4, 2, 2), images_per_id: int = 2, captions_per_image: int | None = None,
                     seed: int = 0) -> list:
-    "Clean records in the style of `dataset` (ids, image paths, captions), before any defect."
+    "Clean entries in the style of `dataset` (ids, image paths, captions), before any defect."
     rng = random.Random(seed)
     cpi = captions_per_image or (1 if dataset == "icfg-pedes" else 2)
     fmt = raw_formats().get(dataset)
     splits = fmt.splits if fmt else SPLITS
-    recs, pid, seen = [], 1, set()
+    entries, pid, seen = [], 1, set()
     for split, n in zip(SPLITS, n_ids):
         if split not in splits or not n: continue
         for _ in range(n):
@@ -86,10 +86,10 @@ def fixture_records(dataset: str, n_ids=(4, 2, 2), images_per_id: int = 2, capti
                     c = (f"A person wearing a {top} {rng.choice(_TOPS)} and {bottom} {rng.choice(_BOTTOMS)}, "
                          f"with {rng.choice(_EXTRAS)} and {rng.choice(_EXTRAS)}.")
                     if c not in seen: seen.add(c); caps.append(c)
-                recs.append(Record(_fixture_path(dataset, split, pid, k), pid, caps, split,
-                                   [f"Someone in a {top} top and {bottom} {rng.choice(_BOTTOMS)} ({pid}.{k}.{j})." for j in range(cpi)]))
+                entries.append(Entry(_fixture_path(dataset, split, pid, k), pid, caps, split,
+                                     [f"Someone in a {top} top and {bottom} {rng.choice(_BOTTOMS)} ({pid}.{k}.{j})." for j in range(cpi)]))
             pid += 1
-    return recs
+    return entries
 
 def _caption_colours(caption: str) -> tuple:
     "The (top, bottom) toy colours a fixture caption names, in `TOY_COLOURS` order."
@@ -99,7 +99,7 @@ def _caption_colours(caption: str) -> tuple:
 # %% ../nbs/15a_fixtures.ipynb #06736dcc
 _FIXTURE_SIZE = (48, 16)
 
-def _raw_entry(r: Record, dataset: str, fmt) -> dict:
+def _raw_entry(r: Entry, dataset: str, fmt) -> dict:
     if fmt.per_split:
         return dict(**{fmt.path_field: r.image}, id=r.pid, captions=list(r.captions), **({"captions_bt": list(r.captions_bt)} if r.split == "train" else {}))
     d = dict(split=r.split, captions=list(r.captions), **{fmt.path_field: r.image}, id=r.pid)
@@ -144,17 +144,17 @@ def write_fixture(dataset: str, root, n_ids=(4, 2, 2), images_per_id: int = 2, d
     "Write a tiny `dataset` folder (raw format, or the authors' `*_reid.json` files if `official`) under `root`."
     root = Path(root)
     rng = random.Random(seed)
-    recs = fixture_records(dataset, n_ids, images_per_id, seed=seed)
-    for r in recs: _save(draw_toy_person(*_caption_colours(r.captions[0]), rng, _FIXTURE_SIZE), root / IMAGE_DIR / r.image)
+    entries = fixture_entries(dataset, n_ids, images_per_id, seed=seed)
+    for r in entries: _save(draw_toy_person(*_caption_colours(r.captions[0]), rng, _FIXTURE_SIZE), root / IMAGE_DIR / r.image)
     fmt = raw_formats()["official" if official else dataset]
     pf = fmt.path_field
     if fmt.per_split:
         for s, fname in fmt.split_files.items():
-            es = [_raw_entry(r, dataset, fmt) for r in recs if r.split == s]
+            es = [_raw_entry(r, dataset, fmt) for r in entries if r.split == s]
             if es: (root / fname).write_text(json.dumps(es))
-        return dict(root=root, records=recs, planted=Counter(), files=[root / f for f in fmt.files if (root / f).exists()])
-    raw = [_raw_entry(r, dataset, fmt) for r in recs]
+        return dict(root=root, entries=entries, planted=Counter(), files=[root / f for f in fmt.files if (root / f).exists()])
+    raw = [_raw_entry(r, dataset, fmt) for r in entries]
     planted = _plant(raw, dataset, tuple(defects), pf, root, rng)
     f = root / fmt.files[0]
     f.write_text(json.dumps(raw))
-    return dict(root=root, records=recs, planted=planted, files=[f])
+    return dict(root=root, entries=entries, planted=planted, files=[f])

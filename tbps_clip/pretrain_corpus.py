@@ -11,7 +11,7 @@ from .core import TBPSError, derive_seed
 from .synthpedes import GENERATOR_VERSION
 from .synthpedes.captions import web_caption
 from .synthpedes.drawing import render_person
-from .synthpedes.identities import VIEWS, sample_identity
+from .synthpedes.identities import VIEWPOINTS, sample_identity
 
 # %% auto #0
 __all__ = ['IMAGES_PER_PRETRAIN_ID', 'PRETRAIN_CORPUS_VERSIONS', 'pretrain_item', 'PretrainCorpus']
@@ -27,8 +27,8 @@ def pretrain_item(index: int, seed: int = 0, image_size=(128, 64), version: int 
     ident = index // IMAGES_PER_PRETRAIN_ID
     a = sample_identity(np.random.default_rng(derive_seed(seed, "pretrain", GENERATOR_VERSION, "identity", ident)))
     rng = np.random.default_rng(derive_seed(seed, "pretrain", GENERATOR_VERSION, "image", index))
-    view = VIEWS[int(rng.integers(3))]
-    return render_person(a, rng, tuple(image_size), view, style="web"), web_caption(a, view, rng, version)
+    viewpoint = VIEWPOINTS[int(rng.integers(3))]
+    return render_person(a, rng, tuple(image_size), viewpoint, style="web"), web_caption(a, viewpoint, rng, version)
 
 # %% ../nbs/12a_pretrain_corpus.ipynb #2691f5f1
 class PretrainCorpus:

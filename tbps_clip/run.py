@@ -29,7 +29,7 @@ from .data import fewshot_subset
 from .probes import apply_freezes, count_parameters
 from .pretrain import ensure_synthclip
 from .datasets import load_annotations
-from .records import Annotations
+from .annotations import Annotations
 from .train import SoftLabels, Trainer
 from .weights import build_model, read_checkpoint_file
 
@@ -91,10 +91,10 @@ def check_image_files(cfg: Config, ann: Annotations, splits=None, show: int = 3)
     groups = [(s, ann.split(s)) for s in splits]
     probe = cfg.data.skip_bad_images and cfg.eval.fit_probe and "train" not in splits and ann.split("train")
     if probe:  # the fit probe evaluates training images after training: those must exist even when training skips some
-        groups.append(("train, fit probe", fit_probe(ann, cfg.eval.fit_probe, cfg.eval.fit_probe_seed).records))
+        groups.append(("train, fit probe", fit_probe(ann, cfg.eval.fit_probe, cfg.eval.fit_probe_seed).entries))
     missing, seen = [], set()
-    for what, records in groups:
-        for r in records:
+    for what, entries in groups:
+        for r in entries:
             if r.image in seen: continue
             seen.add(r.image)
             p = os.path.join(ann.image_root, r.image)

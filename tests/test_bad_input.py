@@ -9,7 +9,7 @@ from conftest import micro_overrides
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.model import create_model
-from tbps_clip.records import read_annotations
+from tbps_clip.annotations import read_annotations
 from tbps_clip.run import train
 from tbps_clip.weights import load_weights, read_checkpoint_file
 
@@ -21,8 +21,8 @@ def edit_records(path, fn):
 
 
 def test_missing_image_names_the_file(toy, tmp_path):
-    recs = read_annotations(toy).records
-    (toy.parent / recs[0].image).unlink()
+    entries = read_annotations(toy).entries
+    (toy.parent / entries[0].image).unlink()
     with pytest.raises(TBPSError, match=r"annotations.json: 1 of the 42 image files it names are missing under .*toy: "
                                          r"images/train/0_0.png \(train, id 0\); set data.skip_bad_images=true"):
         train(make_config("clip", micro_overrides(toy, tmp_path / "r")), progress=False)
@@ -30,17 +30,17 @@ def test_missing_image_names_the_file(toy, tmp_path):
 
 
 def test_a_folder_where_an_image_should_be_is_named_before_training(toy, tmp_path):
-    recs = read_annotations(toy).records
-    (toy.parent / recs[0].image).unlink()
-    (toy.parent / recs[0].image).mkdir()
+    entries = read_annotations(toy).entries
+    (toy.parent / entries[0].image).unlink()
+    (toy.parent / entries[0].image).mkdir()
     with pytest.raises(TBPSError, match=r"1 of the 42 image files it names are missing under .*: images/train/0_0.png \(train, id 0: not a file\)"):
         train(make_config("clip", micro_overrides(toy, tmp_path / "r")), progress=False)
     assert not (tmp_path / "r").exists()
 
 
 def test_corrupt_image_names_the_file(toy, tmp_path):
-    recs = read_annotations(toy).records
-    p = toy.parent / recs[1].image
+    entries = read_annotations(toy).entries
+    p = toy.parent / entries[1].image
     p.write_bytes(p.read_bytes()[:40])  # truncated PNG
     with pytest.raises(TBPSError, match=r"0_1.png: cannot read image"):
         train(make_config("clip", micro_overrides(toy, tmp_path / "r")), progress=False)

@@ -30,8 +30,8 @@ def test_reader_counts_on_clean_fixture(dataset, tmp_path):
     assert isinstance(DATASETS[dataset], RawFormat) and ann.dataset == dataset
     assert ann.summary() == counts(dataset)
     raw = json.loads((tmp_path / dataset / DATASETS[dataset].files[0]).read_text())
-    assert len(ann.records) == len(raw)  # nothing dropped
-    r = next(r for r in ann.records if r.split == "train")
+    assert len(ann.entries) == len(raw)  # nothing dropped
+    r = next(r for r in ann.entries if r.split == "train")
     assert ann.image_path(r).is_file() and r.captions_bt == []  # raw releases have no back-translations
 
 
@@ -75,7 +75,7 @@ def test_official_test_file_alone_is_enough_for_evaluation(tmp_path):
     ann = load_annotations("official", str(tmp_path / "o"))
     assert list(ann.summary()) == ["test"]
     es = eval_split(ann, "test")
-    assert len(es.captions) == 18 and len(es.records) == 9
+    assert len(es.captions) == 18 and len(es.entries) == 9
 
 
 def test_training_code_reads_any_dataset_alike(tmp_path):
@@ -106,15 +106,15 @@ def test_reader_keeps_warnings_and_says_so(tmp_path):
     write_fixture("cuhk-pedes", tmp_path / "c", defects=["non_ascii", "duplicate_caption"], **SIZES)
     with pytest.warns(UserWarning, match=r"kept 1 non_ascii .*1 duplicate_caption"):
         ann = read_dataset("cuhk-pedes", tmp_path / "c")
-    assert len(ann.records) == sum(c["images"] for c in counts("cuhk-pedes").values())  # nothing dropped
+    assert len(ann.entries) == sum(c["images"] for c in counts("cuhk-pedes").values())  # nothing dropped
 
 
 def test_reader_drop_argument_drops_only_what_is_asked(tmp_path):
     write_fixture("cuhk-pedes", tmp_path / "c", defects=["empty_caption", "bad_type"], **SIZES)
     ann = read_dataset("cuhk-pedes", tmp_path / "c", drop="empty_caption,bad_type")
     n = sum(c["images"] for c in counts("cuhk-pedes").values())
-    assert len(ann.records) == n  # the bad_type entry was an extra one; the empty caption alone went
-    assert sum(len(r.captions) for r in ann.records) == 2 * n - 1
+    assert len(ann.entries) == n  # the bad_type entry was an extra one; the empty caption alone went
+    assert sum(len(r.captions) for r in ann.entries) == 2 * n - 1
 
 
 def test_missing_folder_and_files_are_explained(tmp_path):
@@ -144,7 +144,7 @@ def test_image_folder_may_be_a_link(tmp_path):
     (tmp_path / "ds" / "data_captions.json").write_text((tmp_path / "store" / "data_captions.json").read_text())
     (tmp_path / "ds" / "imgs").symlink_to(tmp_path / "store" / "imgs")
     ann = read_dataset("rstpreid", tmp_path / "ds")
-    assert ann.image_path(ann.records[0]).is_file()
+    assert ann.image_path(ann.entries[0]).is_file()
 
 
 def test_every_fixture_defect_is_found_by_the_scan(tmp_path):

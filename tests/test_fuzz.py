@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tbps_clip.core import TBPSError
 from tbps_clip.datasets import IMAGE_DIR, load_annotations, raw_formats, read_dataset, reader as dataset_reader
-from tbps_clip.records import FORMAT, FORMAT_VERSION, read_annotations
+from tbps_clip.annotations import FORMAT, FORMAT_VERSION, read_annotations
 from tbps_clip.text import EOT_TOKEN, SOT_TOKEN, _PUNCT, clean_caption, tokenize, vocab_size
 
 # TBPS_FUZZ_EXAMPLES scales every test up for a longer local fuzzing session (random seeds then, not derandomised).
@@ -132,7 +132,7 @@ def expected(records):
 
 
 def got(ann):
-    return [(r.image, r.pid, r.split, r.captions, r.captions_bt) for r in ann.records]
+    return [(r.image, r.pid, r.split, r.captions, r.captions_bt) for r in ann.entries]
 
 
 def check_outcome(read, files, good, bad_entry, defect):
@@ -209,7 +209,7 @@ def test_normalised_reader_on_any_json(doc):
         except TBPSError as e:
             assert str(f) in str(e)
             return
-        assert len(ann.records) == len(doc["records"]) and ann.image_root.is_absolute()
+        assert len(ann.entries) == len(doc["records"]) and ann.image_root.is_absolute()
 
 
 def test_duplicate_keys_and_deep_nesting_are_refused(tmp_path):
@@ -275,7 +275,7 @@ def test_raw_readers_on_any_json(kind, doc):
         except TBPSError as e:
             assert str(f) in str(e) or str(folder) in str(e)
             return
-        assert isinstance(doc, list) and len(ann.records) == len(doc)
+        assert isinstance(doc, list) and len(ann.entries) == len(doc)
 
 
 @pytest.mark.parametrize("kind", ["cuhk-pedes", "icfg-pedes", "rstpreid", "official"])

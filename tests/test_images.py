@@ -22,7 +22,7 @@ from tbps_clip.core import TBPSError
 from tbps_clip.data import MAX_IMAGE_PIXELS, load_image
 from tbps_clip.datasets import read_dataset
 from tbps_clip.fixtures import write_fixture
-from tbps_clip.records import read_annotations
+from tbps_clip.annotations import read_annotations
 from tbps_clip.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,13 +156,13 @@ def test_floating_point_images_are_refused(tmp_path):
 # --- training: stop with the path, or skip and count (opt-in) -------------------------------------------------------
 
 def spoil(toy, which):
-    "Damage the images of the records numbered `which` (train split first); their paths."
-    recs = read_annotations(toy).records
+    "Damage the images of the entries numbered `which` (train split first); their paths."
+    entries = read_annotations(toy).entries
     paths = []
     for i, kind in which:
-        p = toy.parent / recs[i].image
+        p = toy.parent / entries[i].image
         p.write_bytes(b"" if kind == "empty" else p.read_bytes()[:50])
-        paths.append(recs[i].image)
+        paths.append(entries[i].image)
     return paths
 
 
@@ -190,8 +190,8 @@ def test_skip_bad_images_skips_counts_and_reports(toy, tmp_path):
 
 
 def test_evaluation_never_skips(toy, tmp_path):
-    recs = read_annotations(toy).records
-    test_img = next(r.image for r in recs if r.split == "test")
+    entries = read_annotations(toy).entries
+    test_img = next(r.image for r in entries if r.split == "test")
     (toy.parent / test_img).write_bytes(b"")
     cfg = make_config("clip", micro_overrides(toy, tmp_path / "r", **{"data.skip_bad_images": True, "train.max_steps": 1,
                                                                        "train.threads": 1}))
@@ -217,13 +217,13 @@ def test_symlinks_out_of_the_root_are_refused(toy, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     Image.new("RGB", (16, 32)).save(outside / "x.png")
-    recs = read_annotations(toy).records
-    victim = toy.parent / recs[1].image
+    entries = read_annotations(toy).entries
+    victim = toy.parent / entries[1].image
     victim.unlink()
     victim.symlink_to(outside / "x.png")  # a readable image, but outside the root
     ann = read_annotations(toy)
     with pytest.raises(TBPSError, match="outside the image root"):
-        ann.image_path(ann.records[1])
+        ann.image_path(ann.entries[1])
     with pytest.raises(TBPSError, match="outside the image root"):
         train(make_config("clip", micro_overrides(toy, tmp_path / "r", **{"train.threads": 1})), progress=False)
 

@@ -10,7 +10,7 @@ import tbps_clip.datasets as D
 import tbps_clip.fixtures as F
 from tbps_clip.cli import main
 from tbps_clip.core import TBPSError
-from tbps_clip.records import read_annotations
+from tbps_clip.annotations import read_annotations
 
 SIZES = dict(n_ids=(5, 2, 3), images_per_id=3)
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,27 +36,27 @@ def test_report_counts_every_defect_with_examples_and_writes_nothing(broken):
 
 
 def test_drop_errors_writes_annotations_and_reports_what_went(broken):
-    clean = len(broken["records"])
+    clean = len(broken["entries"])
     rep = D.prepare("cuhk-pedes", broken["root"], drop="errors")
     assert rep["written"] and rep["blocking"]["count"] == 0
     ann = read_annotations(rep["written"])
     # dropped: the entries with a missing and an unreadable image, and the five broken entries the fixture added;
     # of the entry with an empty caption only that caption goes
-    assert len(ann.records) == clean - 2
+    assert len(ann.entries) == clean - 2
     by = rep["dropped"]["by_kind"]
     assert by == {"missing_field": 1, "bad_type": 1, "path_escape": 1, "empty_caption": 1, "duplicate_image": 1,
                   "shared_id": 1, "missing_image": 1, "unreadable_image": 1}
     assert rep["dropped"]["captions"] == 1 and rep["dropped"]["entries"] == 7
     assert rep["issues"]["non_ascii"]["dropped"] is False  # warnings are kept unless named
-    assert any("\u00e2" in c for r in ann.records for c in r.captions)
+    assert any("\u00e2" in c for r in ann.entries for c in r.captions)
     assert "dropped: 7 entries and 1 captions" in D.format_prep_report(rep)
 
 
 def test_drop_warnings_too(broken):
     rep = D.prepare("cuhk-pedes", broken["root"], drop="all", check_images="decode")
     ann = read_annotations(rep["written"])
-    assert not any(any(ord(ch) > 126 for ch in c) for r in ann.records for c in r.captions)
-    caps = [" ".join(c.lower().split()) for r in ann.records for c in r.captions]
+    assert not any(any(ord(ch) > 126 for ch in c) for r in ann.entries for c in r.captions)
+    caps = [" ".join(c.lower().split()) for r in ann.entries for c in r.captions]
     assert len(caps) == len(set(caps))  # no caption under two identities any more
     assert rep["dropped"]["by_kind"]["duplicate_caption"] == 1 and rep["dropped"]["by_kind"]["non_ascii"] == 1
 
@@ -105,13 +105,13 @@ def test_merge_back_translations(tmp_path):
     assert rep["captions_without_bt"] == 1 and rep["captions_matched"] == 2 * (n_train - 1) - 1
     assert rep["examples_records"] == [f"train {raw[2]['file_path']}"]
     ann = read_annotations(rep["written"])
-    by_img = {r.image: r for r in ann.records}
-    want = {r.image: r for r in fx["records"]}
+    by_img = {r.image: r for r in ann.entries}
+    want = {r.image: r for r in fx["entries"]}
     r0, r1 = by_img[raw[0]["file_path"]], by_img[raw[1]["file_path"]]
     assert r0.captions_bt == want[r0.image].captions_bt
     assert r1.captions_bt == [r1.captions[0], want[r1.image].captions_bt[1]]  # own text where nothing matched
     assert by_img[raw[2]["file_path"]].captions_bt == []
-    assert all(not r.captions_bt for r in ann.records if r.split != "train")
+    assert all(not r.captions_bt for r in ann.entries if r.split != "train")
     assert ann.meta["back_translations"]["captions_without_bt"] == 1
     assert "keep their own text" in D.format_merge_report(rep)
 

@@ -17,7 +17,7 @@ from tbps_clip.model import create_model, text_blocks
 from tbps_clip.data import fewshot_pids, fewshot_subset
 from tbps_clip.probes import (adapter_parameters, apply_edits, coop_parameters, count_parameters, layer_parameters,
                               trainable_parameters)
-from tbps_clip.records import Annotations, Record, read_annotations
+from tbps_clip.annotations import Annotations, Entry, read_annotations
 from tbps_clip.run import evaluate_checkpoint, prepare_model, train
 from tbps_clip.text import tokenize
 from tbps_clip.train import Trainer
@@ -46,9 +46,9 @@ def base(tmp_path):
 # ---- few-shot ---------------------------------------------------------------------------------------
 
 def test_fewshot_draw_is_seeded_nested_and_keeps_whole_identities():
-    recs = [Record(f"{p}_{k}.png", p, ["c", "d"], "train") for p in range(300) for k in range(2)]
-    recs += [Record(f"v{p}.png", 1000 + p, ["c"], "val") for p in range(7)]
-    ann = Annotations(recs, image_root=".")
+    entries = [Entry(f"{p}_{k}.png", p, ["c", "d"], "train") for p in range(300) for k in range(2)]
+    entries += [Entry(f"v{p}.png", 1000 + p, ["c"], "val") for p in range(7)]
+    ann = Annotations(entries, image_root=".")
     pids = [r.pid for r in ann.split("train")]
     draws = [set(fewshot_pids(pids, f, seed=3)) for f in (0.01, 0.05, 0.1)]
     assert [len(d) for d in draws] == [3, 15, 30] and draws[0] < draws[1] < draws[2]

@@ -21,7 +21,7 @@ from tbps_clip.datasets import DATASETS, RawFormat, load_annotations, raw_format
 from tbps_clip.heads import HEADS, attach_heads, forward_views, head_spec
 from tbps_clip.losses import LOSSES, LossTerm, View, active_terms, compute_losses, needed_heads, needed_views
 from tbps_clip.model import create_model
-from tbps_clip.records import read_annotations, read_normalised
+from tbps_clip.annotations import read_annotations, read_normalised
 from tbps_clip.weights import CHECKPOINT_READERS, WEIGHT_LOADERS, read_checkpoint_file
 
 
@@ -101,10 +101,10 @@ def test_no_module_function_string_names_a_module_that_imports_its_holder():
         while todo:
             for t in edges[todo.pop()] - seen: seen.add(t); todo.append(t)
         return seen
-    assert edges["tbps_clip.datasets"] >= {"tbps_clip.records"} and "tbps_clip.datasets" in reach("tbps_clip.run")  # the graph is read
+    assert edges["tbps_clip.datasets"] >= {"tbps_clip.annotations"} and "tbps_clip.datasets" in reach("tbps_clip.run")  # the graph is read
     assert all(t for _, _, t in strings), strings
     assert [(m, s) for m, s, t in strings if m in reach(t)] == []
-    assert "tbps_clip.weights" not in reach("tbps_clip.checkpoint") and "tbps_clip.datasets" not in reach("tbps_clip.records")
+    assert "tbps_clip.weights" not in reach("tbps_clip.checkpoint") and "tbps_clip.datasets" not in reach("tbps_clip.annotations")
     assert not reach("tbps_clip.probes") & {"tbps_clip.checkpoint", "tbps_clip.weights"}  # weights may import probes
 
 

@@ -18,7 +18,7 @@ from tbps_clip.cli import main
 from tbps_clip.config import make_config
 from tbps_clip.core import TBPSError
 from tbps_clip.model import create_model
-from tbps_clip.records import read_annotations
+from tbps_clip.annotations import read_annotations
 from tbps_clip.run import evaluate_checkpoint
 from tbps_clip.search import Encoder, GalleryIndex, topk_search
 

@@ -13,7 +13,7 @@ import tbps_clip.synthpedes as S
 from tbps_clip.synthpedes import captions as C, dataset as DS, drawing as D, identities as I
 from tbps_clip.core import TBPSError
 from tbps_clip.datasets import load_annotations
-from tbps_clip.records import read_annotations
+from tbps_clip.annotations import read_annotations
 
 TINY = dict(n_train_ids=6, n_val_ids=2, n_test_ids=3, progress=False)
 
@@ -66,21 +66,21 @@ def test_splits_are_disjoint_and_sized_as_requested(ann):
     assert {s: len(p) for s, p in pids.items()} == {"train": 6, "val": 2, "test": 3}
     assert not (pids["train"] & pids["val"] or pids["train"] & pids["test"] or pids["val"] & pids["test"])
     per_id = defaultdict(int)
-    for r in ann.records: per_id[r.pid] += 1
+    for r in ann.entries: per_id[r.pid] += 1
     assert all(3 <= n <= 5 for n in per_id.values())
-    for r in ann.records:
+    for r in ann.entries:
         assert r.image == f"{r.split}/{r.pid}_{r.image.split('_')[1]}" and r.image.endswith(".jpg")
         assert Image.open(ann.image_path(r)).size == (64, 128)
 
 
-def test_every_identity_is_seen_from_every_view(info):
-    views = defaultdict(set)
-    for rel, i in info["images"].items(): views[rel.split("/")[1].split("_")[0]].add(i["view"])
-    assert all(v == set(I.VIEWS) for v in views.values())  # >= 3 images each, views cycle first
+def test_every_identity_is_seen_from_every_viewpoint(info):
+    viewpoints = defaultdict(set)
+    for rel, i in info["images"].items(): viewpoints[rel.split("/")[1].split("_")[0]].add(i["view"])
+    assert all(v == set(I.VIEWPOINTS) for v in viewpoints.values())  # >= 3 images each, viewpoints cycle first
 
 
 def test_captions_and_back_translations(ann, info):
-    for r in ann.records:
+    for r in ann.entries:
         assert len(r.captions) == 2 and len(r.captions_bt) == 2
         for c, bt in zip(r.captions, r.captions_bt):
             assert c.strip() and bt.strip() and len(c.split()) >= 4
@@ -101,9 +101,9 @@ def test_back_translation_keeps_the_content_in_another_family():
         C.caption(a, "front", np.random.default_rng(0), family="haiku")
 
 
-# ---- captions only mention what the view shows --------------------------------------------------------
+# ---- captions only mention what the viewpoint shows ---------------------------------------------------
 
-def test_mentions_are_visible_in_the_view(info):
+def test_mentions_are_visible_in_the_viewpoint(info):
     n = 0
     for rel, i in info["images"].items():
         a = info["identities"][rel.split("/")[1].split("_")[0]]
@@ -119,23 +119,23 @@ _GLASSES = re.compile(r"glasses|spectacles")
 _BACKPACK = "backpack|rucksack|knapsack|school bag"
 
 
-def test_view_dependent_details_in_caption_text():
-    # the only red thing is the backpack: a caption of the front view (straps only) must never say red
+def test_viewpoint_dependent_details_in_caption_text():
+    # the only red thing is the backpack: a caption of the front viewpoint (straps only) must never say red
     a = dict(I.make_identities(1, seed=0)[0], gender="man", hair_color="black", upper_type="t-shirt", upper_color="blue",
              upper_pattern="logo", lower_type="trousers", lower_color="black", shoes_color="white", bag="backpack",
              bag_color="red", headwear="none", headwear_color=None, glasses=True)
     seen = defaultdict(int)
     for i in range(150):
-        for view in I.VIEWS:
-            cap, bt, keys = C.caption_pair(a, view, np.random.default_rng(i))
+        for viewpoint in I.VIEWPOINTS:
+            cap, bt, keys = C.caption_pair(a, viewpoint, np.random.default_rng(i))
             for t in (cap.lower(), bt.lower()):
                 red_bag = re.search(rf"red ({_BACKPACK})|({_BACKPACK}) in red", t)
-                if view == "front": assert "red" not in t, t
-                if view != "front": assert not _LOGO.search(t), t
-                if view == "back": assert not _GLASSES.search(t), t
-                seen[view, "red bag"] += bool(red_bag)
-                seen[view, "logo"] += bool(_LOGO.search(t))
-                seen[view, "glasses"] += bool(_GLASSES.search(t))
+                if viewpoint == "front": assert "red" not in t, t
+                if viewpoint != "front": assert not _LOGO.search(t), t
+                if viewpoint == "back": assert not _GLASSES.search(t), t
+                seen[viewpoint, "red bag"] += bool(red_bag)
+                seen[viewpoint, "logo"] += bool(_LOGO.search(t))
+                seen[viewpoint, "glasses"] += bool(_GLASSES.search(t))
     # ...while what is visible does get mentioned (so the checks above can fail)
     assert seen["back", "red bag"] > 20 and seen["side", "red bag"] > 20
     assert seen["front", "logo"] > 20 and seen["front", "glasses"] > 20 and seen["side", "glasses"] > 20
@@ -145,7 +145,7 @@ def test_view_dependent_details_in_caption_text():
 
 def test_images_of_one_identity_vary_at_pixel_level(ann):
     by = defaultdict(list)
-    for r in ann.records: by[r.pid].append(np.asarray(Image.open(ann.image_path(r)), dtype=np.float32))
+    for r in ann.entries: by[r.pid].append(np.asarray(Image.open(ann.image_path(r)), dtype=np.float32))
     within = [np.mean([np.abs(x - y).mean() for x, y in itertools.combinations(v, 2)]) for v in by.values()]
     between = np.mean([np.abs(by[p][0] - by[q][0]).mean() for p, q in itertools.combinations(by, 2)])
     # reference: what a global 10% brightness change alone does to an image (about 10 grey levels)
@@ -275,9 +275,9 @@ def test_pretrain_corpus_is_deterministic_and_web_like():
 def test_pretrain_identities_have_four_images_and_are_not_synthpedes_ones(monkeypatch):
     drawn = []
     render = D.render_person
-    def spy(attrs, rng, size=(128, 64), view=None, style="default"):
+    def spy(attrs, rng, size=(128, 64), viewpoint=None, style="default"):
         drawn.append((attrs, style))
-        return render(attrs, rng, size, view, style)
+        return render(attrs, rng, size, viewpoint, style)
     monkeypatch.setattr(PC, "render_person", spy)
     for i in range(12): PC.pretrain_item(i)
     people = [a for a, _ in drawn]
@@ -297,8 +297,8 @@ def test_render_sizes_styles_and_errors():
             assert im.size == (size[1], size[0]) and im.mode == "RGB"
     with pytest.raises(TBPSError, match="unknown render style"):
         D.render_person(a, np.random.default_rng(0), style="oil")
-    with pytest.raises(TBPSError, match="unknown view"):
-        D.render_person(a, np.random.default_rng(0), view="top")
+    with pytest.raises(TBPSError, match="unknown viewpoint"):
+        D.render_person(a, np.random.default_rng(0), viewpoint="top")
 
 
 def test_sample_grid(ann):

@@ -36,7 +36,7 @@ _PATTERN = {"striped": (["striped", "stripy"], ["with stripes", "with horizontal
             "logo": ([], ["with a logo on the front", "with a print on the front", "with a graphic on the chest", "with a picture on the front"])}
 _CLAUSES = ["walking on the street", "looking down at a phone", "walking along the sidewalk", "standing near a wall",
             "in a hurry", "waiting at a crossing", "walking alone", "talking on the phone", "looking to one side"]
-_VIEW_CLAUSES = {"front": ["facing the camera", "walking towards the camera"], "back": ["walking away from the camera", "seen from behind"],
+_VIEWPOINT_CLAUSES = {"front": ["facing the camera", "walking towards the camera"], "back": ["walking away from the camera", "seen from behind"],
                  "side": ["walking past the camera", "seen from the side"]}
 
 # %% ../../nbs/03c_synthpedes_captions.ipynb #0bbfeb81
@@ -53,9 +53,9 @@ def _mentionable(vis: dict) -> list:
     "Visible attributes an annotator could state (absent glasses or headwear are not stated)."
     return [k for k, v in vis.items() if not (k == "glasses" and not v) and not (k == "headwear" and v == "none")]
 
-def _plan(a: dict, view: str, rng) -> dict:
+def _plan(a: dict, viewpoint: str, rng) -> dict:
     "Which visible attributes one caption mentions (at least 3) and an optional irrelevant clause."
-    vis = visible_attributes(a, view)
+    vis = visible_attributes(a, viewpoint)
     cand = _mentionable(vis)
     p = dict(_P_MENTION, upper_pattern=0.08 if a["upper_pattern"] == "plain" else 0.55, bag=0.12 if a["bag"] == "none" else 0.85)
     keys = {k for k in cand if rng.random() < p[k]}
@@ -67,7 +67,7 @@ def _plan(a: dict, view: str, rng) -> dict:
     if a["upper_type"] == "dress" and keys & {"upper_color", "sleeve", "upper_pattern"}: keys.add("upper_type")
     clause = None
     if rng.random() < 0.35:
-        pool = _CLAUSES + _VIEW_CLAUSES[view]
+        pool = _CLAUSES + _VIEWPOINT_CLAUSES[viewpoint]
         clause = pool[int(rng.integers(len(pool)))]
     return dict(keys=sorted(keys, key=list(ATTRIBUTES).index), clause=clause)
 
@@ -290,11 +290,11 @@ def _noise(s: str, rng) -> str:
     if rng.random() < 0.08: s = s[:1].lower() + s[1:]
     return s
 
-def caption_pair(attrs: dict, view: str, rng, family: str | None = None) -> tuple:
+def caption_pair(attrs: dict, viewpoint: str, rng, family: str | None = None) -> tuple:
     "(caption, back-translation stand-in, mentioned attributes): one plan phrased in two different families."
     if family is not None and family not in FAMILIES:
         raise TBPSError(f"unknown caption family {family!r}; choose one of {', '.join(FAMILIES)}")
-    plan = _plan(attrs, view, rng)
+    plan = _plan(attrs, viewpoint, rng)
     fam = family or pick_family(rng)
     w1 = _Words(rng)
     cap = _FAMILY_FNS[fam](_ctx(attrs, plan, w1))
@@ -302,9 +302,9 @@ def caption_pair(attrs: dict, view: str, rng, family: str | None = None) -> tupl
     bt = _FAMILY_FNS[pick_family(rng, exclude=(fam,))](_ctx(attrs, plan, w2))
     return _noise(cap, rng), bt, plan["keys"]
 
-def caption(attrs: dict, view: str, rng, family: str | None = None) -> str:
-    "An annotator-like caption of identity `attrs` seen from `view` (family random if None)."
-    return caption_pair(attrs, view, rng, family)[0]
+def caption(attrs: dict, viewpoint: str, rng, family: str | None = None) -> str:
+    "An annotator-like caption of identity `attrs` seen from `viewpoint` (family random if None)."
+    return caption_pair(attrs, viewpoint, rng, family)[0]
 
 # %% ../../nbs/03c_synthpedes_captions.ipynb #2a68f00a
 _WEB_CTX = ["outdoor photo", "street photo", "street style", "city walk", "pedestrian", "surveillance still",
@@ -322,10 +322,10 @@ def _web_items(a: dict, vis: dict, w: _Words) -> list:
     if vis.get("glasses"): out.append("glasses")
     return out
 
-def web_caption(attrs: dict, view: str, rng, version: int = 2) -> str:
+def web_caption(attrs: dict, viewpoint: str, rng, version: int = 2) -> str:
     "A web-like caption naming two to four visible things of `attrs` (version 3: one in four names up to all of them)."
     w = _Words(rng)
-    items = _web_items(attrs, visible_attributes(attrs, view), w)
+    items = _web_items(attrs, visible_attributes(attrs, viewpoint), w)
     if version >= 3 and w.p(0.25): return _web_description(attrs, items, w, rng)
     items = [items[i] for i in rng.permutation(len(items))[: int(rng.choice([2, 3, 3, 4]))]]
     subj, ctx = w.pick(["man", "guy"] if attrs["gender"] == "man" else ["woman", "girl"]) if w.p(0.7) else "person", w.pick(_WEB_CTX)

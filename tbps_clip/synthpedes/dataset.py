@@ -17,11 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ..core import TBPSError, atomic_write_json, cache_dir, derive_seed, exclusive_lock
-from ..records import Record, read_annotations, write_annotations
+from ..annotations import Entry, read_annotations, write_annotations
 from . import GENERATOR_VERSION, SYNTHPEDES_DEFAULTS
 from .captions import caption_pair, pick_family
 from .drawing import render_person
-from .identities import ATTRIBUTES, VIEWS, attr_distance, make_identities
+from .identities import ATTRIBUTES, VIEWPOINTS, attr_distance, make_identities
 
 # %% auto #0
 __all__ = ['JPEG_QUALITY', 'synthpedes_settings', 'make_synthpedes', 'default_synthpedes_root', 'ensure_synthpedes',
@@ -52,24 +52,24 @@ def synthpedes_settings(**sizes) -> dict:
 
 # %% ../../nbs/03d_synthpedes_dataset.ipynb #bea1a9c7
 def _identity_images(a: dict, split: str, i: int, pid: int, s: dict):
-    "The images (JPEG bytes), records and analysis info of identity number `i` of `split`."
+    "The images (JPEG bytes), entries and analysis info of identity number `i` of `split`."
     key = (s["seed"], GENERATOR_VERSION, split, i)
     rng = np.random.default_rng(derive_seed(*key, "images"))
     n = int(rng.integers(s["images_per_id"][0], s["images_per_id"][1] + 1))
-    order = [VIEWS[j] for j in rng.permutation(3)]
+    order = [VIEWPOINTS[j] for j in rng.permutation(3)]
     out = []
     for k in range(n):
-        view = order[k] if k < 3 else VIEWS[int(rng.integers(3))]
-        img = render_person(a, np.random.default_rng(derive_seed(*key, "image", k)), tuple(s["image_size"]), view)
+        viewpoint = order[k] if k < 3 else VIEWPOINTS[int(rng.integers(3))]
+        img = render_person(a, np.random.default_rng(derive_seed(*key, "image", k)), tuple(s["image_size"]), viewpoint)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=JPEG_QUALITY)
         crng, fams, caps, bts, mentions = np.random.default_rng(derive_seed(*key, "captions", k)), [], [], [], []
         for _ in range(s["captions_per_image"]):
             fams.append(pick_family(crng, exclude=fams))  # two annotators, two styles
-            c, bt, keys = caption_pair(a, view, crng, fams[-1])
+            c, bt, keys = caption_pair(a, viewpoint, crng, fams[-1])
             caps.append(c); bts.append(bt); mentions.append(keys)
         rel = f"{split}/{pid}_{k}.jpg"
-        out.append((rel, buf.getvalue(), Record(rel, pid, caps, split, bts), dict(view=view, families=fams, mentions=mentions)))
+        out.append((rel, buf.getvalue(), Entry(rel, pid, caps, split, bts), dict(view=viewpoint, families=fams, mentions=mentions)))
     return out
 
 # %% ../../nbs/03d_synthpedes_dataset.ipynb #dfdf74c2
@@ -114,21 +114,21 @@ def _generate(out: Path, s: dict, progress: bool) -> None:
     atomic_write_json(out / _MARKER, s)
     for name in ("annotations.json", "attributes.json"): (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "images", ignore_errors=True)
-    records, identities, images, pid = [], {}, {}, 1
+    entries, identities, images, pid = [], {}, {}, 1
     splits = [("train", s["n_train_ids"]), ("val", s["n_val_ids"]), ("test", s["n_test_ids"])]
     with tqdm(total=sum(n for _, n in splits), desc="SynthPEDES (synthetic)", unit="id", disable=not progress) as bar:
         for split, n in splits:
             (out / "images" / split).mkdir(parents=True, exist_ok=True)
             for i, a in enumerate(make_identities(n, s["seed"], split, s["p_confusable"])):
                 identities[pid] = dict(split=split, **a)
-                for rel, data, rec, info in _identity_images(a, split, i, pid, s):
+                for rel, data, entry, info in _identity_images(a, split, i, pid, s):
                     (out / "images" / rel).write_bytes(data)
-                    records.append(rec); images[rel] = info
+                    entries.append(entry); images[rel] = info
                 pid += 1
                 bar.update()
     atomic_write_json(out / "attributes.json", dict(attributes=list(ATTRIBUTES), identities=identities, images=images), indent=None)
     meta = dict(s, synthetic=True, written_with=dict(pillow=Image.__version__, numpy=np.__version__))
-    write_annotations(out / "annotations.json", records, out / "images", dataset="synthpedes", meta=meta)
+    write_annotations(out / "annotations.json", entries, out / "images", dataset="synthpedes", meta=meta)
     (out / _MARKER).unlink()
 
 # %% ../../nbs/03d_synthpedes_dataset.ipynb #f8c1b6fb
@@ -160,11 +160,11 @@ def read_synthpedes(root: str = "", **kw):
 # %% ../../nbs/03d_synthpedes_dataset.ipynb #1456ef82
 def sample_grid(ann, n: int = 8, split: str = "train", seed: int = 0, cols: int = 4, zoom: int = 2) -> Image.Image:
     "A contact sheet of `n` random images of `split` of `ann` (an `Annotations`), each with its pid and first caption."
-    recs = ann.split(split)
-    if not recs: raise TBPSError(f"{ann.source or ann.dataset}: split {split!r} has no images to show")
-    idx = np.random.default_rng(derive_seed(seed, "grid")).choice(len(recs), size=min(n, len(recs)), replace=False)
+    entries = ann.split(split)
+    if not entries: raise TBPSError(f"{ann.source or ann.dataset}: split {split!r} has no images to show")
+    idx = np.random.default_rng(derive_seed(seed, "grid")).choice(len(entries), size=min(n, len(entries)), replace=False)
     font = ImageFont.load_default()
-    ims = [Image.open(ann.image_path(recs[i])).convert("RGB") for i in idx]
+    ims = [Image.open(ann.image_path(entries[i])).convert("RGB") for i in idx]
     w, h = ims[0].size[0] * zoom, ims[0].size[1] * zoom
     cw = max(w, 150) + 8
     chars = max(8, int((cw - 6) / max(1.0, font.getlength("abcdefghij") / 10)))
@@ -176,7 +176,7 @@ def sample_grid(ann, n: int = 8, split: str = "train", seed: int = 0, cols: int 
     for j, (i, im) in enumerate(zip(idx, ims)):
         x, y = (j % cols) * cw, (j // cols) * ch
         sheet.paste(im.resize((w, h), Image.NEAREST), (x + (cw - w) // 2, y + 2))
-        lines = [f"pid {recs[i].pid}"] + textwrap.wrap(recs[i].captions[0], chars)
+        lines = [f"pid {entries[i].pid}"] + textwrap.wrap(entries[i].captions[0], chars)
         if len(lines) > n_lines: lines = lines[: n_lines - 1] + [lines[n_lines - 1][: chars - 3] + "..."]
         for k, t in enumerate(lines): d.text((x + 3, y + h + 4 + k * line_h), t, fill=(20, 20, 20) if k else (150, 30, 30), font=font)
     return sheet
