@@ -108,7 +108,7 @@ def timing_trainer(preset: str, overrides: dict, threads: int = 1) -> Trainer:
     cfg = make_config(preset, {**overrides, "model.pretrained": "none", "train.threads": threads,
                                "out_dir": tempfile.mkdtemp(prefix="timing-")})
     model = create_model(cfg.model.arch)
-    ds = train_dataset(cfg, load_data(cfg), model.context_length)
+    ds = train_dataset(cfg, load_data(cfg), model.image_size, model.context_length)
     attach_heads(model, cfg, ds.num_classes)
     return Trainer(cfg, model, ds, progress=False)
 
