@@ -39,7 +39,7 @@ def child(a) -> dict:
                                  "train.grad_cache_chunk": a.chunk})
     torch.manual_seed(0)
     model = attach_heads(prepare_model(cfg), cfg, 100)
-    h, w = cfg.data.image_size
+    h, w = model.image_size
     g = torch.Generator().manual_seed(0)
     words = "man woman red blue black white shirt pants bag backpack shoes hat jacket skirt long short hair".split()
     caps = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=g)) for _ in range(a.batch)]

@@ -143,7 +143,7 @@ def build(preset, arch, image_size, batch_size, device, precision, overrides=())
     seed_everything(0)
     from tbps_clip.model import arch_config
     ctx = arch_config(arch)["text_cfg"].get("context_length", 77)
-    ds = train_dataset(cfg, ann, ctx)
+    ds = train_dataset(cfg, ann, image_size, ctx)
     return cfg, ds, fresh_model
 
 

@@ -23,7 +23,7 @@ from tbps_clip.heads import attach_heads
 from tbps_clip.importance import ALPHAS, TOWERS, layer_importance, least_important_layers, module_importance, module_refs
 from tbps_clip.data import fewshot_subset
 from tbps_clip.probes import TABLE12_LAYERS, trainable_parameters
-from tbps_clip.model import create_model
+from tbps_clip.model import configured_model
 from tbps_clip.run import eval_config, load_data, prepare_model, set_threads, train_dataset
 from tbps_clip.study.marks import HIGHER, LOWER, NO_CHANGE, renamed, summarise
 from tbps_clip.study.paper import PAPER, dataset_paper_rows, paper_dataset
@@ -107,8 +107,8 @@ def timing_trainer(preset: str, overrides: dict, threads: int = 1) -> Trainer:
     "A trainer of `preset` with `overrides` on random weights (cost does not depend on them), for timing its steps."
     cfg = make_config(preset, {**overrides, "model.pretrained": "none", "train.threads": threads,
                                "out_dir": tempfile.mkdtemp(prefix="timing-")})
-    model = create_model(cfg.model.arch)
-    ds = train_dataset(cfg, load_data(cfg), model.context_length)
+    model = configured_model(cfg)
+    ds = train_dataset(cfg, load_data(cfg), model.image_size, model.context_length)
     attach_heads(model, cfg, ds.num_classes)
     return Trainer(cfg, model, ds, progress=False)
 

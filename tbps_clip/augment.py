@@ -81,9 +81,9 @@ def train_interpolation(cfg) -> InterpolationMode:
         raise TBPSError(f"data.train_interpolation={name!r}: choose {' or '.join(TRAIN_INTERPOLATIONS)}")
     return TRAIN_INTERPOLATIONS[name]
 
-def image_transform(cfg, policy: str | None = None) -> Callable:
-    "The training transform of `cfg` (policy `cfg.aug.image` unless given): PIL image -> normalised tensor."
-    ac, size = cfg.aug, tuple(cfg.data.image_size)
+def image_transform(cfg, image_size, policy: str | None = None) -> Callable:
+    "The training transform of `cfg` for the model's `image_size` (h, w) (policy `cfg.aug.image` unless given): PIL image -> normalised tensor."
+    ac, size = cfg.aug, tuple(image_size)
     policy = policy or ac.image
     if policy not in POLICIES:
         raise TBPSError(f"aug.image={policy!r} is not a policy; choose from {', '.join(POLICIES)}")
@@ -111,11 +111,10 @@ class PILGaussianBlur:
         r = float(torch.empty(1).uniform_(*self.sigma))
         return img.filter(ImageFilter.GaussianBlur(radius=r))
 
-def simclr_transform(cfg) -> Callable:
-    "SimCLR's strong augmentation for SS-I: PIL image -> normalised tensor."
-    size = tuple(cfg.data.image_size)
+def simclr_transform(cfg, image_size) -> Callable:
+    "SimCLR's strong augmentation for SS-I at the model's `image_size` (h, w): PIL image -> normalised tensor."
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=train_interpolation(cfg)),
+        T.RandomResizedCrop(tuple(image_size), scale=(0.2, 1.0), interpolation=train_interpolation(cfg)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5),
@@ -289,36 +288,36 @@ def mlm_mask(tokens: torch.Tensor, prob: float, rng: random.Random, vocab: int =
     return tokens, labels
 
 # %% ../nbs/05a_augment.ipynb #ca38dd6b
-def _policy_view(cfg, ds: TrainPairs, needed_by: str) -> Callable:
+def _policy_view(cfg, image_size, ds: TrainPairs, needed_by: str) -> Callable:
     "Another draw of the training transform (I~), refused when it would equal the original view."
     if cfg.aug.image == "none":
         raise TBPSError(f"{needed_by} compare a second augmented image view, but aug.image=none makes it identical "
                         "to the first; set aug.image (e.g. pool)")
-    return image_transform(cfg)
+    return image_transform(cfg, image_size)
 
-def _caption_view(cfg, ds: TrainPairs, needed_by: str) -> CaptionAugmenter:
+def _caption_view(cfg, image_size, ds: TrainPairs, needed_by: str) -> CaptionAugmenter:
     "The caption augmenter, refused when no text operation is on (the view would equal the caption)."
     if ds.caption_aug is None:
         raise TBPSError(f"{needed_by} need augmented captions, but no text augmentation is on; "
                         "set aug.bt, aug.rd, aug.sr, aug.ri, aug.rs or aug.eda")
     return ds.caption_aug
 
-def _mlm_view(cfg, ds: TrainPairs, needed_by: str) -> Callable:
+def _mlm_view(cfg, image_size, ds: TrainPairs, needed_by: str) -> Callable:
     "MLM's masking of the tokenised caption: fields `mlm_text` and `mlm_labels`."
     p = cfg.loss.mlm_prob
     return lambda tok, rng: dict(zip(("mlm_text", "mlm_labels"), mlm_mask(tok, p, rng)))
 
 # how the data makes each kind of view a loss term declares (`losses.View.source`):
-# source -> (the TrainPairs table it goes in, builder(cfg, ds, which terms need it))
+# source -> (the TrainPairs table it goes in, builder(cfg, the model's image size, ds, which terms need it))
 VIEW_SOURCES: dict[str, tuple] = {
     "policy": ("extra_views", _policy_view),
-    "simclr": ("extra_views", lambda cfg, ds, needed_by: simclr_transform(cfg)),
+    "simclr": ("extra_views", lambda cfg, image_size, ds, needed_by: simclr_transform(cfg, image_size)),
     "caption": ("extra_texts", _caption_view),
     "mlm": ("text_fields", _mlm_view),
 }
 
-def configure_pairs(ds: TrainPairs, cfg) -> TrainPairs:
-    "Set `ds`'s caption augmentation and the extra views that the loss terms of `cfg` declare."
+def configure_pairs(ds: TrainPairs, cfg, image_size) -> TrainPairs:
+    "Set `ds`'s caption augmentation and the extra views that the loss terms of `cfg` declare, images at `image_size` (h, w)."
     ds.caption_aug = caption_augmenter(cfg.aug)
     terms = active_terms(cfg.loss)
     made = {}  # one builder call per source: the two views of SS-I share their transform
@@ -328,6 +327,6 @@ def configure_pairs(ds: TrainPairs, cfg) -> TrainPairs:
         table, build = VIEW_SOURCES[v.source]
         if v.source not in made:
             needed_by = " / ".join(f"loss.{t.name}" for t in terms if any(u.source == v.source for u in t.views))
-            made[v.source] = build(cfg, ds, needed_by)
+            made[v.source] = build(cfg, image_size, ds, needed_by)
         getattr(ds, table)[v.key] = made[v.source]
     return ds

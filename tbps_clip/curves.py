@@ -11,7 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .config import Config, config_to_dict
+from .config import LOG_TARGETS, Config, config_to_dict
 from .core import TBPSError, atomic_write_text
 from .train import Callback
 
@@ -19,8 +19,8 @@ from .train import Callback
 __all__ = ['LOGGERS', 'log_targets', 'check_log_to', 'scalars', 'TensorBoardLog', 'read_tensorboard', 'WandbLog', 'CurveLog']
 
 # %% ../nbs/11a_curves.ipynb #a6706310
-# logger name -> (the module it needs, the extra that installs it)
-LOGGERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+# logger name (`config.LOG_TARGETS`) -> (the module it needs, the extra that installs it): both carry the logger's name
+LOGGERS = {n: (n, n) for n in LOG_TARGETS}
 
 def log_targets(log_to: str) -> list:
     "The loggers a `train.log_to` value names, in order ('none': none)."

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .config import DIST_BACKENDS
 from .core import TBPSError, resolve_device
 from .losses import Gather
 
@@ -50,7 +51,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", env=None) -> D
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     if backend == "auto": backend = "nccl" if dev.type == "cuda" else "gloo"
-    if backend not in ("nccl", "gloo"): raise TBPSError(f"train.dist_backend={backend!r}: choose auto, nccl or gloo")
+    if backend not in DIST_BACKENDS:
+        raise TBPSError(f"train.dist_backend={backend!r}: choose {', '.join(DIST_BACKENDS[:-1])} or {DIST_BACKENDS[-1]}")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DistInfo(rank, world, local, str(dev))

@@ -56,7 +56,7 @@ def evaluate(model: TBPSModel, ann: Annotations, split: str = "test", data_cfg=N
              device=None, precision: str = "amp") -> dict:
     "Text-to-image metrics (in %) of `model` on `split` of `ann`, with timings and sizes."
     from tbps_clip.config import DataConfig
-    dc = data_cfg or DataConfig(image_size=model.image_size)
+    dc = data_cfg or DataConfig()  # normalisation, words and batch settings; the image size is the model's
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def top_k(model: TBPSModel, ann: Annotations, split: str, queries: list, k: int 
           precision: str = "amp") -> torch.Tensor:
     "Gallery positions (len(queries), k) of the top-`k` images of `split` for query numbers `queries` (the evaluator's order)."
     from tbps_clip.config import DataConfig
-    dc = data_cfg or DataConfig(image_size=model.image_size)
+    dc = data_cfg or DataConfig()  # normalisation, words and batch settings; the image size is the model's
     was_training = model.training
     model.eval()
     es = eval_split(ann, split, dc.max_words)

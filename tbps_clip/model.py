@@ -19,7 +19,7 @@ from .core import TBPSError
 
 # %% auto #0
 __all__ = ['ARCHS', 'CONV_STEMS', 'ConvStem', 'add_conv_stem', 'register_archs', 'arch_config', 'encode_text_trimmed',
-           'TBPSModel', 'create_model', 'text_blocks', 'image_blocks', 'set_text_attention_dropout',
+           'TBPSModel', 'create_model', 'configured_model', 'text_blocks', 'image_blocks', 'set_text_attention_dropout',
            'lock_patch_embedding']
 
 # %% ../nbs/06_model.ipynb #e6e9d2bb
@@ -149,6 +149,12 @@ def create_model(arch: str, image_size=None, context_length: int = 0, quick_gelu
                                       force_context_length=ctx, device=device)
         add_conv_stem(clip, arch)
     return TBPSModel(clip, arch, ctx)
+
+# %% ../nbs/06_model.ipynb #478d1372
+def configured_model(cfg, device: str = "cpu") -> TBPSModel:
+    "The randomly initialised model that `cfg.model` describes, for `cfg.data.image_size` inputs (the one place the configured size enters)."
+    m = cfg.model
+    return create_model(m.arch, cfg.data.image_size, m.context_length, m.quick_gelu, device=device)
 
 # %% ../nbs/06_model.ipynb #e83e623c
 def text_blocks(model: TBPSModel) -> list:

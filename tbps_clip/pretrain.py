@@ -83,7 +83,7 @@ class EveryNSteps(Callback):
 def zero_shot_evaluator(split: str = "val"):
     "An evaluator: metrics of the model on `split` of the embedded SynthPEDES (synthetic), as zero-shot retrieval."
     ann = read_synthpedes()
-    return lambda m: evaluate(m, ann, split, DataConfig(image_size=m.image_size, num_workers=0))
+    return lambda m: evaluate(m, ann, split, DataConfig(num_workers=0))
 
 def pretrain_synthclip(arch: str = "tbps-tiny-cs", steps: int | None = None, batch_size: int | None = None,
                        corpus_size: int | None = None, lr: float | None = None, seed: int | None = None,

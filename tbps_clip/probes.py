@@ -13,7 +13,7 @@ from torch import nn
 from .config import PROBES, Config, ModelConfig
 from .core import TBPSError, registrar
 from .heads import attach_heads
-from .model import TBPSModel, create_model, lock_patch_embedding, text_blocks
+from .model import TBPSModel, configured_model, create_model, lock_patch_embedding, text_blocks
 from .text import tokenize
 
 # %% auto #0
@@ -199,9 +199,8 @@ def adapter_parameters(dim: int, reduction: int = 4) -> int:
 # %% ../nbs/17_probes.ipynb #a536cd71
 def trainable_parameters(cfg: Config, num_classes: int = 0) -> dict:
     "Total and trainable parameters of the model `cfg` trains (built on the meta device; `num_classes` sizes an ID head)."
-    m = cfg.model
-    model = create_model(m.arch, cfg.data.image_size, m.context_length, m.quick_gelu, device="meta")
-    apply_edits(model, config_edits(m))
+    model = configured_model(cfg, device="meta")
+    apply_edits(model, config_edits(cfg.model))
     apply_freezes(model, cfg)
     attach_heads(model, cfg, num_classes)
     return count_parameters(model)

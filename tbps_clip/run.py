@@ -74,15 +74,15 @@ def run_log(cfg: Config, rank: int = 0):
             raise TBPSError(f"{path}: cannot write the run log ({e.strerror or e})") from None
     return log
 
-def train_dataset(cfg: Config, ann: Annotations, context_length: int) -> TrainPairs:
-    "The training pairs of `cfg` (its few-shot subset if `data.fewshot`), with its augmentation and the extra views its losses need."
+def train_dataset(cfg: Config, ann: Annotations, image_size, context_length: int) -> TrainPairs:
+    "The training pairs of `cfg` for a model of `image_size` (h, w) and `context_length` (its few-shot subset if `data.fewshot`), with its augmentation and the extra views its losses need."
     fewshot = None
     if cfg.data.fewshot:  # the drawn identities with all their pairs; `ds.fewshot` reports what was kept
         ann, fewshot = fewshot_subset(ann, cfg.data.fewshot, cfg.data.fewshot_seed)
-    ds = TrainPairs(ann, "train", image_transform(cfg), context_length=context_length,
+    ds = TrainPairs(ann, "train", image_transform(cfg, image_size), context_length=context_length,
                     max_words=cfg.data.max_words, seed=cfg.train.seed, skip_bad_images=cfg.data.skip_bad_images)
     ds.fewshot = fewshot
-    return configure_pairs(ds, cfg)
+    return configure_pairs(ds, cfg, image_size)
 
 def check_image_files(cfg: Config, ann: Annotations, splits=None, show: int = 3) -> None:
     "Refuse annotations that name image files which do not exist (existence only: quick), naming the first `show` of them."
@@ -128,7 +128,7 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
     seed_everything(cfg.train.seed)
     model = prepare_model(cfg)
     if main: barrier()
-    ds = train_dataset(cfg, ann, model.context_length)
+    ds = train_dataset(cfg, ann, model.image_size, model.context_length)
     attach_heads(model, cfg, ds.num_classes)
     if di.world_size > 1:  # same weights everywhere (broadcast by the trainer), own dropout draws per process
         torch.manual_seed(derive_seed(cfg.train.seed, "rank", di.rank))

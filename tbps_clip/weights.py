@@ -26,7 +26,7 @@ from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, check_identity, is_project_c
                                   not_a_checkpoint, refusal_error, synthclip_source, tower_state)
 from .config import Config
 from .core import TBPSError
-from .model import ARCHS, TBPSModel, arch_config, create_model
+from .model import ARCHS, TBPSModel, arch_config, configured_model, create_model
 from .probes import apply_edits, config_edits
 
 # %% auto #0
@@ -364,7 +364,7 @@ def build_model(cfg: Config, trust: bool = False) -> TBPSModel:
 def _initial_model(cfg: Config, trust: bool = False) -> TBPSModel:
     "The model of `cfg.model` with the configured weights loaded, before the config's edits."
     m = cfg.model
-    model = create_model(m.arch, cfg.data.image_size, m.context_length, m.quick_gelu)
+    model = configured_model(cfg)
     src = m.pretrained
     if src in ("", "none"):
         return model
@@ -377,13 +377,13 @@ def _initial_model(cfg: Config, trust: bool = False) -> TBPSModel:
     if Path(src).expanduser().exists() or "/" in src or src.endswith((".pt", ".pth", ".bin", ".safetensors")):
         load_weights(model, Path(src).expanduser(), trust=trust)
         return model
-    return _load_open_clip_tag(model, m, cfg.data.image_size, src)
+    return _load_open_clip_tag(model, m, src)
 
-def _load_open_clip_tag(model: TBPSModel, m, image_size, tag: str) -> TBPSModel:
+def _load_open_clip_tag(model: TBPSModel, m, tag: str) -> TBPSModel:
     "Weights from an open_clip pretrained tag (downloads; fails clearly without the internet)."
     import open_clip
     try:
-        clip = open_clip.create_model(m.arch, pretrained=tag, force_image_size=tuple(image_size),
+        clip = open_clip.create_model(m.arch, pretrained=tag, force_image_size=model.image_size,
                                       force_quick_gelu=m.quick_gelu, force_context_length=model.context_length)
     except Exception as e:  # open_clip raises many kinds for unknown tags and failed downloads
         raise TBPSError(f"could not load open_clip weights {m.arch}/{tag}: {type(e).__name__}: {str(e)[:300]}. "

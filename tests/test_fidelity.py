@@ -138,23 +138,23 @@ def _resizes(tf) -> list:
 
 @pytest.mark.parametrize("policy", ["none", "pool", "stack", "rrc", "erase", "randaugment"])
 def test_training_transforms_resize_bilinearly_as_the_official(policy):
-    cfg = make_config("tbps", {"data.image_size": [32, 16], "aug.image": policy})
-    assert _resizes(image_transform(cfg)) == [InterpolationMode.BILINEAR]
-    assert _resizes(simclr_transform(cfg)) == [InterpolationMode.BILINEAR]
-    bicubic = make_config("tbps", {"data.image_size": [32, 16], "aug.image": policy, "data.train_interpolation": "bicubic"})
-    assert _resizes(image_transform(bicubic)) == _resizes(simclr_transform(bicubic)) == [InterpolationMode.BICUBIC]
+    cfg = make_config("tbps", {"aug.image": policy})
+    assert _resizes(image_transform(cfg, (32, 16))) == [InterpolationMode.BILINEAR]
+    assert _resizes(simclr_transform(cfg, (32, 16))) == [InterpolationMode.BILINEAR]
+    bicubic = make_config("tbps", {"aug.image": policy, "data.train_interpolation": "bicubic"})
+    assert _resizes(image_transform(bicubic, (32, 16))) == _resizes(simclr_transform(bicubic, (32, 16))) == [InterpolationMode.BICUBIC]
     assert _resizes(eval_transform((32, 16))) == [InterpolationMode.BICUBIC]  # the test transform stays bicubic
 
 
 def test_training_resize_values_and_a_bad_interpolation():
     torch.manual_seed(0)
     img = T.ToPILImage()(torch.rand(3, 40, 20))
-    cfg = make_config("tbps", {"data.image_size": [32, 16], "aug.image": "none", "data.normalize": "imagenet"})
+    cfg = make_config("tbps", {"aug.image": "none", "data.normalize": "imagenet"})
     want = T.Normalize(*NORMALIZE["imagenet"])(T.ToTensor()(img.resize((16, 32), Image.BILINEAR)))
-    assert torch.allclose(image_transform(cfg)(img), want, atol=1e-6)
+    assert torch.allclose(image_transform(cfg, (32, 16))(img), want, atol=1e-6)
     cfg.data.train_interpolation = "nearest"
     with pytest.raises(TBPSError, match="data.train_interpolation='nearest': choose bilinear or bicubic"):
-        image_transform(cfg)
+        image_transform(cfg, (32, 16))
 
 
 # ---- 5. (and 6) the optimiser's groups ---------------------------------------------------------------------
@@ -193,8 +193,8 @@ def test_optimiser_groups_follow_the_official_rules():
 
 def test_pool_is_the_officials_six_operations_between_to_tensor_and_normalize():
     "Official: resize, to tensor, two of jitter .1, rotation 15, RRC (0.9, 1), grayscale .1, h-flip, erasing (.1, .2), normalise."
-    cfg = make_config("tbps", {"data.image_size": [224, 224], "aug.pool_replace": True, "data.normalize": "imagenet"})
-    tf = image_transform(cfg)
+    cfg = make_config("tbps", {"aug.pool_replace": True, "data.normalize": "imagenet"})
+    tf = image_transform(cfg, (224, 224))
     resize, to_tensor, pool, norm = tf.transforms
     assert isinstance(resize, T.Resize) and isinstance(to_tensor, T.ToTensor) and isinstance(norm, T.Normalize)
     assert (tuple(norm.mean), tuple(norm.std)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -214,7 +214,7 @@ def test_pool_is_the_officials_six_operations_between_to_tensor_and_normalize():
 
 def test_simclr_views_are_the_officials():
     "Official: RRC (0.2, 1), jitter (.4, .4, .4, .1) p .8, grayscale p .2, blur sigma .1-2 p .5, h-flip, to tensor, normalise."
-    tf = simclr_transform(make_config("tbps", {"data.image_size": [224, 224]}))
+    tf = simclr_transform(make_config("tbps"), (224, 224))
     rrc, jit, gray, blur, flip, to_tensor, norm = tf.transforms
     assert rrc.scale == (0.2, 1.0) and rrc.size == (224, 224)
     assert jit.p == 0.8 and jit.transforms[0].brightness == (0.6, 1.4) and jit.transforms[0].hue == (-0.1, 0.1)
@@ -291,7 +291,7 @@ def test_presets_and_defaults_carry_the_official_settings():
 
 def test_operations_outside_the_pool_have_the_appendix_settings():
     "Blur kernel 3 sigma 0.1-2, hue 0.1, vertical flip p 0.5 (the appendix); not in the official code's pool."
-    cfg = make_config("clip_star", {"data.image_size": [32, 16]})
-    ops = {name: image_transform(cfg, name).transforms[2] for name in ("blur", "hue", "vflip")}
+    cfg = make_config("clip_star")
+    ops = {name: image_transform(cfg, (32, 16), name).transforms[2] for name in ("blur", "hue", "vflip")}
     assert ops["blur"].kernel_size == (3, 3) and ops["blur"].sigma == (0.1, 2.0)
     assert ops["hue"].hue == (-0.1, 0.1) and ops["hue"].brightness is None and ops["vflip"].p == 0.5

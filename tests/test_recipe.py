@@ -40,7 +40,7 @@ def step_grads(cfg, chunk: int, batch):
 def test_gradient_caching_gives_the_full_batch_gradients(toy, tmp_path, preset):
     cfg = micro(preset, toy, tmp_path, **{"trick.text_dropout": 0.0, "train.precision": "fp32", "train.device": "cpu",
                                           "data.batch_size": 8})
-    ds = train_dataset(cfg, load_data(cfg), 32)
+    ds = train_dataset(cfg, load_data(cfg), (32, 16), 32)
     from tbps_clip.data import collate
     batch = collate([ds[i] for i in range(8)])
     assert {"image_aug", "ss_image_a"} <= set(batch) if preset == "tbps" else {"mlm_text", "mlm_labels"} <= set(batch)
@@ -92,7 +92,7 @@ def test_soft_label_sources_give_identical_targets_without_dropout(toy, tmp_path
     "trick.soft_label_source: the no-grad pass and the detached gradient-pass features are the same inputs."
     from tbps_clip.data import collate
     cfg = micro(preset, toy, tmp_path, **{"trick.text_dropout": 0.0, "train.device": "cpu", "data.batch_size": 8})
-    ds = train_dataset(cfg, load_data(cfg), 32)
+    ds = train_dataset(cfg, load_data(cfg), (32, 16), 32)
     model = attach_heads(prepare_model(cfg), cfg, ds.num_classes)
     tr = Trainer(cfg, model, ds, progress=False)
     tr.step = tr.steps_per_epoch  # alpha at its final value
@@ -156,7 +156,7 @@ def test_heads_get_the_larger_learning_rate(toy, tmp_path):
 def test_items_are_seeded_and_views_differ(toy, tmp_path):
     cfg = micro("tbps", toy, tmp_path, **{"aug.image": "pool"})
     ann = load_data(cfg)
-    ds, ds2 = train_dataset(cfg, ann, 32), train_dataset(cfg, ann, 32)
+    ds, ds2 = train_dataset(cfg, ann, (32, 16), 32), train_dataset(cfg, ann, (32, 16), 32)
     a, b = ds[3], ds2[3]
     assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)  # same seed, same item
     assert not torch.equal(a["image"], a["image_aug"]) and not torch.equal(a["ss_image_a"], a["ss_image_b"])
@@ -166,7 +166,7 @@ def test_items_are_seeded_and_views_differ(toy, tmp_path):
 
 def test_text_views_and_mlm_fields(toy, tmp_path):
     cfg = micro("clip", toy, tmp_path, **{"aug.rd": 0.3, "aug.bt": 0.5, "loss.mvs_t": 1.0, "loss.ss_t": 0.4, "loss.mlm": 1.0})
-    ds = train_dataset(cfg, load_data(cfg), 32)
+    ds = train_dataset(cfg, load_data(cfg), (32, 16), 32)
     items = [ds[i] for i in range(12)]
     assert any(not torch.equal(it["text"], it["text_aug"]) for it in items)
     assert any(not torch.equal(it["ss_text_a"], it["ss_text_b"]) for it in items)
@@ -175,9 +175,9 @@ def test_text_views_and_mlm_fields(toy, tmp_path):
 
 def test_views_that_would_equal_the_original_are_refused(toy, tmp_path):
     with pytest.raises(TBPSError, match="aug.image=none"):
-        train_dataset(micro("clip", toy, tmp_path, **{"loss.mvs_i": 1.0}), load_data(micro("clip", toy, tmp_path)), 32)
+        train_dataset(micro("clip", toy, tmp_path, **{"loss.mvs_i": 1.0}), load_data(micro("clip", toy, tmp_path)), (32, 16), 32)
     with pytest.raises(TBPSError, match="no text augmentation"):
-        train_dataset(micro("clip", toy, tmp_path, **{"loss.ss_t": 1.0}), load_data(micro("clip", toy, tmp_path)), 32)
+        train_dataset(micro("clip", toy, tmp_path, **{"loss.ss_t": 1.0}), load_data(micro("clip", toy, tmp_path)), (32, 16), 32)
     with pytest.raises(TBPSError, match="aug.image='bogus'"):
         train(micro("clip", toy, tmp_path, **{"aug.image": "bogus"}), progress=False)
 

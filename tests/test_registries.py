@@ -114,7 +114,7 @@ def test_the_training_transform_is_the_augmentation_policy_without_any_registry(
     assert not hasattr(D, "TRAIN_TRANSFORMS") and not hasattr(D, "train_transform")
     from tbps_clip.run import load_data, train_dataset
     cfg = make_config("simplified", micro_overrides(toy, tmp_path))
-    ds = train_dataset(cfg, load_data(cfg), 32)
+    ds = train_dataset(cfg, load_data(cfg), (32, 16), 32)
     assert "Pool" in repr(ds.transform)  # aug.image=pool of the preset, not the test transform
 
 
@@ -135,7 +135,7 @@ def test_each_terms_declaration_drives_data_heads_and_outputs(toy, tmp_path, nam
     cfg = make_config("clip", micro_overrides(toy, tmp_path, **extra))
     term = LOSSES[name]
     assert active_terms(cfg.loss) == (term,)
-    ds = configure_pairs(TrainPairs(read_annotations(toy), transform=make_test_transform((32, 16)), context_length=32), cfg)
+    ds = configure_pairs(TrainPairs(read_annotations(toy), transform=make_test_transform((32, 16)), context_length=32), cfg, (32, 16))
     made = {**ds.extra_views, **ds.extra_texts, **ds.text_fields}
     assert list(made) == [v.key for v in needed_views((term,))] == [v.key for v in term.views]
     model = attach_heads(create_model("tbps-micro"), cfg, ds.num_classes)
@@ -152,7 +152,7 @@ def test_a_new_term_needs_only_its_declaration(toy, tmp_path, monkeypatch):
     new = LossTerm("ss_t", lambda o, b, c: (o["ss_image_a"] - o["ss_image_b"]).square().mean(), views=ss, heads=("ss_image",))
     monkeypatch.setitem(LOSSES, "ss_t", new)  # re-declare ss_t as another SS-I, to use its existing weight
     cfg = make_config("clip", micro_overrides(toy, tmp_path, **{"loss.ss_t": 1.0}))
-    ds = configure_pairs(TrainPairs(read_annotations(toy), context_length=32), cfg)
+    ds = configure_pairs(TrainPairs(read_annotations(toy), context_length=32), cfg, (32, 16))
     assert list(ds.extra_views) == ["ss_image_a", "ss_image_b"] and not ds.extra_texts  # no caption view any more
     model = attach_heads(create_model("tbps-micro"), cfg, ds.num_classes)
     assert list(model.heads) == ["ss_image"] and needed_heads(active_terms(cfg.loss)) == ("ss_image",)

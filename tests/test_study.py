@@ -314,7 +314,7 @@ def test_collect_gathers_records_into_one_table(tmp_path):
     res = collect(tmp_path, csv_path=tmp_path / "runs.csv", md_path=tmp_path / "summary.md")
     assert len(res["runs"]) == 4 and (tmp_path / "runs.csv").read_text().count("\n") == 5
     md = (tmp_path / "summary.md").read_text()
-    assert "## e04 (synthetic data; scale study)" in md and "| both | 2 | 24.50 |" in md and "agrees" not in md  # marks: the report
+    assert "## e04: SynthPEDES (synthetic), scale study" in md and "| both | 2 | 24.50 |" in md and "agrees" not in md  # marks: the report
 
 
 def test_collect_refuses_a_missing_folder_and_a_smoke_summary_says_smoke(tmp_path, capsys):
@@ -327,7 +327,7 @@ def test_collect_refuses_a_missing_folder_and_a_smoke_summary_says_smoke(tmp_pat
         atomic_write_json(record_path(tmp_path / "s", r["exp"], r["name"], r["seed"]), r)
     assert main(["study", "collect", str(tmp_path / "s")]) == 0
     head = (tmp_path / "s" / "summary.md").read_text().splitlines()[0]
-    assert head == "## e01 (synthetic data; scale smoke; smoke: the numbers mean nothing)"
+    assert head == "## e01: SynthPEDES (synthetic), scale smoke (a smoke run: the numbers mean nothing)"
 
 
 @pytest.mark.parametrize("name", ["cuhk-pedes-paper", "icfg-pedes-paper", "rstpreid-paper"])

@@ -145,7 +145,7 @@ def trainer_for(toy, tmp_path, **extra):
     from tbps_clip.train import Trainer
     cfg = make_config("clip", micro_overrides(toy, tmp_path, **{"train.device": "cpu", **extra}))
     model = prepare_model(cfg)
-    return Trainer(cfg, model, train_dataset(cfg, load_data(cfg), model.context_length), progress=False)
+    return Trainer(cfg, model, train_dataset(cfg, load_data(cfg), model.image_size, model.context_length), progress=False)
 
 
 def test_speed_settings_reach_the_optimizer_and_loader(toy, tmp_path):

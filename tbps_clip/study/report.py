@@ -273,11 +273,10 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
 
 # %% ../../nbs/34_study_report.ipynb #bbf25c62
 def _heading(exp: str, summ: list) -> str:
-    "An experiment's heading in the summary: its data and scale; a smoke run says that its numbers mean nothing."
-    data = "synthetic data" if any(r["synthetic"] for r in summ) else summ[0]["dataset"]
+    "An experiment's heading in the summary: its data (labelled by `data_label`) and scale; a smoke run says that its numbers mean nothing."
     scales = sorted({str(r["scale"]) for r in summ})
-    smoke = "; smoke: the numbers mean nothing" if "smoke" in scales else ""
-    return f"## {exp} ({data}; scale {', '.join(scales)}{smoke})"
+    smoke = " (a smoke run: the numbers mean nothing)" if "smoke" in scales else ""
+    return f"## {exp}: {data_label(summ)}, scale {', '.join(scales)}{smoke}"
 
 SUMMARY_COLUMNS = ["name", "n", "R@1", "R@1_sd", "R@5", "R@10", "mAP", "mINP", "fit_R@1"]
 
