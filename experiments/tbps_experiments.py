@@ -20,6 +20,7 @@ from tbps_clip.config import PRESETS, config_from_dict, make_config, parse_overr
 from tbps_clip.core import TBPSError, atomic_write_json, git_commit, resolve_device, seed_everything
 from tbps_clip.evaluate import evaluate
 from tbps_clip.heads import attach_heads
+from tbps_clip.metrics import METRICS
 from tbps_clip.importance import ALPHAS, TOWERS, layer_importance, least_important_layers, module_importance, module_refs
 from tbps_clip.data import fewshot_subset
 from tbps_clip.probes import TABLE12_LAYERS, trainable_parameters
@@ -510,7 +511,7 @@ def plot_regime_map(rows, paper: dict, path, title: str, k: float = 2.0) -> Path
     fig.savefig(path, dpi=120); plt.close(fig)
     return path
 
-def same_runs_elsewhere(records, other_out, metrics=("R@1", "R@5", "R@10", "mAP", "mINP")) -> list:
+def same_runs_elsewhere(records, other_out, metrics=METRICS) -> list:
     "Each record with a run of identical settings and seed under `other_out` (e.g. v3's): both metrics, and whether they are equal."
     from tbps_clip.study.runs import config_difference, load_records
     others = [o for o in load_records(other_out) if not o.get("reused_from")]
