@@ -13,7 +13,7 @@ from torch import nn
 from .config import PROBES, Config, ModelConfig
 from .core import TBPSError, registrar
 from .heads import attach_heads
-from .model import TBPSModel, configured_model, create_model, lock_patch_embedding, text_blocks
+from .model import TBPSModel, configured_model, lock_patch_embedding, text_blocks
 from .text import tokenize
 
 # %% auto #0

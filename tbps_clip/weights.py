@@ -26,7 +26,7 @@ from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, check_identity, is_project_c
                                   not_a_checkpoint, refusal_error, synthclip_source, tower_state)
 from .config import Config
 from .core import TBPSError
-from .model import ARCHS, TBPSModel, arch_config, configured_model, create_model
+from .model import ARCHS, TBPSModel, arch_config, configured_model
 from .probes import apply_edits, config_edits
 
 # %% auto #0
