@@ -143,3 +143,42 @@ def test_readme_regime_map_figures_are_the_records():
     at350 = [json.loads(f.read_text())["fit"]["R@1"] for f in sorted(recs.glob("clip@350-s*.json"))]
     assert statistics.mean(fit[200]) >= 90 and (sum(at350) + 100 * (3 - len(at350))) / 3 < 90  # N* = 200 whatever seeds remain
     assert "N* = 200" in text and "data.fewshot: 0.2" in (ROOT / "experiments" / "params" / "synthpedes-v4-study.yaml").read_text()
+
+
+def test_readme_regime_map_effects_and_sign_changes_are_the_records():
+    "The README's fit at N = 1,000, TBPS-CLIP's effects, the sign-change Ns and the readings are what e13's functions give from the records."
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tbps_clip.study.runs import load_records
+    from tbps_experiments import MAP_PRESETS, fit_rule, regime_effects, regime_readings, sign_change
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    recs = [r for r in load_records(ROOT / "results" / "study" / "synthpedes-regime-map") if r["exp"] == "e13"]
+    assert len(recs) == 72, len(recs)
+    rows = regime_effects(recs)
+    fit = fit_rule(recs)["clip_fit"]
+    assert f"(seeds 0-2) and {fit[1000]:.1f} at N = 1,000" in text, fit
+    tbps = {r["N"]: r for r in rows if r["preset"] == "tbps"}
+    said = re.search(r"TBPS-CLIP ([+-]\d+\.\d\d) R@1 \(2 SE (\d+\.\d\d)\) at N = 100 and ([+-]\d+\.\d\d) \((\d+\.\d\d)\) at N = 1,000", text)
+    assert said, "the README states TBPS-CLIP's effect at N = 100 and 1,000"
+    assert [float(x) for x in said.groups()] == [round(tbps[100]["effect"], 2), round(2 * tbps[100]["se"], 2),
+                                                  round(tbps[1000]["effect"], 2), round(2 * tbps[1000]["se"], 2)], said.groups()
+    cross = re.search(r"change sign at N = (\d+) \(CLIP\*\), (\d+) \(Simplified\) and (\d+) \(TBPS-CLIP\)", text)
+    assert cross and [int(x) for x in cross.groups()] == [round(sign_change(rows, p)["sign_change_N"]) for p in MAP_PRESETS]
+    readings = {p: r["reading"] for p, r in regime_readings(rows, MAP_PRESETS).items()}
+    assert 'all three readings are "supported"' in text and set(readings.values()) == {"supported"}, readings
+
+
+def test_study_page_regime_map_table_is_the_records():
+    "Each row of docs/study.md's regime-map table (clip's fit, the three effects, TBPS-CLIP's 2 SE) is what e13's functions give."
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tbps_clip.study.runs import load_records
+    from tbps_experiments import MAP_PRESETS, fit_rule, regime_effects
+    text = (ROOT / "docs" / "study.md").read_text(encoding="utf-8").split("## The regime map\n", 1)[1].split("\n## ", 1)[0]
+    recs = [r for r in load_records(ROOT / "results" / "study" / "synthpedes-regime-map") if r["exp"] == "e13"]
+    rows = {(r["N"], r["preset"]): r for r in regime_effects(recs)}
+    fit = fit_rule(recs)["clip_fit"]
+    said = re.findall(r"^\| ([\d,]+) \| (\d+\.\d) \| ([+-]\d+\.\d\d) \| ([+-]\d+\.\d\d) \| ([+-]\d+\.\d\d) \| (\d+\.\d\d) \|$", text, re.M)
+    assert [int(s[0].replace(",", "")) for s in said] == sorted(fit), said
+    for n, f, *effects, two_se in said:
+        n = int(n.replace(",", ""))
+        want = [round(fit[n], 1)] + [round(rows[n, p]["effect"], 2) + 0.0 for p in MAP_PRESETS] + [round(2 * rows[n, "tbps"]["se"], 2)]
+        assert [float(f)] + [float(e) for e in effects] + [float(two_se)] == want, (n, want)
