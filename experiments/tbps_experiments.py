@@ -523,3 +523,23 @@ def same_runs_elsewhere(records, other_out, metrics=METRICS) -> list:
                         commit_here=r.get("git_commit"), equal=all(same["metrics"][m] == r["metrics"][m] for m in metrics),
                         **{f"{m} here": r["metrics"][m] for m in metrics[:1]}, **{f"{m} there": same["metrics"][m] for m in metrics[:1]}))
     return out
+
+# ---- study v4 against v3: the reading fixed in synthpedes-v4-study.yaml before v4's first run -------------------------
+
+MAIN_ABLATIONS = "all ablations (main tables, presets, batch size)"
+
+def fit_explanation_reading(before: list, after: list, group: str = MAIN_ABLATIONS) -> dict:
+    """v4's reading: 'supported' if the agreement among `group`'s resolved rows is higher in `after` (v4) than in `before`
+    (v3) and above one half; 'refuted' if it is no higher than in `before`; 'inconclusive' otherwise (or with nothing resolved)."""
+    b, a = (next((r for r in rows if r["table"] == group), None) for rows in (before, after))
+    if b is None or a is None: raise TBPSError(f"no agreement row {group!r} in both studies (have {bool(b)} and {bool(a)})")
+    rate = lambda r: r["agree"] / r["resolved"] if r["resolved"] else None
+    rb, ra = rate(b), rate(a)
+    if ra is None or rb is None: reading = "inconclusive"
+    elif ra <= rb: reading = "refuted"
+    elif ra > 0.5: reading = "supported"
+    else: reading = "inconclusive"
+    return dict(group=group, reading=reading, before=f"{b['agree']} of {b['resolved']} resolved agree",
+                after=f"{a['agree']} of {a['resolved']} resolved agree", before_rate=rb, after_rate=ra)
+
+READINGS = {"fit_explanation": fit_explanation_reading}  # readings across two studies, by the name a report's parameters give

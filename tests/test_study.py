@@ -719,6 +719,39 @@ def test_regime_rows_are_nested_fractions_and_refuse_a_bad_n():
     with pytest.raises(TBPSError, match="1..1000"): regime_rows(["clip"], [0, 1200], 1000)
 
 
+# ---- study v4 against v3: its reading ------------------------------------------------------------------------------
+
+def test_v4_reading_follows_the_rule_fixed_before_its_runs():
+    "Supported: more agreement than v3 and above one half; refuted: no more than v3; inconclusive between, or nothing resolved."
+    from tbps_experiments import MAIN_ABLATIONS, fit_explanation_reading
+    row = lambda resolved, agree: [dict(table=MAIN_ABLATIONS, rows=39, resolved=resolved, agree=agree)]
+    v3 = row(11, 3)
+    assert fit_explanation_reading(v3, row(10, 7))["reading"] == "supported"
+    assert fit_explanation_reading(v3, row(10, 4))["reading"] == "inconclusive"   # higher than 3/11 but not above one half
+    assert fit_explanation_reading(v3, row(22, 6))["reading"] == "refuted"        # 6/22 equals 3/11: no higher
+    assert fit_explanation_reading(v3, row(0, 0))["reading"] == "inconclusive"
+    r = fit_explanation_reading(v3, row(4, 3))
+    assert (r["before"], r["after"], r["after_rate"]) == ("3 of 11 resolved agree", "3 of 4 resolved agree", 0.75)
+    with pytest.raises(TBPSError, match="no agreement row"):
+        fit_explanation_reading(v3, [dict(table="table1", rows=4, resolved=1, agree=0)])
+
+
+def test_the_report_over_two_studies_sets_them_side_by_side_and_applies_the_reading(tmp_path, kernel_env):
+    "e99 over a 'before' and an 'after' folder: the agreement side by side in report.md, and v4's reading of the two in readings.json."
+    from tbps_clip.core import atomic_write_json
+    for folder, gain in (("before", -3.0), ("after", 3.0)):  # GlobalGrad costs R@1 before and helps after (the paper: it helps)
+        for s in range(3):
+            for r in (prec("clip", s, 10.0 + s, "e01"), prec("global_grad", s, 10.0 + s + gain + 0.1 * s, "e01")):
+                atomic_write_json(record_path(tmp_path / folder, r["exp"], r["name"], r["seed"]), r)
+    srcs = [str(tmp_path / "before"), str(tmp_path / "after")]
+    st = run_notebook(ROOT / "experiments" / "e99_report.ipynb", dict(sources=srcs, readings=["fit_explanation"]), tmp_path / "out", log=None)
+    assert st["status"] == "ok", st.get("error")
+    md = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "## Across the folders" in md and "| before: resolve / agree |" in md and "## Readings fixed before the runs" in md
+    said = json.loads((tmp_path / "out" / "report" / "readings.json").read_text())
+    assert [(r["rule"], r["reading"], r["before"], r["after"]) for r in said] == [
+        ("fit_explanation", "supported", "0 of 1 resolved agree", "1 of 1 resolved agree")]
+
 # ---- the probes' rows, built by their experiments' code ------------------------------------------------------------------
 
 def test_the_probes_build_their_rows():

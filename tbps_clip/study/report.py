@@ -22,8 +22,8 @@ from .runs import flat_rows, load_records
 # %% auto #0
 __all__ = ['PROBE_TABLES', 'MARK_COLUMNS', 'TOTALS', 'AGREEMENT_COLUMNS', 'REPORT_TABLES', 'SUMMARY_COLUMNS', 'to_markdown',
            'write_csv', 'effects_long', 'plot_forest', 'data_label', 'table_records', 'group', 'table_group',
-           'mark_groups', 'se_statement', 'write_group', 'agreement_rows', 'study_groups', 'study_marks',
-           'run_hardware', 'study_cost', 'cost_section', 'provenance_lines', 'build_report', 'collect']
+           'mark_groups', 'se_statement', 'write_group', 'agreement_rows', 'agreement_across', 'study_groups',
+           'study_marks', 'run_hardware', 'study_cost', 'cost_section', 'provenance_lines', 'build_report', 'collect']
 
 # %% ../../nbs/34_study_report.ipynb #a12bd991
 def _fmt(v) -> str:
@@ -168,6 +168,22 @@ def agreement_rows(groups, marks: dict) -> list:
 
 AGREEMENT_COLUMNS = ["table", "rows", "resolved", "agree", "agreement", "interval", "direction_only", "no_change_claims", "no_change_held"]
 
+# %% ../../nbs/34_study_report.ipynb #ff33aae8
+def agreement_across(per_source: dict) -> list:
+    "Rows per table (in first-seen order) with each source's comparisons, resolved / agreeing and rate with its 95% interval, side by side."
+    tables = list(dict.fromkeys(r["table"] for rows in per_source.values() for r in rows))
+    out = []
+    for t in tables:
+        row = dict(table=t)
+        for name, rows in per_source.items():
+            r = next((r for r in rows if r["table"] == t), None)
+            row[f"{name}: rows"] = r["rows"] if r else ""
+            row[f"{name}: resolve / agree"] = f"{r['resolved']} / {r['agree']}" if r else ""
+            row[f"{name}: agreement"] = f"{r['agreement']:.0%} ({r['interval']})" if r and r["agreement"] is not None else ""
+        out.append(row)
+    return out
+
+
 # %% ../../nbs/34_study_report.ipynb #20254bdd
 REPORT_TABLES = tuple(n for n, t in PAPER.items() if t["key"] == "row")  # grouped generically, in the paper's order
 
@@ -249,7 +265,7 @@ def provenance_lines(src) -> list:
 def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: bool = True, sections=()) -> dict:
     "Every study table of the records in `sources`, marked with one SE rule per folder; tables, figures and report.md under `out`."
     out = Path(out)
-    md, tables = [f"# Study report ({metric}; paired effects, one SE rule per study)", ""], {}
+    md, tables, per_source = [f"# Study report ({metric}; paired effects, one SE rule per study)", ""], {}, {}
     for src in sources:
         if not Path(src).is_dir(): raise TBPSError(f"{src}: no such results folder (give a sweep's out folder, which holds records/)")
         recs = load_records(src)
@@ -267,7 +283,12 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
             agr = agreement_rows(groups, marks)
             write_csv(agr, out / sec / "tables" / "agreement.csv", AGREEMENT_COLUMNS)
             md += [f"### What resolves and agrees ({label}; {k:g} SE; 95% Wilson intervals)", "", to_markdown(agr, AGREEMENT_COLUMNS), ""]
+            per_source[sec] = agr
         md += provenance_lines(src) + cost_section(recs, label)
+    if len(per_source) > 1:  # two studies or more: what each resolves and agrees, side by side
+        across = agreement_across(per_source)
+        write_csv(across, out / "tables" / "agreement-across.csv", list(across[0]))
+        md += [f"## Across the folders: what resolves and agrees ({k:g} SE; 95% Wilson intervals)", "", to_markdown(across), ""]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return tables
 
