@@ -18,7 +18,8 @@ from .losses import Gather
 
 # %% auto #0
 __all__ = ['DistInfo', 'dist_env', 'init_distributed', 'cleanup_distributed', 'AllGatherGrad', 'gather_global', 'gather_local',
-           'make_gather', 'world_size', 'all_reduce_grads', 'broadcast_state', 'gather_objects', 'barrier']
+           'make_gather', 'world_size', 'all_reduce_grads', 'broadcast_state', 'gather_objects', 'barrier',
+           'main_first']
 
 # %% ../nbs/07b_distributed.ipynb #e61cae26
 @dataclass
@@ -136,3 +137,16 @@ def barrier() -> None:
     if world_size() == 1 and dist_env()[1] == 1: return
     if not dist.is_initialized(): dist.init_process_group("gloo")  # e.g. `tbps-clip index` under torchrun
     dist.barrier()
+
+def main_first(build):
+    """`build()` on rank 0, then on the other ranks (so that rank 0 alone fills the caches they read); an error of rank 0
+    stops every rank, each with an error that says so, instead of leaving the others waiting for it."""
+    if world_size() == 1: return build()
+    rank, out, err = dist.get_rank(), None, None
+    if rank == 0:
+        try: out = build()
+        except Exception as e: err = e
+    failed = gather_objects(None if err is None else f"{type(err).__name__}: {err}")[0]  # every rank learns how rank 0 did
+    if err is not None: raise err
+    if failed is not None: raise TBPSError(f"rank {rank}: stopped because rank 0 failed before training: {failed}")
+    return out if rank == 0 else build()

@@ -20,7 +20,7 @@ from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, 
 from .augment import configure_pairs, image_transform, synonym_source
 from .curves import CurveLog, check_log_to
 from .data import TrainPairs
-from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, make_gather
+from .distributed import DistInfo, cleanup_distributed, init_distributed, main_first, make_gather
 from .evaluate import evaluate, fit_metrics, fit_probe, retrieval_figure
 from .metrics import METRICS
 from .heads import attach_heads
@@ -122,12 +122,12 @@ def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, z
     set_threads(cfg)
     log = run_log(cfg, di.rank)
     main = di.rank == 0
-    if not main: barrier()  # rank 0 first builds whatever the cache lacks (SynthPEDES, the small CLIP)
-    ann = load_data(cfg)
-    check_image_files(cfg, ann)  # before the run folder is made
-    seed_everything(cfg.train.seed)
-    model = prepare_model(cfg)
-    if main: barrier()
+    def data_and_model():  # checked before the run folder is made
+        ann = load_data(cfg)
+        check_image_files(cfg, ann)
+        seed_everything(cfg.train.seed)
+        return ann, prepare_model(cfg)
+    ann, model = main_first(data_and_model)  # rank 0 first builds whatever the cache lacks (SynthPEDES, the small CLIP)
     ds = train_dataset(cfg, ann, model.image_size, model.context_length)
     attach_heads(model, cfg, ds.num_classes)
     if di.world_size > 1:  # same weights everywhere (broadcast by the trainer), own dropout draws per process

@@ -110,3 +110,19 @@ def test_torchrun_cli_matches_single_process(toy, tmp_path):
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())["train"]
     h1 = json.loads((tmp_path / "one" / "history.json").read_text())["train"]
     assert [h["loss"] for h in h2] == pytest.approx([h["loss"] for h in h1], rel=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_stops_every_rank_when_rank_0_finds_bad_data(toy, tmp_path):
+    "A missing image file: rank 0 names it and rank 1 stops with its own error saying so (not only a SIGTERM from torchrun)."
+    (toy.parent / "images" / "train" / "0_0.png").unlink()
+    ov = [f"{k}={v}" for k, v in micro_overrides(toy, tmp_path / "run", **{"train.device": "cpu", "train.max_steps": 2}).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tbps_clip.cli", "train", "--preset", "clip", *ov],
+                       env=env, capture_output=True, text=True, timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "images/train/0_0.png" in out, out[-3000:]
+    assert "rank 1: stopped because rank 0 failed before training" in out, out[-3000:]
+    assert not (tmp_path / "run").exists()  # nothing was started
