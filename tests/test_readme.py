@@ -182,3 +182,6 @@ def test_study_page_regime_map_table_is_the_records():
         n = int(n.replace(",", ""))
         want = [round(fit[n], 1)] + [round(rows[n, p]["effect"], 2) + 0.0 for p in MAP_PRESETS] + [round(2 * rows[n, "tbps"]["se"], 2)]
         assert [float(f)] + [float(e) for e in effects] + [float(two_se)] == want, (n, want)
+    from tbps_clip.study.report import study_cost
+    cost = study_cost(recs)[-1]
+    assert f"runs took {cost['train_hours']} process-hours of training and {cost['test_hours']} of testing" in " ".join(text.split()), cost
