@@ -1,6 +1,7 @@
 """House metrics: how readable the package is, in a few figures that can be compared before and after a clean-up.
 
     python benchmarks/house_metrics.py [--repo DIR] [--top 5]
+    python benchmarks/house_metrics.py --floors      # the rows of docs/architecture.md's floors table, from the imports
 
 Figures (all read from the source as text or AST; nothing is imported or run):
 1. largest module of `tbps_clip/` (generated `_modidx.py` and `__init__.py` left out): lines and names in `__all__`;
@@ -162,32 +163,75 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _import_target(node, here: str, modules: set[str]) -> list[str]:
-    "Package modules an import node names (a `from pkg import mod` names the submodule when there is one)."
+def _import_target(node, package: str, modules: set[str]) -> list[str]:
+    "Package modules an import node names (a `from pkg import mod` names the submodule when there is one); `package`: the one a relative import starts from."
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name in modules]
-    base = here.split(".")
-    base = ".".join(base[:len(base) - node.level]) if node.level else ""
+    base = package.split(".")
+    base = ".".join(base[:len(base) - node.level + 1]) if node.level else ""
     mod = ".".join(x for x in (base, node.module or "") if x)
     subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules]
     return subs or ([mod] if mod in modules else [])
 
 
+def _package_files(root: Path) -> dict[str, Path]:
+    "{dotted module name: file} of every module of the package (a package's `__init__.py` under the package's name)."
+    return {module_name(p, root): p for p in (root / "tbps_clip").rglob("*.py") if p.name != "_modidx.py"}
+
+
+def module_strings(root: Path) -> list[tuple[str, str, str | None]]:
+    "(holder, string, module it names or None) for every `'tbps_clip.module:name'` string constant of the package."
+    files = _package_files(root)
+    out = []
+    for here, p in files.items():
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"tbps_clip(\.\w+)*:\w+", n.value):
+                mod = n.value.split(":")[0]
+                out.append((here, n.value, mod if mod in files else None))
+    return out
+
+
 def import_edges(root: Path) -> list[tuple[str, str, str]]:
-    "(from, to, kind) for every dependency between package modules; kind: module, function or string."
-    files = {module_name(p, root): p for p in (root / "tbps_clip").rglob("*.py") if p.name != "_modidx.py"}
+    "(from, to, kind) for every dependency between package modules; kind: module (a top-level import), function or string."
+    files = _package_files(root)
     modules, edges = set(files), set()
     for here, p in files.items():
+        package = here if p.name == "__init__.py" else here.rpartition(".")[0]
         tree = ast.parse(p.read_text())
         top = {id(n) for n in tree.body}
         for n in ast.walk(tree):
             if isinstance(n, (ast.Import, ast.ImportFrom)):
                 kind = "module" if id(n) in top else "function"
-                edges |= {(here, t, kind) for t in _import_target(n, here, modules) if t != here}
-            elif isinstance(n, ast.Constant) and isinstance(n.value, str):
-                m = re.fullmatch(r"(tbps_clip(?:\.\w+)+):\w+", n.value)
-                if m and m.group(1) in modules and m.group(1) != here: edges.add((here, m.group(1), "string"))
+                edges |= {(here, t, kind) for t in _import_target(n, package, modules) if t != here}
+    edges |= {(h, m, "string") for h, _, m in module_strings(root) if m and m != h}
     return sorted(edges)
+
+
+def floors(root: Path) -> dict[str, int]:
+    """Each module's floor over the import edges (strings aside): 0 for one that imports no other module of the package,
+    else one above the highest it imports; packages whose `__init__.py` is empty are left out. A cycle is an error."""
+    files = _package_files(root)
+    below = {m: set() for m in files}
+    for a, b, kind in import_edges(root):
+        if kind != "string": below[a].add(b)
+    out: dict = {}
+    def floor(m):
+        if m not in out:
+            out[m] = None  # a cycle would come back here
+            under = [floor(t) for t in below[m]]
+            if None in under: raise ValueError(f"import cycle through {m}")
+            out[m] = 1 + max(under, default=-1)
+        return out[m]
+    for m in files: floor(m)
+    return {m: f for m, f in out.items() if files[m].name != "__init__.py" or files[m].read_text().strip()}
+
+
+def floors_table(root: Path) -> str:
+    "The rows of docs/architecture.md's floors table (highest floor first), as `--floors` prints them."
+    by: dict = {}
+    for m, f in floors(root).items(): by.setdefault(f, []).append(m)
+    short = lambda m: m if m == "tbps_clip" else m.removeprefix("tbps_clip.")
+    return "\n".join(f"| {f} | " + ", ".join(f"`{short(m)}`" for m in sorted(by[f])) + " |" for f in sorted(by, reverse=True))
 
 
 def strongly_connected(nodes, succ) -> list[list[str]]:
@@ -227,8 +271,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=ROOT)
     ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--floors", action="store_true", help="print only the rows of docs/architecture.md's floors table")
     a = ap.parse_args()
     root = a.repo.resolve()
+    if a.floors: print(floors_table(root)); return
     mod, lines, names = largest_module(root)
     print(f"largest module: {mod}: {lines} lines, {names} exported names")
     sizes = sorted(((len(p.read_text().splitlines()), str(p.relative_to(root))) for p in package_modules(root)),

@@ -12,6 +12,10 @@ import torch
 
 import tbps_clip
 from conftest import micro_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import house_metrics  # noqa: E402  the one reader of the package's import graph
 from tbps_clip.augment import VIEW_SOURCES, configure_pairs
 from tbps_clip.config import LossConfig, make_config
 from tbps_clip.core import TBPSError
@@ -72,25 +76,11 @@ assert load_annotations("annotations", annotations={str(toy)!r}).dataset == "toy
 
 
 def import_graph() -> tuple:
-    "({module: modules it imports, at module level or in a function}, [(holder, 'module:function' string, module named)])."
-    pkg = Path(tbps_clip.__file__).parent
-    mods = {".".join(p.relative_to(pkg.parent).with_suffix("").parts).removesuffix(".__init__"): p
-            for p in pkg.rglob("*.py") if p.name != "_modidx.py"}
-    def known(name):
-        while name and name not in mods: name = name.rpartition(".")[0]
-        return name
-    edges, strings = {m: set() for m in mods}, []
-    for m, p in mods.items():
-        here = m if p.name == "__init__.py" else m.rpartition(".")[0]
-        for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.Import): edges[m] |= {known(a.name) for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level: base = ".".join(here.split(".")[:len(here.split(".")) - node.level + 1] + ([base] if base else []))
-                edges[m] |= {known(f"{base}.{a.name}") or known(base) for a in node.names}
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"tbps_clip(\.\w+)*:\w+", node.value):
-                strings.append((m, node.value, known(node.value.split(":")[0])))
-    return {m: e - {"", None, m} for m, e in edges.items()}, strings
+    "({module: modules it imports, at module level or in a function}, [(holder, 'module:function' string, module named)]), read by house_metrics."
+    edges = {m: set() for m in house_metrics._package_files(ROOT)}
+    for a, b, kind in house_metrics.import_edges(ROOT):
+        if kind != "string": edges[a].add(b)
+    return edges, house_metrics.module_strings(ROOT)
 
 
 def test_no_module_function_string_names_a_module_that_imports_its_holder():
@@ -163,20 +153,6 @@ def test_a_view_whose_head_is_undeclared_is_refused():
         LossTerm("x", lambda o, b, c: 0, views=(View("v", "image", "simclr", "ss_image"),))
 
 
-def floors(edges: dict) -> dict:
-    "Each module's floor: 0 for one that imports no other module of the package, else one above the highest it imports."
-    out = {}
-    def floor(m):
-        if m not in out:
-            out[m] = None  # a cycle would recurse back here
-            below = [floor(t) for t in edges[m]]
-            assert None not in below, f"import cycle through {m}"
-            out[m] = 1 + max(below, default=-1)
-        return out[m]
-    for m in edges: floor(m)
-    return out
-
-
 def documented_floors() -> dict:
     "The floors table of docs/architecture.md: {module: floor}."
     text = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
@@ -188,10 +164,8 @@ def documented_floors() -> dict:
 def test_the_documented_floors_are_the_import_graphs():
     "docs/architecture.md's floors are computed from the code's imports: every module sits above all it imports."
     edges, _ = import_graph()
-    pkg = Path(tbps_clip.__file__).parent
-    real = {m: f for m, f in floors(edges).items()
-            if (pkg.parent / (m.replace(".", "/") + ".py")).is_file() or (pkg.parent / m.replace(".", "/") / "__init__.py").stat().st_size}
-    assert documented_floors() == real
+    real = house_metrics.floors(ROOT)
+    assert documented_floors() == real, "the table's rows are (python benchmarks/house_metrics.py --floors):\n" + house_metrics.floors_table(ROOT)
     assert all(real[t] < real[m] for m in real for t in edges[m] if t in real)
 
 
