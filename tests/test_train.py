@@ -185,9 +185,10 @@ def test_fused_and_unfused_adamw_make_the_same_updates():
 def test_compile_setting_compiles_both_towers_in_place(toy, tmp_path):
     with pytest.raises(TBPSError, match="train.compile"):
         trainer_for(toy, tmp_path, **{"train.compile": "fast"})
-    tr = trainer_for(toy, tmp_path, **{"train.compile": "default"})  # compiling happens at the first call, not here
-    clip = tr.model.clip
-    assert clip.visual._compiled_call_impl is not None and clip.transformer._compiled_call_impl is not None
+    from unittest import mock
+    with mock.patch("torch.compile", side_effect=lambda fn, **kw: fn) as compile_:  # compiling happens at the first call
+        tr = trainer_for(toy, tmp_path, **{"train.compile": "default"})
+    assert [c.kwargs for c in compile_.call_args_list] == [dict(mode="default"), dict(mode="default", dynamic=True)]
     assert all("_orig_mod" not in k for k in tr.model.state_dict())  # checkpoints keep their parameter names
 
 
