@@ -751,6 +751,14 @@ def test_the_report_over_two_studies_sets_them_side_by_side_and_applies_the_read
     said = json.loads((tmp_path / "out" / "report" / "readings.json").read_text())
     assert [(r["rule"], r["reading"], r["before"], r["after"]) for r in said] == [
         ("fit_explanation", "supported", "0 of 1 resolved agree", "1 of 1 resolved agree")]
+    assert said[0]["final"] == "no, provisional (before: its sweep has not reached its report; after: its sweep has not reached its report)"
+    for folder, status in (("before", "ok"), ("after", "ok"), ("after", "failed")):  # both swept to their report; then one notebook failed
+        atomic_write_json(tmp_path / folder / "sweep" / f"{'e99_report' if status == 'ok' else 'e01_tricks'}-0.json",
+                          dict(notebook=f"experiments/{'e99_report' if status == 'ok' else 'e01_tricks'}.ipynb", status=status))
+        if folder == "after":
+            st = run_notebook(ROOT / "experiments" / "e99_report.ipynb", dict(sources=srcs, readings=["fit_explanation"]), tmp_path / "out", force=True, log=None)
+            said = json.loads((tmp_path / "out" / "report" / "readings.json").read_text())
+            assert said[0]["final"] == ("yes" if status == "ok" else "no, provisional (after: notebooks not finished: e01_tricks)"), said
 
 # ---- the probes' rows, built by their experiments' code ------------------------------------------------------------------
 
