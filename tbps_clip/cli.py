@@ -130,7 +130,11 @@ def _interrupted(cfg, e: KeyboardInterrupt) -> str:
     run = Path(cfg.out_dir)
     step = getattr(e, "step", None)
     step = step if step is not None else _saved_step(run) if (run / "checkpoint.pt").is_file() else None
-    resume = f"tbps-clip train --out {shlex.quote(str(run))} --resume"
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    # under torchrun the run resumes on as many processes
+    launch = ("tbps-clip" if world == 1 else f"torchrun --standalone --nproc_per_node {world} -m tbps_clip.cli" if local in (0, world)
+              else f"torchrun (the same options: {world} processes in all) -m tbps_clip.cli")
+    resume = f"{launch} train --out {shlex.quote(str(run))} --resume"
     if step is None:
         return f"tbps-clip: interrupted before the first save; {resume} starts the run again" if (run / "config.yaml").is_file() \
             else "tbps-clip: interrupted before training started; nothing was saved"
@@ -141,7 +145,7 @@ def _cmd_train(a):
     from tbps_clip.run import train, results_table
     try: rec = train(cfg, resume=a.resume)
     except KeyboardInterrupt as e:
-        if os.environ.get("RANK", "0") == "0": e.cli_message = _interrupted(cfg, e)
+        e.cli_message = _interrupted(cfg, e) if os.environ.get("RANK", "0") == "0" else ""  # torchrun: rank 0 reports
         raise
     if rec.get("rank", 0) != 0: return  # torchrun: rank 0 reports
     from tbps_clip.config import dataset_label
@@ -529,7 +533,8 @@ def main(argv=None) -> int:
         print(f"tbps-clip: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(getattr(e, "cli_message", None) or "tbps-clip: interrupted", file=sys.stderr)
+        said = getattr(e, "cli_message", "tbps-clip: interrupted")  # "": another process says it
+        if said: print(said, file=sys.stderr)
         return 130
     return 0
 

@@ -19,7 +19,7 @@ from .losses import Gather
 # %% auto #0
 __all__ = ['DistInfo', 'dist_env', 'init_distributed', 'cleanup_distributed', 'AllGatherGrad', 'gather_global', 'gather_local',
            'make_gather', 'world_size', 'all_reduce_grads', 'broadcast_state', 'gather_objects', 'barrier',
-           'main_first']
+           'main_first', 'any_rank']
 
 # %% ../nbs/07b_distributed.ipynb #e61cae26
 @dataclass
@@ -150,3 +150,10 @@ def main_first(build):
     if err is not None: raise err
     if failed is not None: raise TBPSError(f"rank {rank}: stopped because rank 0 failed before training: {failed}")
     return out if rank == 0 else build()
+
+def any_rank(flag: bool) -> bool:
+    "Whether `flag` is true in any process of the run (every process must call it; one small all-reduce)."
+    if world_size() == 1: return bool(flag)
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL reduces GPU tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

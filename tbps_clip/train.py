@@ -21,7 +21,7 @@ from .checkpoint import save_checkpoint, load_state_strict, check_identity
 from .config import COMPILE_MODES, SOFT_LABEL_SOURCES, Config, save_config
 from .core import TBPSError, atomic_write_json, autocast, patch_to, resolve_device
 from .data import EpochSampler, collate, worker_init
-from .distributed import all_reduce_grads, broadcast_state, gather_objects
+from .distributed import all_reduce_grads, any_rank, broadcast_state, gather_objects
 from .heads import HEAD_LR, forward_views, soft_label_views
 from .losses import IMAGE, TEXT, LossContext, active_terms, compute_losses, loss_weights, soft_views
 from .model import TBPSModel
@@ -265,20 +265,31 @@ class Interrupted(KeyboardInterrupt):
 @patch_to(Trainer)
 @contextlib.contextmanager
 def stop_on_interrupt(self):
-    "While the block runs, Ctrl-C (SIGINT) asks the loop to save and stop after the current step; a second Ctrl-C stops at once."
+    """While the block runs, Ctrl-C (SIGINT) asks the loop to save and stop after the current step; in one process a
+    second Ctrl-C stops at once. Under torchrun SIGTERM (a scheduler's stop) asks the same, later signals change nothing,
+    and the processes stop after the same step (`stop_agreed`)."""
     self.stop_requested = False
-    # only a single process that owns Ctrl-C defers it: under torchrun the processes would stop at different steps,
-    # and a host that handles SIGINT itself (a notebook kernel) keeps its own handler
-    if (self.world_size > 1 or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    # a host that handles SIGINT itself (a notebook kernel), or a thread that cannot take signals, keeps things as they are
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield; return
+    several = self.world_size > 1
+    signals = (signal.SIGINT, signal.SIGTERM) if several else (signal.SIGINT,)
+    before = {s: signal.getsignal(s) for s in signals}
     def ask(signum, frame):
         self.stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, ask)
+        # several processes: torchrun passes Ctrl-C on, so each gets it twice; that must not cut the save short
+        if not several: signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in signals: signal.signal(s, ask)
     try: yield
-    finally: signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:
+        for s, h in before.items(): signal.signal(s, h)
 
+@patch_to(Trainer)
+def stop_agreed(self) -> bool:
+    "Whether the loop stops after this step: asked in this process, or under torchrun in any process (so all stop after the same step)."
+    return self.stop_requested if self.world_size == 1 else any_rank(self.stop_requested)
+
+# %% ../nbs/11_train.ipynb #2b0dfc52
 @patch_to(Trainer)
 def fit(self, resume: bool = False) -> dict:
     "Train to the configured length; returns the history."
@@ -297,6 +308,7 @@ def fit(self, resume: bool = False) -> dict:
     running = {}
     tc = self.cfg.train
     with self.stop_on_interrupt():
+        stop = False
         try:
             while self.step < self.total_steps:
                 self._cb("before_epoch")
@@ -311,10 +323,11 @@ def fit(self, resume: bool = False) -> dict:
                         self._cb("after_log")
                         if bar: bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()}, refresh=False)
                     if bar: bar.update(1)
-                    if self.step >= self.total_steps or self.stop_requested: break
+                    stop = self.stop_agreed()
+                    if self.step >= self.total_steps or stop: break
                     if tc.ckpt_every and self.step % tc.ckpt_every == 0:
                         self.save()
-                if self.stop_requested:  # saved where a periodic checkpoint would be: resuming continues exactly
+                if stop:  # saved where a periodic checkpoint would be: resuming continues exactly
                     self.save()
                     raise Interrupted(self.step, self.ckpt_path)
                 epoch_done = self.batch_in_epoch >= self.steps_per_epoch

@@ -126,3 +126,65 @@ def test_torchrun_stops_every_rank_when_rank_0_finds_bad_data(toy, tmp_path):
     assert r.returncode != 0 and "images/train/0_0.png" in out, out[-3000:]
     assert "rank 1: stopped because rank 0 failed before training" in out, out[-3000:]
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_ctrl_c_under_torchrun_saves_one_step_for_every_rank_and_the_run_resumes(toy, tmp_path):
+    """A real SIGINT to torchrun's process group (as Ctrl-C in a terminal): both ranks stop after the same step, rank 0 saves
+    it with both ranks' RNG states and prints the torchrun command that resumes, which then finishes the run."""
+    import signal
+    import time
+    from tbps_clip.weights import read_checkpoint_file
+    run = tmp_path / "run"
+    ov = lambda steps: [f"{k}={v}" for k, v in micro_overrides(toy, run, **{"train.device": "cpu", "train.max_steps": steps,
+                                                                           "train.ckpt_every": 0, "data.batch_size": 4}).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tbps_clip.cli", "train", "--preset", "clip"]
+    p = subprocess.Popen([*cmd, *ov(300)], env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "config.yaml").is_file() and p.poll() is None and time.monotonic() < deadline: time.sleep(0.2)
+        time.sleep(3)  # some steps
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
+    ck = read_checkpoint_file(run / "checkpoint.pt")
+    step = ck["state"]["step"]
+    assert len(ck["state"]["rank_rng"]) == 2, err[-3000:]
+    said = [l for l in err.splitlines() if l.startswith("tbps-clip: interrupted")]
+    assert said == [f"tbps-clip: interrupted; saved after step {step} in {run / 'checkpoint.pt'}; resume with: "
+                    f"torchrun --standalone --nproc_per_node 2 -m tbps_clip.cli train --out {run} --resume"], err[-3000:]
+    assert 0 < step < 300
+    resume = said[0].split("resume with: ", 1)[1].split()  # the command as printed
+    r = subprocess.run([torchrun, *resume[1:]], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_checkpoint_file(run / "checkpoint.pt")["state"]["step"] == 300
+    assert json.loads((run / "results.json").read_text())["resumed_from_step"] == step
+
+
+def _flags_worker(rank: int, world: int, init_file: str, out: str):
+    import torch.distributed as dist
+    from tbps_clip.core import TBPSError
+    from tbps_clip.distributed import any_rank, main_first
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    res = dict(any_of_rank1=any_rank(rank == 1), none=any_rank(False), built=main_first(lambda: f"built by {rank}"))
+    def bad():
+        if rank == 0: raise TBPSError("annotations.json: entry 3: no such image")
+        return "never"
+    try: main_first(bad)
+    except TBPSError as e: res["error"] = str(e)
+    torch.save(res, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_any_rank_and_main_first_across_two_processes(tmp_path):
+    "A flag raised in rank 1 alone is seen by both; main_first builds on each rank; rank 0's error stops rank 1 with an error that says so."
+    mp.spawn(_flags_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "res")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"res.{r}") for r in (0, 1))
+    assert r0["any_of_rank1"] and r1["any_of_rank1"] and not r0["none"] and not r1["none"]
+    assert (r0["built"], r1["built"]) == ("built by 0", "built by 1")
+    assert r0["error"] == "annotations.json: entry 3: no such image"
+    assert r1["error"] == "rank 1: stopped because rank 0 failed before training: TBPSError: annotations.json: entry 3: no such image"
