@@ -225,6 +225,8 @@ def worker_init(worker_id: int) -> None:
     "Give each data-loader worker its own, reproducible global seeds (per-item seeds do the real work); leave Ctrl-C to the main process."
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer saves and stops; workers carry on until then
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun signals each rank's whole session: the rank saves and stops, its workers end with it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     info = torch.utils.data.get_worker_info()
     s = info.seed % 2**32
     random.seed(s); np.random.seed(s)

@@ -277,7 +277,7 @@ def stop_on_interrupt(self):
     before = {s: signal.getsignal(s) for s in signals}
     def ask(signum, frame):
         self.stop_requested = True
-        # several processes: torchrun passes Ctrl-C on, so each gets it twice; that must not cut the save short
+        # several processes: a second signal (torchrun's agent, a scheduler) must not cut the save short
         if not several: signal.signal(signal.SIGINT, signal.default_int_handler)
     for s in signals: signal.signal(s, ask)
     try: yield

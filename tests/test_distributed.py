@@ -130,15 +130,18 @@ def test_torchrun_stops_every_rank_when_rank_0_finds_bad_data(toy, tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")
-def test_ctrl_c_under_torchrun_saves_one_step_for_every_rank_and_the_run_resumes(toy, tmp_path):
-    """A real SIGINT to torchrun's process group (as Ctrl-C in a terminal): both ranks stop after the same step, rank 0 saves
-    it with both ranks' RNG states and prints the torchrun command that resumes, which then finishes the run."""
+@pytest.mark.parametrize("sig, workers", [("SIGINT", 0), ("SIGTERM", 2)])
+def test_ctrl_c_under_torchrun_saves_one_step_for_every_rank_and_the_run_resumes(toy, tmp_path, sig, workers):
+    """A real SIGINT to torchrun's process group (Ctrl-C in a terminal), or SIGTERM (a scheduler's stop) with data-loader
+    workers, which torchrun passes on to each rank's whole session: both ranks stop after the same step, rank 0 saves it
+    with both ranks' RNG states and prints the torchrun command that resumes, which then finishes the run."""
     import signal
     import time
     from tbps_clip.weights import read_checkpoint_file
     run = tmp_path / "run"
     ov = lambda steps: [f"{k}={v}" for k, v in micro_overrides(toy, run, **{"train.device": "cpu", "train.max_steps": steps,
-                                                                           "train.ckpt_every": 0, "data.batch_size": 4}).items()]
+                                                                           "train.ckpt_every": 0, "data.batch_size": 4,
+                                                                           "data.num_workers": workers}).items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tbps_clip.cli", "train", "--preset", "clip"]
@@ -147,7 +150,7 @@ def test_ctrl_c_under_torchrun_saves_one_step_for_every_rank_and_the_run_resumes
         deadline = time.monotonic() + 240
         while not (run / "config.yaml").is_file() and p.poll() is None and time.monotonic() < deadline: time.sleep(0.2)
         time.sleep(3)  # some steps
-        os.killpg(p.pid, signal.SIGINT)
+        os.killpg(p.pid, getattr(signal, sig))
         out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
