@@ -58,10 +58,10 @@ def init_distributed(device: str = "auto", backend: str = "auto", env=None) -> D
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DistInfo(rank, world, local, str(dev))
 
-def cleanup_distributed() -> None:
-    "Leave the process group, if any."
+def cleanup_distributed(wait: bool = True) -> None:
+    "Leave the process group, if any: after the others (`wait`), or at once (a failed process must not wait for ranks waiting for it)."
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait: dist.barrier()
         dist.destroy_process_group()
 
 # %% ../nbs/07b_distributed.ipynb #b540a2c4

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .core import autocast
-from .data import ImageSet, eval_split, fewshot_subset, load_image, test_transform
+from .data import ImageSet, eval_split, fewshot_subset, load_image, test_transform, worker_init
 from .metrics import rank_metrics
 from .model import TBPSModel
 from .annotations import Annotations
@@ -43,7 +43,9 @@ def encode_images(model: TBPSModel, images, batch_size: int = 256, device=None, 
                   num_workers: int = 0) -> torch.Tensor:
     "Normalised features (N, D) of a dataset of image tensors."
     device = device or next(model.parameters()).device
+    # workers leave Ctrl-C (and torchrun's SIGTERM) to their process, which may be training and stopping after a save
     dl = DataLoader(images, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+                    worker_init_fn=worker_init if num_workers else None,
                     generator=torch.Generator())  # leave the global RNG untouched (exact resume)
     out = []
     for x in dl:

@@ -115,8 +115,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, callbacks=()
     "Train `cfg` end to end and return (and save) its result record; under torchrun, one process of several."
     check_log_to(cfg)  # a logger that is not installed is refused before anything starts
     dist_info = init_distributed(cfg.train.device, cfg.train.dist_backend)
-    try: return _train(cfg, dist_info, resume, progress, callbacks, zero_shot)
-    finally: cleanup_distributed()
+    try: rec = _train(cfg, dist_info, resume, progress, callbacks, zero_shot)
+    except BaseException:  # an error, or Ctrl-C after the save every rank agreed on: leave without a barrier
+        cleanup_distributed(wait=False); raise
+    cleanup_distributed()
+    return rec
 
 def _train(cfg: Config, di: DistInfo, resume: bool, progress: bool, callbacks, zero_shot: bool) -> dict:
     set_threads(cfg)

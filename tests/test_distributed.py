@@ -148,8 +148,9 @@ def test_ctrl_c_under_torchrun_saves_one_step_for_every_rank_and_the_run_resumes
     p = subprocess.Popen([*cmd, *ov(300)], env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not (run / "config.yaml").is_file() and p.poll() is None and time.monotonic() < deadline: time.sleep(0.2)
-        time.sleep(3)  # some steps
+        # the first epoch's save (6 steps) means both ranks train with their handlers in place
+        while not (run / "history.json").is_file() and p.poll() is None and time.monotonic() < deadline: time.sleep(0.2)
+        time.sleep(1)  # some steps more
         os.killpg(p.pid, getattr(signal, sig))
         out, err = p.communicate(timeout=120)
     finally:
