@@ -32,19 +32,20 @@ from tbps_clip.study.report import data_label, group, study_marks, table_group, 
 from tbps_clip.study.runs import load_records, record_path, run_dir_of, run_once, run_pending, run_rows
 from tbps_clip.train import Trainer
 
-def study_sd(out, metric: str = "R@1") -> tuple:
-    "(the pooled paired sd, its degrees of freedom) with which the e99 report marks the results folder `out`: one for the whole study."
+def study_sd(out, metric: str = "R@1", recs: list | None = None) -> tuple:
+    """(the pooled paired sd, its degrees of freedom) with which the e99 report marks the results folder `out`: one for the
+    whole study (`recs`: its records, when the caller has read them)."""
     from tbps_clip.study.marks import pooled_paired_sd
     from tbps_clip.study.report import study_groups
-    recs = load_records(out)
+    recs = load_records(out) if recs is None else recs
     groups, _ = study_groups(recs, out, None, data_label(recs), metric, 2.0, False, REPORT_SECTIONS)  # out None: nothing written
     return pooled_paired_sd([(g["records"], s["row"], s["against"]) for g in groups for s in g["specs"]], metric)
 
-def marks_in_study(out, groups, metric: str = "R@1", k: float = 2.0, write: bool = True) -> dict:
+def marks_in_study(out, groups, metric: str = "R@1", k: float = 2.0, write: bool = True, recs: list | None = None) -> dict:
     """{stem: marked comparisons} of `groups`, marked with the study sd of the results folder `out` (as the e99 report
     marks them); each written to out/tables/<stem>.md and .csv."""
     from tbps_clip.study.marks import compare
-    sd, _ = study_sd(out, metric)
+    sd, _ = study_sd(out, metric, recs)
     marks = {g["stem"]: compare(g["records"], g["specs"], sd, metric, k) for g in groups}
     if write:
         for g in groups: write_group(g, marks[g["stem"]], out, data_label(g["records"]) if g["records"] else "no runs", metric, k, figures=False)
@@ -53,7 +54,8 @@ def marks_in_study(out, groups, metric: str = "R@1", k: float = 2.0, write: bool
 def notebook_marks(out, table: str, metric: str = "R@1", k: float = 2.0) -> list:
     "The marked comparisons of a paper table keyed by our row names (Tables 1-5, their appendices, the batch size) in `out`."
     from tbps_clip.study.report import table_group, table_records
-    return marks_in_study(out, [table_group(table_records(load_records(out), table), table, metric)], metric, k)[table]
+    recs = load_records(out)  # read once: for the table and for the study's sd
+    return marks_in_study(out, [table_group(table_records(recs, table), table, metric)], metric, k, recs=recs)[table]
 
 
 # ---- e06: main results, presets x backbones (Tables 6-8) ------------------------------------------------------------
