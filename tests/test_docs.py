@@ -17,7 +17,6 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from test_serve import headless_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "nbs").glob("*.ipynb"))
@@ -138,43 +137,39 @@ def test_api_docs_and_no_errors_in_the_pages(site):
             assert bad not in text, (p.name, bad)
 
 
-def test_index_and_a_module_page_render_in_headless_chromium(site, tmp_path):
-    drv = headless_chromium()
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+def test_index_and_a_module_page_render_in_headless_chromium(site, browser, tmp_path):
+    "The front page, the search tutorial (its figures loaded) and a module page render in a real browser, as a user sees them."
+    drv, By = browser.drv, browser.By
     shots = Path(os.environ.get("TBPS_DOCS_SCREENSHOTS") or tmp_path); shots.mkdir(parents=True, exist_ok=True)
     figures_loaded = "return [...document.images].length > 0 && [...document.images].every(i => i.complete && i.naturalWidth > 0)"
-    try:
-        drv.get((site["out"] / "index.html").as_uri())
-        assert "tbps-clip" in drv.title
-        assert drv.find_element(By.CSS_SELECTOR, "h1").text == "tbps-clip"
-        root = site["out"].as_uri() + "/"
-        links = [a.get_attribute("href").removeprefix(root) for a in drv.find_elements(By.CSS_SELECTOR, "nav a, .sidebar a")]
-        assert len(set(links)) == len(NOTEBOOKS) + len(GUIDES) and {"index.html", "serve.html", *GUIDES} <= set(links), sorted(set(links))
-        body = drv.find_element(By.TAG_NAME, "main").text
-        assert "In five lines" in body and "GalleryIndex.build(encoder, folder)" in body  # the front-door table rendered
-        headings = [h.text.strip("¶ ") for h in drv.find_elements(By.CSS_SELECTOR, "main h2")]
-        assert {"Install", "On the command line", "From Python", "Guides"} <= set(headings), headings
-        for internal in ("__dir__", "__getattr__", "Call self as a function", "_LAZY", "subprocess.run"):
-            assert internal not in body, internal  # the front page shows what a user needs, not the module's machinery
-        drv.save_screenshot(str(shots / "docs-index.png"))
-        link = drv.find_element(By.CSS_SELECTOR, 'nav a[href="search_tutorial.html"]')
-        drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)  # a long sidebar scrolls
-        link.click()  # the sidebar leads on
-        assert drv.current_url.endswith("search_tutorial.html")
-        WebDriverWait(drv, 30).until(lambda d: d.execute_script(figures_loaded), "the tutorial's figures did not load")
-        sizes = drv.execute_script("return [...document.images].map(i => [i.naturalWidth, i.naturalHeight])")
-        assert len(sizes) >= 2 and all(w > 200 and h > 100 for w, h in sizes), sizes
-        drv.execute_script("document.images[0].scrollIntoView()")
-        drv.save_screenshot(str(shots / "docs-tutorial.png"))
-        drv.get((site["out"] / "serve.html").as_uri())  # a module page: prose, API docs, code
-        main = drv.find_element(By.TAG_NAME, "main")
-        assert drv.find_element(By.CSS_SELECTOR, "h1").text.startswith("serve")
-        assert "make_server" in main.text and "The HTTP server" in main.text
-        assert main.find_elements(By.CSS_SELECTOR, ".highlight, pre")  # code blocks are there and styled
-        drv.save_screenshot(str(shots / "docs-module.png"))
-    finally:
-        drv.quit()
+    drv.get((site["out"] / "index.html").as_uri())
+    assert "tbps-clip" in drv.title
+    assert drv.find_element(By.CSS_SELECTOR, "h1").text == "tbps-clip"
+    root = site["out"].as_uri() + "/"
+    links = [a.get_attribute("href").removeprefix(root) for a in drv.find_elements(By.CSS_SELECTOR, "nav a, .sidebar a")]
+    assert len(set(links)) == len(NOTEBOOKS) + len(GUIDES) and {"index.html", "serve.html", *GUIDES} <= set(links), sorted(set(links))
+    body = drv.find_element(By.TAG_NAME, "main").text
+    assert "In five lines" in body and "GalleryIndex.build(encoder, folder)" in body  # the front-door table rendered
+    headings = [h.text.strip("¶ ") for h in drv.find_elements(By.CSS_SELECTOR, "main h2")]
+    assert {"Install", "On the command line", "From Python", "Guides"} <= set(headings), headings
+    for internal in ("__dir__", "__getattr__", "Call self as a function", "_LAZY", "subprocess.run"):
+        assert internal not in body, internal  # the front page shows what a user needs, not the module's machinery
+    drv.save_screenshot(str(shots / "docs-index.png"))
+    link = drv.find_element(By.CSS_SELECTOR, 'nav a[href="search_tutorial.html"]')
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)  # a long sidebar scrolls
+    link.click()  # the sidebar leads on
+    assert drv.current_url.endswith("search_tutorial.html")
+    browser.wait.until(lambda d: d.execute_script(figures_loaded), "the tutorial's figures did not load")
+    sizes = drv.execute_script("return [...document.images].map(i => [i.naturalWidth, i.naturalHeight])")
+    assert len(sizes) >= 2 and all(w > 200 and h > 100 for w, h in sizes), sizes
+    drv.execute_script("document.images[0].scrollIntoView()")
+    drv.save_screenshot(str(shots / "docs-tutorial.png"))
+    drv.get((site["out"] / "serve.html").as_uri())  # a module page: prose, API docs, code
+    main = drv.find_element(By.TAG_NAME, "main")
+    assert drv.find_element(By.CSS_SELECTOR, "h1").text.startswith("serve")
+    assert "make_server" in main.text and "The HTTP server" in main.text
+    assert main.find_elements(By.CSS_SELECTOR, ".highlight, pre")  # code blocks are there and styled
+    drv.save_screenshot(str(shots / "docs-module.png"))
 
 
 def test_an_executed_progress_bar_is_a_widget_without_warning_and_its_final_text_is_shown(tmp_path):

@@ -1,7 +1,6 @@
 """The local search page (tbps_clip.serve): validated requests, images only by number, bounded load, and a real browser."""
 import json
 import os
-import shutil
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -134,131 +133,86 @@ def test_unknown_index_or_wrong_model_is_refused_at_start(site, tmp_path):
 
 # ---- a real browser ------------------------------------------------------------------------------------------
 
-def _chromium():
-    "(browser, driver) paths, or None when Debian's chromium is not installed."
-    b = shutil.which("chromium") or shutil.which("chromium-browser")
-    d = shutil.which("chromedriver")
-    return (b, d) if b and d else None
+def test_page_in_headless_chromium(site, browser, tmp_path):
+    "A search in the page shows the Python search's hits, scores and ranks, pages on, and shows a refused query's message."
+    b, drv, By, Keys = browser, browser.drv, browser.By, browser.Keys
+    drv.get(site["url"] + "/")
+    b.wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#index option"))
+    box = drv.find_element(By.ID, "q")
+    q = "a person in a red top and blue trousers"
+    box.send_keys(q, Keys.ENTER)
+    b.wait.until(lambda d: len(b.hits()) == 20)
+    idx, enc = site["app"].indexes["gallery"], site["app"].encoders["gallery"]
+    expect = idx.search(enc, q, k=20)
+    hits = b.hits()
+    assert [h.get_attribute("data-path") for h in hits] == [e.path for e in expect]
+    assert [h.find_element(By.CSS_SELECTOR, ".score").text for h in hits] == [f"{e.score:.3f}" for e in expect]
+    assert hits[0].find_element(By.CSS_SELECTOR, ".rank").text == "#1"
+    b.images_loaded()
+    assert "Results 1\u201320 of 24" in b.text("status") and "ms in the server" in b.text("status")
+    drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT") or str(tmp_path / "page.png"))
+    # paging
+    drv.find_element(By.ID, "next").click()
+    b.shows("pageinfo", "page 2 of 2")
+    assert [h.find_element(By.CSS_SELECTOR, ".rank").text for h in b.hits()] == [f"#{r}" for r in range(21, 25)]
+    assert drv.find_element(By.ID, "next").get_attribute("disabled") is not None
+    # a refused query shows the server's message, not results
+    box.clear(); box.send_keys("!!!", Keys.ENTER)
+    b.shows("error", "is empty")
+    assert not b.hits()
+    assert int(box.get_attribute("maxlength")) == MAX_QUERY_CHARS
 
 
-def headless_chromium():
-    "A selenium driver of headless Debian chromium (the caller quits it); skips the test when either is missing."
-    found = _chromium()
-    if not found:
-        pytest.skip("chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = found[0]
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(found[1]), options=opts)
-
-
-def test_page_in_headless_chromium(site, tmp_path):
-    drv = headless_chromium()
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
-    try:
-        wait = WebDriverWait(drv, 60)
-        drv.get(site["url"] + "/")
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#index option"))
-        box = drv.find_element(By.ID, "q")
-        q = "a person in a red top and blue trousers"
-        box.send_keys(q, Keys.ENTER)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.hit")) == 20)
-        idx, enc = site["app"].indexes["gallery"], site["app"].encoders["gallery"]
-        expect = idx.search(enc, q, k=20)
-        hits = drv.find_elements(By.CSS_SELECTOR, "figure.hit")
-        assert [h.get_attribute("data-path") for h in hits] == [e.path for e in expect]
-        assert [h.find_element(By.CSS_SELECTOR, ".score").text for h in hits] == [f"{e.score:.3f}" for e in expect]
-        assert hits[0].find_element(By.CSS_SELECTOR, ".rank").text == "#1"
-        wait.until(lambda d: d.execute_script("return [...document.querySelectorAll('figure.hit img')].every(i => i.complete && i.naturalWidth > 0)"))
-        status = drv.find_element(By.ID, "status").text
-        assert "Results 1\u201320 of 24" in status and "ms in the server" in status
-        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT") or str(tmp_path / "page.png"))
-        # paging
-        drv.find_element(By.ID, "next").click()
-        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 2 of 2"))
-        ranks = [h.find_element(By.CSS_SELECTOR, ".rank").text for h in drv.find_elements(By.CSS_SELECTOR, "figure.hit")]
-        assert ranks == [f"#{r}" for r in range(21, 25)]
-        assert drv.find_element(By.ID, "next").get_attribute("disabled") is not None
-        # a refused query shows the server's message, not results
-        box.clear(); box.send_keys("!!!", Keys.ENTER)
-        wait.until(EC.text_to_be_present_in_element((By.ID, "error"), "is empty"))
-        assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit")
-        assert int(box.get_attribute("maxlength")) == MAX_QUERY_CHARS
-    finally:
-        drv.quit()
-
-
-def test_a_search_is_an_address(site, tmp_path):
+def test_a_search_is_an_address(site, browser, tmp_path):
     "/?q=...&per_page=...&page=... runs that search on load; each search writes its address; Back returns to the last."
-    drv = headless_chromium()
     from urllib.parse import parse_qs, quote, urlsplit
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
+    b, drv, By = browser, browser.drv, browser.By
     idx, enc = site["app"].indexes["gallery"], site["app"].encoders["gallery"]
     q1, q2 = "a person in a red top and blue trousers", "green pants with a white shirt"
-    shown = lambda d: [h.get_attribute("data-path") for h in d.find_elements(By.CSS_SELECTOR, "figure.hit")]
-    address = lambda d: {k: v[0] for k, v in parse_qs(urlsplit(d.current_url).query).items()}
-    try:
-        wait = WebDriverWait(drv, 60)
-        drv.get(site["url"] + f"/?q={quote(q1)}&per_page=10&page=2")  # a bookmarked search: page 2 of 3, ten a page
-        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 2 of 3"))
-        assert shown(drv) == [h.path for h in idx.search(enc, q1, k=10, offset=10)]
-        assert drv.find_element(By.ID, "q").get_attribute("value") == q1
-        assert drv.find_element(By.ID, "per_page").get_attribute("value") == "10"
-        assert "Results 11\u201320 of 24" in drv.find_element(By.ID, "status").text
-        wait.until(lambda d: d.execute_script("return [...document.querySelectorAll('figure.hit img')].every(i => i.complete && i.naturalWidth > 0)"))
-        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_Q") or str(tmp_path / "page_q.png"))
-        assert address(drv) == dict(q=q1, index="gallery", page="2", per_page="10")  # completed, not a new history entry
-        box = drv.find_element(By.ID, "q")
-        box.clear(); box.send_keys(q2, Keys.ENTER)  # a new search writes its own address
-        wait.until(lambda d: address(d).get("q") == q2)
-        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 1 of 3"))
-        assert address(drv) == dict(q=q2, index="gallery", page="1", per_page="10")
-        assert shown(drv) == [h.path for h in idx.search(enc, q2, k=10)]
-        drv.back()  # the previous search comes back, results and all
-        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 2 of 3"))
-        assert drv.find_element(By.ID, "q").get_attribute("value") == q1 and shown(drv) == [h.path for h in idx.search(enc, q1, k=10, offset=10)]
-        drv.get(site["url"] + "/?q=red&per_page=7&page=x")  # a bad address gets the server's message, not results
-        wait.until(EC.text_to_be_present_in_element((By.ID, "error"), "'page' must be a whole number"))
-        assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit")
-    finally:
-        drv.quit()
+    shown = lambda: [h.get_attribute("data-path") for h in b.hits()]
+    address = lambda: {k: v[0] for k, v in parse_qs(urlsplit(drv.current_url).query).items()}
+    drv.get(site["url"] + f"/?q={quote(q1)}&per_page=10&page=2")  # a bookmarked search: page 2 of 3, ten a page
+    b.shows("pageinfo", "page 2 of 3")
+    assert shown() == [h.path for h in idx.search(enc, q1, k=10, offset=10)]
+    assert drv.find_element(By.ID, "q").get_attribute("value") == q1
+    assert drv.find_element(By.ID, "per_page").get_attribute("value") == "10"
+    assert "Results 11\u201320 of 24" in b.text("status")
+    b.images_loaded()
+    drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_Q") or str(tmp_path / "page_q.png"))
+    assert address() == dict(q=q1, index="gallery", page="2", per_page="10")  # completed, not a new history entry
+    box = drv.find_element(By.ID, "q")
+    box.clear(); box.send_keys(q2, b.Keys.ENTER)  # a new search writes its own address
+    b.wait.until(lambda d: address().get("q") == q2)
+    b.shows("pageinfo", "page 1 of 3")
+    assert address() == dict(q=q2, index="gallery", page="1", per_page="10")
+    assert shown() == [h.path for h in idx.search(enc, q2, k=10)]
+    drv.back()  # the previous search comes back, results and all
+    b.shows("pageinfo", "page 2 of 3")
+    assert drv.find_element(By.ID, "q").get_attribute("value") == q1 and shown() == [h.path for h in idx.search(enc, q1, k=10, offset=10)]
+    drv.get(site["url"] + "/?q=red&per_page=7&page=x")  # a bad address gets the server's message, not results
+    b.shows("error", "'page' must be a whole number")
+    assert not b.hits()
 
 
-def test_the_empty_page_suggests_examples_and_a_page_past_the_results_says_where_they_end(site, tmp_path):
-    drv = headless_chromium()
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
+def test_the_empty_page_suggests_examples_and_a_page_past_the_results_says_where_they_end(site, browser, tmp_path):
+    "The empty page lists example queries that search when clicked; a page past the results says where they end."
     from tbps_clip.serve import EXAMPLES
-    try:
-        wait = WebDriverWait(drv, 60)
-        drv.get(site["url"] + "/")
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples li a"))
-        links = drv.find_elements(By.CSS_SELECTOR, "#examples li a")
-        assert drv.find_element(By.ID, "examples").is_displayed() and [a.text for a in links] == list(EXAMPLES)
-        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_EMPTY") or str(tmp_path / "empty.png"))
-        links[0].click()  # an example is a search
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.hit")) == 20)
-        assert drv.find_element(By.ID, "q").get_attribute("value") == EXAMPLES[0]
-        assert not drv.find_element(By.ID, "examples").is_displayed()
-        drv.get(site["url"] + "/?q=red&per_page=10&page=7")  # past the 3 pages of 24 images
-        wait.until(EC.text_to_be_present_in_element((By.ID, "notes"), "The results end on page 3: 24 images at 10 a page"))
-        assert not drv.find_elements(By.CSS_SELECTOR, "figure.hit") and drv.find_element(By.ID, "error").text == ""
-        assert drv.find_element(By.ID, "status").text.startswith("No results on page 7 (24 in all) for \u201cred\u201d")
-        assert drv.find_element(By.ID, "prev").text == "\u2190 Last page (3)"
-        drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_PAST") or str(tmp_path / "past.png"))
-        drv.find_element(By.ID, "prev").click()
-        wait.until(EC.text_to_be_present_in_element((By.ID, "pageinfo"), "page 3 of 3"))
-        assert len(drv.find_elements(By.CSS_SELECTOR, "figure.hit")) == 4 and drv.find_element(By.ID, "notes").text == ""
-    finally:
-        drv.quit()
+    b, drv, By = browser, browser.drv, browser.By
+    drv.get(site["url"] + "/")
+    b.wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples li a"))
+    links = drv.find_elements(By.CSS_SELECTOR, "#examples li a")
+    assert drv.find_element(By.ID, "examples").is_displayed() and [a.text for a in links] == list(EXAMPLES)
+    drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_EMPTY") or str(tmp_path / "empty.png"))
+    links[0].click()  # an example is a search
+    b.wait.until(lambda d: len(b.hits()) == 20)
+    assert drv.find_element(By.ID, "q").get_attribute("value") == EXAMPLES[0]
+    assert not drv.find_element(By.ID, "examples").is_displayed()
+    drv.get(site["url"] + "/?q=red&per_page=10&page=7")  # past the 3 pages of 24 images
+    b.shows("notes", "The results end on page 3: 24 images at 10 a page")
+    assert not b.hits() and b.text("error") == ""
+    assert b.text("status").startswith("No results on page 7 (24 in all) for \u201cred\u201d")
+    assert b.text("prev") == "\u2190 Last page (3)"
+    drv.save_screenshot(os.environ.get("TBPS_SCREENSHOT_PAST") or str(tmp_path / "past.png"))
+    drv.find_element(By.ID, "prev").click()
+    b.shows("pageinfo", "page 3 of 3")
+    assert len(b.hits()) == 4 and b.text("notes") == ""
