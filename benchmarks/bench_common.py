@@ -5,7 +5,6 @@ average next to its figures (the project's CPU machine is shared), and writes JS
 benchmarks/results/.
 """
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -13,15 +12,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
-
-
-def cpu_model() -> str:
-    "The CPU's model name (Linux), else the platform's processor string."
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> list:
@@ -33,7 +23,7 @@ def load_average() -> list:
 def machine() -> dict:
     "What a benchmark figure must be read with: hardware, versions, threads, load."
     import torch
-    from tbps_clip.core import environment_info, git_commit
+    from tbps_clip.core import cpu_model, environment_info, git_commit
     return dict(environment_info(), cpu=cpu_model(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 cuda_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 load_average=load_average(), git_commit=git_commit(ROOT), when=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -15,12 +15,6 @@ from pathlib import Path
 METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")
 
 
-def _cpu_model() -> str:
-    "The processor's name from /proc/cpuinfo ('' elsewhere)."
-    try: return next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
-    except OSError: return ""
-
-
 def rerun(path: Path, work: Path) -> dict:
     "Train the configuration of the record at `path` again; its metrics beside the record's."
     from tbps_clip.config import config_from_dict
@@ -35,10 +29,10 @@ def rerun(path: Path, work: Path) -> dict:
     res = train(cfg, progress=False)
     same = {m: rec["metrics"][m] == res["metrics"][m] for m in METRICS}
     import torch
-    from tbps_clip.core import git_commit
+    from tbps_clip.core import cpu_model, git_commit
     return dict(record=str(path), exp=rec["exp"], name=rec["name"], seed=rec["seed"], record_commit=rec.get("git_commit"),
                 rerun_commit=res.get("git_commit") or git_commit(), equal=all(same.values()), equal_by_metric=same,
-                rerun_cpu=dict(model=_cpu_model(), capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads()),
+                rerun_cpu=dict(model=cpu_model(), capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads()),
                 record_metrics={m: rec["metrics"][m] for m in METRICS}, rerun_metrics={m: res["metrics"][m] for m in METRICS},
                 rerun_seconds=round(time.perf_counter() - t0, 1))
 
