@@ -402,7 +402,7 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago" if seconds < 7200 else f"{seconds / 3600:.1f} h ago"
 
 def _cmd_study_status(a):
-    from tbps_clip.study.driver import load_sweep, recent_records, recorded_runs, sweep_progress, sweep_status, unfinished_runs
+    from tbps_clip.study.driver import load_sweep, records_overview, recorded_runs, sweep_progress, sweep_status, unfinished_runs
     target = Path(a.results)
     if target.is_file():  # a sweep file: every notebook in its order, those not started too, with their run records
         rows, out = sweep_progress(target), Path(load_sweep(target)["out"])
@@ -416,7 +416,9 @@ def _cmd_study_status(a):
         exp = r["notebook"].split("_")[0]
         print(f"{r['notebook']:<16} {r['status']:<8} {secs:>8}  {counts.get(exp, 0):>4} run records ({exp})  {r.get('error', '')}".rstrip())
     print(f"{sum(counts.values())} run records in {out / 'records'}" + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""))
-    pace = recent_records(out)
+    pace = records_overview(out)
+    if pace["machines"]: print("trained on: " + "; ".join(f"{m} ({n})" for m, n in pace["machines"].items()) + (
+        "; several machines: a paired effect across two of them includes their difference" if len(pace["machines"]) > 1 else ""))
     if pace["newest_seconds"] is not None:
         print(f"in the last hour: {pace['runs']} run records ({pace['trained']} trained, {pace['reused']} reused); "
               f"the newest written {_ago(pace['newest_seconds'])}" + (f"; {pace['undated']} without a date" if pace["undated"] else ""))

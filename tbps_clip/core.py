@@ -27,7 +27,7 @@ except ImportError: fcntl = None
 __all__ = ['TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'exclusive_lock', 'read_json',
            'check_relative_path', 'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit', 'cpu_model',
-           'environment_info']
+           'environment_info', 'machine_key']
 
 # %% ../nbs/00_core.ipynb #6c150783
 class TBPSError(Exception):
@@ -263,3 +263,11 @@ def environment_info() -> dict:
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     return info
+
+# %% ../nbs/00_core.ipynb #f8cd0764
+def machine_key(env: dict | None) -> str:
+    "The part of a record's `environment` that decides its numbers bit for bit, in words: the GPU, or the CPU and its vector kernels; torch."
+    env = env or {}
+    if env.get("cuda"): device = env["cuda"]
+    else: device = f"{env.get('cpu_model') or 'CPU model not recorded'} ({env.get('cpu_capability') or 'kernels not recorded'})"
+    return f"{device}, torch {env.get('torch') or '?'}"

@@ -185,10 +185,11 @@ def test_status_names_runs_without_a_record_and_where_each_resumes(tmp_path, cap
     from tbps_clip.cli import main
     from tbps_clip.core import atomic_write_json
     out = tmp_path / "out"
-    atomic_write_json(out / "records" / "e01" / "clip-s0.json", dict(exp="e01", name="clip", seed=0, metrics={},
+    xeon = dict(cpu_model="Xeon", cpu_capability="AVX512", torch="2.4")
+    atomic_write_json(out / "records" / "e01" / "clip-s0.json", dict(exp="e01", name="clip", seed=0, metrics={}, environment=xeon,
                                                                       created=time.strftime("%Y-%m-%dT%H:%M:%S")))
-    atomic_write_json(out / "records" / "e01" / "clip-s1.json", dict(exp="e01", name="clip", seed=1, metrics={},
-                                                                      created="2026-01-02T09:00:00"))  # long ago
+    atomic_write_json(out / "records" / "e01" / "clip-s1.json", dict(exp="e01", name="clip", seed=1, metrics={},  # long ago, elsewhere
+                                                                      environment=dict(xeon, cpu_capability="AVX2"), created="2026-01-02T09:00:00"))
     (out / "runs" / "e01" / "clip-s0").mkdir(parents=True)  # finished: it has its record
     stopped = out / "runs" / "e01" / "tbps-s1"
     stopped.mkdir(parents=True)
@@ -199,10 +200,12 @@ def test_status_names_runs_without_a_record_and_where_each_resumes(tmp_path, cap
     fresh.mkdir(parents=True)  # started, nothing saved yet
     main(["study", "status", str(out)])
     lines = capsys.readouterr().out.splitlines()
-    assert "2 run records" in lines[0] and lines[2].startswith("2 run(s) without a record yet"), lines
-    assert re.fullmatch(r"in the last hour: 1 run records \(1 trained, 0 reused\); the newest written \d+ s ago", lines[1]), lines
-    assert lines[3].split()[:10] == ["e01/tbps-s1", "saved", "after", "step", "200", "of", "300", "checkpoint", "last", "written"], lines
-    assert lines[4].split()[:6] == ["e05/nitc-s2", "nothing", "saved", "yet", "no", "checkpoint"], lines
+    assert "2 run records" in lines[0] and lines[3].startswith("2 run(s) without a record yet"), lines
+    assert lines[1] == ("trained on: Xeon (AVX2), torch 2.4 (1); Xeon (AVX512), torch 2.4 (1); several machines: a paired effect "
+                        "across two of them includes their difference"), lines
+    assert re.fullmatch(r"in the last hour: 1 run records \(1 trained, 0 reused\); the newest written \d+ s ago", lines[2]), lines
+    assert lines[4].split()[:10] == ["e01/tbps-s1", "saved", "after", "step", "200", "of", "300", "checkpoint", "last", "written"], lines
+    assert lines[5].split()[:6] == ["e05/nitc-s2", "nothing", "saved", "yet", "no", "checkpoint"], lines
 
 
 def test_failing_notebook_is_recorded_and_the_sweep_goes_on(tmp_path, kernel_env, capsys):

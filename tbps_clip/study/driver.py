@@ -18,12 +18,12 @@ from pathlib import Path
 
 import yaml
 
-from ..core import TBPSError, atomic_write_json, git_commit
+from ..core import TBPSError, atomic_write_json, git_commit, machine_key
 from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
 __all__ = ['CREATED_FORMAT', 'params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'sweep_executor',
-           'run_sweep', 'sweep_status', 'recorded_runs', 'sweep_progress', 'unfinished_runs', 'recent_records',
+           'run_sweep', 'sweep_status', 'recorded_runs', 'sweep_progress', 'unfinished_runs', 'records_overview',
            'uncommitted_changes', 'check_provenance', 'provenance_diffs']
 
 # %% ../../nbs/35_study_driver.ipynb #1dee603c
@@ -228,17 +228,21 @@ def unfinished_runs(out) -> list:
 # %% ../../nbs/35_study_driver.ipynb #f4361503
 CREATED_FORMAT = "%Y-%m-%dT%H:%M:%S"  # a record's `created`: local time, as `run_once` writes it
 
-def recent_records(out, hours: float = 1.0, now: float | None = None) -> dict:
-    "How many run records under `out/records` were written in the last `hours` (trained and reused apart), and how long ago the newest was."
-    now, made, undated = time.time() if now is None else now, [], 0
+def records_overview(out, hours: float = 1.0, now: float | None = None) -> dict:
+    """Where the run records under `out/records` stand: how many the last `hours` wrote (trained and reused apart), how
+    long ago the newest was, and on which machines the trained ones were computed (`core.machine_key`: count)."""
+    now, made, undated, machines = time.time() if now is None else now, [], 0, {}
     for p in sorted((Path(out) / "records").glob("*/*.json")):
         try: rec = json.loads(p.read_text())
         except (OSError, ValueError) as e: raise TBPSError(f"{p}: cannot read the record: {e}") from None
-        try: made.append((time.mktime(time.strptime(rec["created"], CREATED_FORMAT)), bool(rec.get("reused_from"))))
-        except (AttributeError, KeyError, TypeError, ValueError): undated += 1  # no `created`: not placed in time
+        reused = bool(isinstance(rec, dict) and rec.get("reused_from"))
+        if isinstance(rec, dict) and not reused:
+            key = machine_key(rec.get("environment")); machines[key] = machines.get(key, 0) + 1
+        try: made.append((time.mktime(time.strptime(rec["created"], CREATED_FORMAT)), reused))
+        except (KeyError, TypeError, ValueError): undated += 1  # no `created`: not placed in time
     recent = [reused for t, reused in made if now - t <= hours * 3600]
     return dict(hours=hours, runs=len(recent), trained=recent.count(False), reused=recent.count(True), undated=undated,
-                newest_seconds=round(now - max(t for t, _ in made)) if made else None)
+                newest_seconds=round(now - max(t for t, _ in made)) if made else None, machines=dict(sorted(machines.items())))
 
 # %% ../../nbs/35_study_driver.ipynb #b804df6c
 def uncommitted_changes(cwd=None) -> list | None:

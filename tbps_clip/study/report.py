@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..config import dataset_label
-from ..core import TBPSError, atomic_write_text
+from ..core import TBPSError, atomic_write_text, machine_key
 from .grid import ALIASES
 from .marks import agreement_summary, compare, pooled_paired_sd, summarise
 from .paper import PAPER, paper_table
@@ -23,7 +23,8 @@ from .runs import flat_rows, load_records
 __all__ = ['PROBE_TABLES', 'MARK_COLUMNS', 'TOTALS', 'AGREEMENT_COLUMNS', 'REPORT_TABLES', 'SUMMARY_COLUMNS', 'to_markdown',
            'write_csv', 'effects_long', 'plot_forest', 'data_label', 'table_records', 'group', 'table_group',
            'mark_groups', 'se_statement', 'write_group', 'agreement_rows', 'agreement_across', 'study_groups',
-           'study_marks', 'run_hardware', 'study_cost', 'cost_section', 'provenance_lines', 'build_report', 'collect']
+           'study_marks', 'run_hardware', 'study_cost', 'cost_section', 'machines_lines', 'provenance_lines',
+           'build_report', 'collect']
 
 # %% ../../nbs/34_study_report.ipynb #a12bd991
 def _fmt(v) -> str:
@@ -236,6 +237,19 @@ def cost_section(records, label: str) -> list:
     return [f"### What it cost ({label})", "", to_markdown(rows, ["exp", "runs", "trained", "reused", "resumed", "steps",
                                                                 "train_hours", "test_hours", "hardware"]), "", note, ""]
 
+# %% ../../nbs/34_study_report.ipynb #84c406ed
+def machines_lines(records) -> list:
+    "What the report says of the machines that computed a folder's trained runs (`core.machine_key`), with a warning when there were several."
+    from collections import Counter
+    counts = Counter(machine_key(r.get("environment")) for r in records if not r.get("reused_from"))
+    if not counts: return []
+    n = sum(counts.values())
+    if len(counts) == 1: return ["### Where the runs were computed", "", f"All {n} trained runs: {next(iter(counts))}.", ""]
+    return ["### Where the runs were computed", "", f"{n} trained runs on {len(counts)} machines: "
+            + "; ".join(f"{m} ({c})" for m, c in sorted(counts.items())) + ". The same configuration and seed can give other "
+            "numbers on another machine, so a paired effect whose two runs were computed on different machines includes that "
+            "difference.", ""]
+
 # %% ../../nbs/34_study_report.ipynb #266e8be2
 def provenance_lines(src) -> list:
     "What the report says of the code behind a folder's records: lost commits with their reruns, and stored diffs."
@@ -284,7 +298,7 @@ def build_report(sources, out, metric: str = "R@1", k: float = 2.0, figures: boo
             write_csv(agr, out / sec / "tables" / "agreement.csv", AGREEMENT_COLUMNS)
             md += [f"### What resolves and agrees ({label}; {k:g} SE; 95% Wilson intervals)", "", to_markdown(agr, AGREEMENT_COLUMNS), ""]
             per_source[sec] = agr
-        md += provenance_lines(src) + cost_section(recs, label)
+        md += provenance_lines(src) + machines_lines(recs) + cost_section(recs, label)
     if len(per_source) > 1:  # two studies or more: what each resolves and agrees, side by side
         across = agreement_across(per_source)
         write_csv(across, out / "tables" / "agreement-across.csv", list(across[0]))
