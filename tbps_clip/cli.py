@@ -370,19 +370,22 @@ def _study_params(items) -> dict:
     return out
 
 def _cmd_study_run(a):
-    from tbps_clip.study.driver import check_provenance, load_sweep, run_notebook, run_sweep, sweep_executor
+    from tbps_clip.study.driver import check_provenance, load_sweep, other_machines, run_notebook, run_sweep, sweep_executor
     from tbps_clip.study.executors import make_executor
     params = _study_params(a.params + _deprecated_set(a.old_set, "write notebook parameters as -p NAME=VALUE"))
     notebook = Path(a.target).suffix == ".ipynb"
     if notebook and not a.out: raise TBPSError("give --out for a single notebook (where its records go)")
-    diff = check_provenance(a.out or load_sweep(a.target)["out"], a.allow_dirty)  # before anything runs
+    out = a.out or load_sweep(a.target)["out"]
+    diff = check_provenance(out, a.allow_dirty)  # before anything runs
     if diff: print(f"uncommitted changes: the records made now name a commit without them; the diff is in {diff}")
-    if notebook:
-        ex = make_executor(a.executor, a.jobs, None, f"{a.target} (a notebook, not a parameter file)")
-        results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout, executor=ex)]
-    else:
-        results = run_sweep(a.target, only=a.only, out=a.out, force=a.force, set_params=params, timeout=a.timeout,
-                            executor=sweep_executor(a.target, a.executor, a.jobs))
+    ex = (make_executor(a.executor, a.jobs, None, f"{a.target} (a notebook, not a parameter file)") if notebook
+          else sweep_executor(a.target, a.executor, a.jobs))
+    others = other_machines(out) if ex["kind"] == "local" else {}  # a cluster's machines are not this one
+    if others: print(f"note: {sum(others.values())} trained run(s) in {out} were computed on other machines ("
+                      + "; ".join(others) + "); runs made here can differ from theirs for the same settings and seed, "
+                      "and the report names each machine", file=sys.stderr)
+    if notebook: results = [run_notebook(a.target, params, a.out, force=a.force, timeout=a.timeout, executor=ex)]
+    else: results = run_sweep(a.target, only=a.only, out=a.out, force=a.force, set_params=params, timeout=a.timeout, executor=ex)
     failed = [r for r in results if r["status"] != "ok"]
     print(f"{len(results) - len(failed)} of {len(results)} notebook(s) ok" + (f" ({sum(bool(r.get('skipped')) for r in results)} done earlier)"))
     if failed:

@@ -224,6 +224,25 @@ def test_failing_notebook_is_recorded_and_the_sweep_goes_on(tmp_path, kernel_env
     assert len(sweep_status(out)) == 3 and sorted(r["name"] for r in load_records(out)) == ["a", "c"]
 
 
+def test_study_run_notes_trained_runs_computed_on_other_machines(tmp_path, kernel_env, capsys):
+    "Resuming a folder whose trained runs were computed elsewhere says so before it runs (their numbers can differ from this machine's)."
+    from tbps_clip.cli import main
+    from tbps_clip.core import atomic_write_json, environment_info
+    sweep, out = fake_sweep(tmp_path, [("a", {})])
+    rec = lambda seed, env, **kw: atomic_write_json(out / "records" / "e01" / f"clip-s{seed}.json",
+                                                   dict(exp="e01", name="clip", seed=seed, metrics={}, environment=env, **kw))
+    rec(0, environment_info())  # this machine
+    rec(1, dict(cpu_model="Elsewhere", cpu_capability="AVX2", torch="2.4"), reused_from="e02/clip")  # reused: computed by its source
+    assert main(["study", "run", str(sweep), "--allow-dirty"]) == 0
+    assert "other machines" not in capsys.readouterr().err
+    rec(2, dict(cpu_model="Elsewhere", cpu_capability="AVX2", torch="2.4"))
+    assert main(["study", "run", str(sweep), "--allow-dirty"]) == 0
+    err = capsys.readouterr().err
+    # the fake notebook's own record names no machine: it cannot be known to be this one's
+    assert (f"note: 2 trained run(s) in {out} were computed on other machines (CPU model not recorded (kernels not recorded), "
+            "torch ?; Elsewhere (AVX2), torch 2.4)") in err, err
+
+
 def test_sweep_file_errors_name_the_file_and_entry(tmp_path):
     bad = tmp_path / "s.yaml"
     bad.write_text("out: x\nnotebooks: [{params: {}}]\n")

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from ..core import TBPSError, atomic_write_json, git_commit, machine_key
+from ..core import TBPSError, atomic_write_json, environment_info, git_commit, machine_key
 from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
 __all__ = ['CREATED_FORMAT', 'params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'sweep_executor',
            'run_sweep', 'sweep_status', 'recorded_runs', 'sweep_progress', 'unfinished_runs', 'records_overview',
-           'uncommitted_changes', 'check_provenance', 'provenance_diffs']
+           'other_machines', 'uncommitted_changes', 'check_provenance', 'provenance_diffs']
 
 # %% ../../nbs/35_study_driver.ipynb #1dee603c
 def params_key(params: dict) -> str:
@@ -243,6 +243,11 @@ def records_overview(out, hours: float = 1.0, now: float | None = None) -> dict:
     recent = [reused for t, reused in made if now - t <= hours * 3600]
     return dict(hours=hours, runs=len(recent), trained=recent.count(False), reused=recent.count(True), undated=undated,
                 newest_seconds=round(now - max(t for t, _ in made)) if made else None, machines=dict(sorted(machines.items())))
+
+def other_machines(out, here: str | None = None) -> dict:
+    "The machines other than `here` (default: this one, `core.machine_key`) that computed trained runs under `out/records`: count."
+    here = here or machine_key(environment_info())
+    return {m: n for m, n in records_overview(out)["machines"].items() if m != here}
 
 # %% ../../nbs/35_study_driver.ipynb #b804df6c
 def uncommitted_changes(cwd=None) -> list | None:
