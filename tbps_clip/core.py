@@ -18,16 +18,17 @@ import random
 import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 try: import fcntl  # POSIX file locks (exclusive_lock)
 except ImportError: fcntl = None
 
 # %% auto #0
-__all__ = ['TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
+__all__ = ['TIMESTAMP', 'TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'exclusive_lock', 'read_json',
-           'check_relative_path', 'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'git_commit', 'cpu_model',
-           'environment_info', 'machine_key']
+           'check_relative_path', 'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'timestamp', 'git_commit',
+           'cpu_model', 'environment_info', 'machine_key']
 
 # %% ../nbs/00_core.ipynb #6c150783
 class TBPSError(Exception):
@@ -234,6 +235,12 @@ def autocast(device, precision: str = "amp"):
 def cache_dir() -> Path:
     "The cache folder: `$TBPS_CLIP_CACHE`, else `~/.cache/tbps_clip`."
     return Path(os.environ.get("TBPS_CLIP_CACHE", Path.home()/".cache"/"tbps_clip")).expanduser()
+
+TIMESTAMP = "%Y-%m-%dT%H:%M:%S"  # local time to the second: records' `created`, results' `finished`, indexes' `updated`
+
+def timestamp(t: float | None = None) -> str:
+    "Local time `t` (default: now) as the project's records, results and indexes write it (`TIMESTAMP`)."
+    return time.strftime(TIMESTAMP, time.localtime(t))
 
 def git_commit(cwd=None) -> str | None:
     "The current git commit of `cwd` (or of this package's checkout), or None outside a checkout."

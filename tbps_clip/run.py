@@ -16,7 +16,7 @@ from .checkpoint import is_project_checkpoint
 from .config import (Config, check_config, config_from_dict, config_to_dict, dataset_label, get_key,
                               is_synthetic_dataset, load_config, make_config, parse_overrides, set_key)
 from .core import (TBPSError, atomic_write_json, derive_seed, environment_info, git_commit, resolve_device,
-                            seed_everything)
+                            seed_everything, timestamp)
 from .augment import configure_pairs, image_transform, synonym_source
 from .curves import CurveLog, check_log_to
 from .data import TrainPairs
@@ -59,7 +59,7 @@ def run_record(cfg: Config, ann: Annotations, **fields) -> dict:
     "A result record: what ran, on what data, with which code and machine."
     return dict(synthetic=is_synthetic_dataset(ann.dataset), dataset=ann.dataset or cfg.data.dataset, preset=cfg.preset,
                 seed=cfg.train.seed, config=config_to_dict(cfg), **fields,
-                environment=environment_info(), git_commit=git_commit(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                environment=environment_info(), git_commit=git_commit(), finished=timestamp())
 
 # %% ../nbs/13_run.ipynb #3ef02b10
 def run_log(cfg: Config, rank: int = 0):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .weights import build_model
 from .config import Config, config_from_dict, config_to_dict
-from .core import TBPSError, atomic_write_bytes, atomic_write_json, autocast, patch_to, resolve_device, safe_join
+from .core import TBPSError, atomic_write_bytes, atomic_write_json, autocast, patch_to, resolve_device, safe_join, timestamp
 from .data import load_image, test_transform
 from .distributed import barrier, dist_env
 from .evaluate import encode_texts
@@ -284,7 +284,7 @@ class GalleryIndex:
         self.parts: list = []  # arrays (rows, dim), memory-mapped once saved
         self._saved: list = []  # per part: {'file', 'rows', 'blake2b'} once written to self.folder, else None
         self.folder: Path | None = None
-        self.created = self.updated = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.created = self.updated = timestamp()
         self.last_report: IndexReport | None = None
 
     def __len__(self) -> int: return len(self.paths)
@@ -390,7 +390,7 @@ def save(self, folder=None) -> Path:
         atomic_write_bytes(folder / name, data)
         self._saved[j] = dict(file=name, rows=int(part.shape[0]), blake2b=hashlib.blake2b(data, digest_size=16).hexdigest())
         self.parts[j] = np.load(folder / name, mmap_mode="r")  # drop the in-memory copy
-    self.folder, self.updated = folder, time.strftime("%Y-%m-%dT%H:%M:%S")
+    self.folder, self.updated = folder, timestamp()
     from tbps_clip import __version__
     meta = dict(format=INDEX_FORMAT, version=INDEX_VERSION, created=self.created, updated=self.updated, tbps_clip=__version__,
                 model=self.model, source=self.source, config=self.config, dtype=self.dtype, dim=self.dim, count=len(self.paths),

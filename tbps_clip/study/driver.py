@@ -18,13 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from ..core import TBPSError, atomic_write_json, environment_info, git_commit, machine_key
+from ..core import TIMESTAMP, TBPSError, atomic_write_json, environment_info, git_commit, machine_key, timestamp
 from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
-__all__ = ['CREATED_FORMAT', 'params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'sweep_executor',
-           'run_sweep', 'sweep_status', 'recorded_runs', 'sweep_progress', 'unfinished_runs', 'records_overview',
-           'other_machines', 'uncommitted_changes', 'check_provenance', 'provenance_diffs']
+__all__ = ['params_key', 'notebook_parameters', 'run_notebook', 'load_sweep', 'sweep_plan', 'sweep_executor', 'run_sweep',
+           'sweep_status', 'recorded_runs', 'sweep_progress', 'unfinished_runs', 'records_overview', 'other_machines',
+           'uncommitted_changes', 'check_provenance', 'provenance_diffs']
 
 # %% ../../nbs/35_study_driver.ipynb #1dee603c
 def params_key(params: dict) -> str:
@@ -91,7 +91,7 @@ def run_notebook(notebook, params: dict, out, force: bool = False, cwd=None, ker
     executed = Path(out) / "notebooks" / f"{nb.stem}-{params_key(params)}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     st = dict(notebook=str(nb), params=params, key=params_key(params), output=str(executed), status="running",
-              started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=git_commit(), host=socket.gethostname(), pid=os.getpid())
+              started=timestamp(), git_commit=git_commit(), host=socket.gethostname(), pid=os.getpid())
     atomic_write_json(status, st)
     _log(out, f"start {nb.name} {json.dumps(params, default=str)}")
     if log: log(f"{nb.stem}: running")
@@ -106,7 +106,7 @@ def run_notebook(notebook, params: dict, out, force: bool = False, cwd=None, ker
         tb = getattr(e, "traceback", None)
         st.update(status="failed", error=f"{getattr(e, 'ename', type(e).__name__)}: {_strip_ansi(str(getattr(e, 'evalue', e)))}",
                   traceback=_strip_ansi("\n".join(tb) if tb else traceback.format_exc()))
-    st.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.perf_counter() - t0, 1))
+    st.update(finished=timestamp(), seconds=round(time.perf_counter() - t0, 1))
     atomic_write_json(status, st)
     _log(out, f"{st['status']} {nb.name} in {st['seconds']} s" + (f": {st['error']}" if st["status"] != "ok" else ""))
     if log: log(f"{nb.stem}: {st['status']} in {st['seconds']:.0f} s" + (f" ({st['error']})" if st["status"] != "ok" else ""))
@@ -226,8 +226,6 @@ def unfinished_runs(out) -> list:
     return rows
 
 # %% ../../nbs/35_study_driver.ipynb #f4361503
-CREATED_FORMAT = "%Y-%m-%dT%H:%M:%S"  # a record's `created`: local time, as `run_once` writes it
-
 def records_overview(out, hours: float = 1.0, now: float | None = None) -> dict:
     """Where the run records under `out/records` stand: how many the last `hours` wrote (trained and reused apart), how
     long ago the newest was, and on which machines the trained ones were computed (`core.machine_key`: count)."""
@@ -238,7 +236,7 @@ def records_overview(out, hours: float = 1.0, now: float | None = None) -> dict:
         reused = bool(isinstance(rec, dict) and rec.get("reused_from"))
         if isinstance(rec, dict) and not reused:
             key = machine_key(rec.get("environment")); machines[key] = machines.get(key, 0) + 1
-        try: made.append((time.mktime(time.strptime(rec["created"], CREATED_FORMAT)), reused))
+        try: made.append((time.mktime(time.strptime(rec["created"], TIMESTAMP)), reused))
         except (KeyError, TypeError, ValueError): undated += 1  # no `created`: not placed in time
     recent = [reused for t, reused in made if now - t <= hours * 3600]
     return dict(hours=hours, runs=len(recent), trained=recent.count(False), reused=recent.count(True), undated=undated,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..config import config_to_dict, load_config, make_config, parse_overrides, save_config
-from ..core import TBPSError, atomic_write_json, environment_info, git_commit
+from ..core import TBPSError, atomic_write_json, environment_info, git_commit, timestamp
 from .executors import current_executor, is_serial, run_calls
 from ..probes import trainable_parameters
 from ..metrics import METRICS
@@ -138,7 +138,7 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
     if same:  # the same settings and seed ran as another experiment's row (e.g. CLIP* in e02, e03 and e04): not again
         if keep_checkpoint: share_checkpoint(run_dir_of(out, same["exp"], same["name"], seed) / "checkpoint.pt", run_dir / "checkpoint.pt")
         rec = {**same, "exp": exp, "name": name, "preset": preset, "overrides": dict(parse_overrides(overrides)), "scale": scale,
-               "reused_from": f"{same['exp']}/{same['name']}", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "reused_from": f"{same['exp']}/{same['name']}", "created": timestamp()}
         if count_params and "params_m" not in rec: rec.update(parameter_millions(cfg, same["train_ids"]))
         atomic_write_json(path, rec)
         return rec
@@ -156,7 +156,7 @@ def run_once(exp: str, name: str, preset: str, overrides, seed: int, scale: str,
                run_dir=str(run_dir), fingerprint=fp,
                train_pairs=res["train_pairs"], train_ids=res["train_ids"],
                config=res["config"], environment=res.get("environment") or environment_info(),
-               git_commit=res.get("git_commit") or git_commit(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+               git_commit=res.get("git_commit") or git_commit(), created=timestamp())
     if count_params: rec.update(parameter_millions(cfg, res["train_ids"]))
     atomic_write_json(path, rec)
     if not keep_checkpoint and ckpt.exists(): ckpt.unlink()
