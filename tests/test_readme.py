@@ -100,17 +100,23 @@ def test_study_page_numbers_are_the_records(tmp_path):
         assert (int(pct), int(lo), int(hi)) == (round(100 * a["agreement"]), round(100 * a["low"]), round(100 * a["high"])), (name, a)
 
 
+def agreement_cell(a: dict) -> str:
+    "An agreement row as the README's findings table gives it: resolved / agreeing, and the rate with its 95% Wilson interval."
+    if not a["resolved"]: return "0 / 0"
+    return f"{a['resolved']} / {a['agree']}: {100 * a['agreement']:.0f}% ({100 * a['low']:.0f}-{100 * a['high']:.0f}%)"
+
+
 # the README's findings rows (paper tables) -> the report's agreement rows they are
 FINDINGS = {"1-5": "Tables 1-5 (ablations)", "6-8": "Tables 6-8 (presets)", "10-12": "all probes (Tables 10-12)",
             "2-3, appendix": "all ablations (appendix sweeps)"}
 
 
 def test_readme_findings_table_is_the_records(tmp_path):
-    "Each row of the README's findings table: its comparisons, and how many resolve and agree in v3, from the committed records."
+    "Each row of the README's findings table: its comparisons, how many resolve and agree in v3, and the rate with its interval, from the records."
     text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Findings (synthetic)", 1)[1].split("\n## ", 1)[0]
     header = re.search(r"^\| tables \(paper\) \|.*$", text, re.M)[0]
     cols = [c.strip() for c in header.strip("|").split("|")]
-    v3 = cols.index("v3: resolve / agree")
+    v3 = cols.index("v3: resolve / agree: rate (95% interval)")
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
                                           for line in text[text.index(header):].splitlines()[2:] if line.startswith("|"))}
     assert set(FINDINGS) <= set(rows), rows  # a row of another study (its own column or row) is its own test's
@@ -118,7 +124,7 @@ def test_readme_findings_table_is_the_records(tmp_path):
     for group, name in FINDINGS.items():
         a, said = agreement[name], rows[group]
         assert int(said[cols.index("comparisons")]) == a["rows"], (group, said)
-        assert said[v3] == f"{a['resolved']} / {a['agree']}", (group, said, a)
+        assert said[v3] == agreement_cell(a), (group, said, a)
 
 
 def test_readme_is_short_and_its_commands_table_names_every_command():
