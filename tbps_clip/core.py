@@ -28,7 +28,7 @@ except ImportError: fcntl = None
 __all__ = ['TIMESTAMP', 'TBPSError', 'registrar', 'resolve', 'patch_to', 'seed_everything', 'derive_seed', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'exclusive_lock', 'read_json',
            'check_relative_path', 'safe_join', 'resolve_device', 'autocast', 'cache_dir', 'timestamp', 'git_commit',
-           'cpu_model', 'environment_info', 'machine_key']
+           'cpu_model', 'environment_info', 'machine_key', 'machine_counts']
 
 # %% ../nbs/00_core.ipynb #6c150783
 class TBPSError(Exception):
@@ -278,3 +278,10 @@ def machine_key(env: dict | None) -> str:
     if env.get("cuda"): device = env["cuda"]
     else: device = f"{env.get('cpu_model') or 'CPU model not recorded'} ({env.get('cpu_capability') or 'kernels not recorded'})"
     return f"{device}, torch {env.get('torch') or '?'}"
+
+def machine_counts(records) -> dict:
+    "{`machine_key`: count} of the trained `records` (a record `reused_from` another run was computed by that run), sorted."
+    counts: dict = {}
+    for r in records:
+        if not r.get("reused_from"): k = machine_key(r.get("environment")); counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items()))

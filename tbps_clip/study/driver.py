@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core import TIMESTAMP, TBPSError, atomic_write_json, environment_info, git_commit, machine_key, timestamp
+from ..core import TIMESTAMP, TBPSError, atomic_write_json, environment_info, git_commit, machine_counts, machine_key, timestamp
 from .executors import EXECUTOR_ENV, make_executor
 
 # %% auto #0
@@ -229,18 +229,17 @@ def unfinished_runs(out) -> list:
 def records_overview(out, hours: float = 1.0, now: float | None = None) -> dict:
     """Where the run records under `out/records` stand: how many the last `hours` wrote (trained and reused apart), how
     long ago the newest was, and on which machines the trained ones were computed (`core.machine_key`: count)."""
-    now, made, undated, machines = time.time() if now is None else now, [], 0, {}
+    now, recs, made, undated = time.time() if now is None else now, [], [], 0
     for p in sorted((Path(out) / "records").glob("*/*.json")):
-        try: rec = json.loads(p.read_text())
+        try: recs.append(json.loads(p.read_text()))
         except (OSError, ValueError) as e: raise TBPSError(f"{p}: cannot read the record: {e}") from None
-        reused = bool(isinstance(rec, dict) and rec.get("reused_from"))
-        if isinstance(rec, dict) and not reused:
-            key = machine_key(rec.get("environment")); machines[key] = machines.get(key, 0) + 1
-        try: made.append((time.mktime(time.strptime(rec["created"], TIMESTAMP)), reused))
-        except (KeyError, TypeError, ValueError): undated += 1  # no `created`: not placed in time
+    for rec in recs:
+        try: made.append((time.mktime(time.strptime(rec["created"], TIMESTAMP)), bool(rec.get("reused_from"))))
+        except (KeyError, TypeError, ValueError): undated += 1  # no `created` (or not a record): not placed in time
     recent = [reused for t, reused in made if now - t <= hours * 3600]
     return dict(hours=hours, runs=len(recent), trained=recent.count(False), reused=recent.count(True), undated=undated,
-                newest_seconds=round(now - max(t for t, _ in made)) if made else None, machines=dict(sorted(machines.items())))
+                newest_seconds=round(now - max(t for t, _ in made)) if made else None,
+                machines=machine_counts(r for r in recs if isinstance(r, dict)))
 
 def other_machines(out, here: str | None = None) -> dict:
     "The machines other than `here` (default: this one, `core.machine_key`) that computed trained runs under `out/records`: count."

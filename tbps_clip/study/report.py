@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..config import dataset_label
-from ..core import TBPSError, atomic_write_text, machine_key
+from ..core import TBPSError, atomic_write_text, machine_counts
 from .grid import ALIASES
 from .marks import agreement_summary, compare, pooled_paired_sd, summarise
 from .paper import PAPER, paper_table
@@ -240,13 +240,12 @@ def cost_section(records, label: str) -> list:
 # %% ../../nbs/34_study_report.ipynb #84c406ed
 def machines_lines(records) -> list:
     "What the report says of the machines that computed a folder's trained runs (`core.machine_key`), with a warning when there were several."
-    from collections import Counter
-    counts = Counter(machine_key(r.get("environment")) for r in records if not r.get("reused_from"))
+    counts = machine_counts(records)
     if not counts: return []
     n = sum(counts.values())
     if len(counts) == 1: return ["### Where the runs were computed", "", f"All {n} trained runs: {next(iter(counts))}.", ""]
     return ["### Where the runs were computed", "", f"{n} trained runs on {len(counts)} machines: "
-            + "; ".join(f"{m} ({c})" for m, c in sorted(counts.items())) + ". The same configuration and seed can give other "
+            + "; ".join(f"{m} ({c})" for m, c in counts.items()) + ". The same configuration and seed can give other "
             "numbers on another machine, so a paired effect whose two runs were computed on different machines includes that "
             "difference.", ""]
 
