@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- tested by tests/test_readme.py -->"
 
@@ -58,24 +60,34 @@ README_TABLES = {"2": "table2", "3": "table3", "4": "table4", "5": "table5", "10
                  "2 (appendix)": "table2_appendix", "3 (appendix)": "table3_appendix"}
 
 
-def study_report(tmp_path) -> tuple:
-    "The v3 report rebuilt from the committed records (no figures): its marked tables by name, its agreement rows by name."
+def study_report(study: Path, tmp_path) -> tuple:
+    "A study's report rebuilt from its committed records (no figures): its marked tables by name, its agreement rows by name."
     sys.path.insert(0, str(ROOT / "experiments"))
     from tbps_clip.study.report import agreement_rows, build_report, study_groups, data_label
     from tbps_clip.study.runs import load_records
     from tbps_experiments import REPORT_SECTIONS
-    tables = {t: m for (_, t), m in build_report([STUDY], tmp_path, figures=False, sections=REPORT_SECTIONS).items()}
-    recs = load_records(STUDY)
-    groups, _ = study_groups(recs, STUDY, tmp_path, data_label(recs), figures=False, sections=REPORT_SECTIONS)
+    tables = {t: m for (_, t), m in build_report([study], tmp_path, figures=False, sections=REPORT_SECTIONS).items()}
+    recs = load_records(study)
+    groups, _ = study_groups(recs, study, tmp_path, data_label(recs), figures=False, sections=REPORT_SECTIONS)
     return tables, {r["table"]: r for r in agreement_rows(groups, tables)}
 
 
-def test_study_page_numbers_are_the_records(tmp_path):
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    "Each study's report from its records, built once for this module's tests: reports(folder) -> (tables, agreement)."
+    built = {}
+    def get(study: Path) -> tuple:
+        if study not in built: built[study] = study_report(study, tmp_path_factory.mktemp(study.name))
+        return built[study]
+    return get
+
+
+def test_study_page_numbers_are_the_records(reports):
     "Every paired effect, 2-SE figure, count and rate of docs/study.md's v3 section is what the committed records give."
     sys.path.insert(0, str(ROOT / "experiments"))
     from tbps_experiments import study_sd
-    text = (ROOT / "docs" / "study.md").read_text(encoding="utf-8").split("## The second analogue (v3)", 1)[1].split("## History", 1)[0]
-    tables, agreement = study_report(tmp_path)
+    text = (ROOT / "docs" / "study.md").read_text(encoding="utf-8").split("## The second analogue (v3)", 1)[1].split("## The regime map", 1)[0]
+    tables, agreement = reports(STUDY)
     sd, dof = study_sd(STUDY)
     assert f"s = {sd:.2f} R@1,\n{dof} degrees of freedom" in text or f"s = {sd:.2f} R@1, {dof} degrees of freedom" in text.replace("\n", " ")
     rows = re.findall(r"^\| ([^|]+?) \| [^|]* \| ([+-]?\d+\.\d\d) \((\d+\.\d\d)\) \|", text, re.M)
@@ -111,7 +123,7 @@ FINDINGS = {"1-5": "Tables 1-5 (ablations)", "6-8": "Tables 6-8 (presets)", "10-
             "2-3, appendix": "all ablations (appendix sweeps)"}
 
 
-def test_readme_findings_table_is_the_records(tmp_path):
+def test_readme_findings_table_is_the_records(reports):
     "Each row of the README's findings table: its comparisons, how many resolve and agree in v3, and the rate with its interval, from the records."
     text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Findings (synthetic)", 1)[1].split("\n## ", 1)[0]
     header = re.search(r"^\| tables \(paper\) \|.*$", text, re.M)[0]
@@ -120,7 +132,7 @@ def test_readme_findings_table_is_the_records(tmp_path):
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
                                           for line in text[text.index(header):].splitlines()[2:] if line.startswith("|"))}
     assert set(FINDINGS) <= set(rows), rows  # a row of another study (its own column or row) is its own test's
-    _, agreement = study_report(tmp_path)
+    _, agreement = reports(STUDY)
     for group, name in FINDINGS.items():
         a, said = agreement[name], rows[group]
         assert int(said[cols.index("comparisons")]) == a["rows"], (group, said)
