@@ -119,24 +119,115 @@ def agreement_cell(a: dict) -> str:
 
 
 # the README's findings rows (paper tables) -> the report's agreement rows they are
-FINDINGS = {"1-5": "Tables 1-5 (ablations)", "6-8": "Tables 6-8 (presets)", "10-12": "all probes (Tables 10-12)",
-            "2-3, appendix": "all ablations (appendix sweeps)"}
+FINDINGS = {"1-5": "Tables 1-5 (ablations)", "6-8": "Tables 6-8 (presets)", "1-8, batch size": "all ablations (main tables, presets, batch size)",
+            "10-12": "all probes (Tables 10-12)", "2-3, appendix": "all ablations (appendix sweeps)"}
+STUDY_V4 = ROOT / "results" / "study" / "synthpedes-v4"
+PROBES = "all probes (Tables 10-12)"  # v4 does not rerun them: its parameter file says they stand as v3 measured them
 
 
-def test_readme_findings_table_is_the_records(reports):
-    "Each row of the README's findings table: its comparisons, how many resolve and agree in v3, and the rate with its interval, from the records."
+def findings_table() -> tuple:
+    "The README's findings table: its column names, and its rows (cells) by their first cell."
     text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Findings (synthetic)", 1)[1].split("\n## ", 1)[0]
     header = re.search(r"^\| tables \(paper\) \|.*$", text, re.M)[0]
     cols = [c.strip() for c in header.strip("|").split("|")]
-    v3 = cols.index("v3: resolve / agree: rate (95% interval)")
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
                                           for line in text[text.index(header):].splitlines()[2:] if line.startswith("|"))}
-    assert set(FINDINGS) <= set(rows), rows  # a row of another study (its own column or row) is its own test's
-    _, agreement = reports(STUDY)
+    return cols, rows
+
+
+def test_readme_findings_table_is_the_records(reports):
+    "Each row of the README's findings table: its comparisons, how many resolve and agree in v3 and in v4, and the rates with their intervals, from the records."
+    cols, rows = findings_table()
+    assert set(rows) == set(FINDINGS), rows
+    v3, v4 = cols.index("v3: resolve / agree: rate (95% interval)"), cols.index("v4 at N* = 200: resolve / agree: rate (95% interval)")
+    (_, agreement), (_, agreement4) = reports(STUDY), reports(STUDY_V4)
     for group, name in FINDINGS.items():
         a, said = agreement[name], rows[group]
-        assert int(said[cols.index("comparisons")]) == a["rows"], (group, said)
+        n = re.fullmatch(r"(\d+)(?: \(v4: (\d+)\))?", said[cols.index("comparisons")])
+        assert int(n[1]) == a["rows"] and int(n[2] or n[1]) == agreement4.get(name, a)["rows"], (group, said)
         assert said[v3] == agreement_cell(a), (group, said, a)
+        if name == PROBES:
+            assert said[v4] == "not rerun" and name not in agreement4, (said, agreement4.get(name))
+        else:
+            assert said[v4] == agreement_cell(agreement4[name]), (group, said, agreement4[name])
+
+
+def test_readme_v4_reading_is_the_records_and_the_report(reports):
+    """The README's reading of v4 (fit_explanation, fixed in v4's parameter file) is the committed v3-v4 report's, final,
+    and what the rule gives on the agreement rows rebuilt from both studies' records."""
+    import json
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tbps_experiments import MAIN_ABLATIONS, fit_explanation_reading
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    said = re.search(r'v4 reads the fit explanation as "(\w+)": (\d+) of (\d+) resolved main ablation comparisons agree with the '
+                     r'paper, against (\d+) of (\d+) in v3', text)
+    assert said, "the README states v4's reading"
+    (reading, agree4, res4, agree3, res3) = said[1], *map(int, said.groups()[1:])
+    rows = [list(reports(s)[1].values()) for s in (STUDY, STUDY_V4)]
+    rule = fit_explanation_reading(*rows)
+    assert (rule["reading"], rule["after"], rule["before"]) == (reading, f"{agree4} of {res4} resolved agree", f"{agree3} of {res3} resolved agree")
+    a3, a4 = (next(r for r in rs if r["table"] == MAIN_ABLATIONS) for rs in rows)
+    assert "the intervals overlap ({:.0f}-{:.0f}% and {:.0f}-{:.0f}%)".format(*(100 * x for x in (a4["low"], a4["high"], a3["low"], a3["high"]))) in text
+    assert a4["low"] < a3["high"]  # they do overlap
+    report = json.loads((ROOT / "results" / "study" / "synthpedes-v3-v4" / "report" / "readings.json").read_text())
+    assert [(r["rule"], r["group"], r["reading"], r["final"]) for r in report] == [("fit_explanation", MAIN_ABLATIONS, reading, "yes")]
+
+
+# docs/study.md's v4 section: its rows of v3 against v4 -> the report's agreement rows
+V4_COUNTS = {"1, training tricks": "table1", "2, image augmentation": "table2", "3, text augmentation": "table3",
+             "4, both augmentations": "table4", "5, losses": "table5", "6-8, presets": "table6_8-tbps-tiny-cs",
+             "batch size": "table12_batch", "2 (appendix)": "table2_appendix", "3 (appendix)": "table3_appendix",
+             "Tables 1-5 (ablations)": "Tables 1-5 (ablations)", "Tables 6-8 (presets)": "Tables 6-8 (presets)",
+             "all ablations (Tables 1-8 and the batch size)": "all ablations (main tables, presets, batch size)",
+             "appendix sweeps (Tables 2 and 3)": "all ablations (appendix sweeps)", "probes (Tables 10-12)": PROBES}
+
+
+def test_study_page_v4_section_is_the_records(reports):
+    """docs/study.md's v4 section: what ran and what it cost, its SE rule, v3 against v4 per table (resolve / agree with
+    intervals), and Table 1 and the presets' paired effects in both studies, all from the committed records."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tbps_clip.core import machine_counts
+    from tbps_clip.study.report import study_cost
+    from tbps_clip.study.runs import load_records
+    from tbps_experiments import study_sd
+    text = (ROOT / "docs" / "study.md").read_text(encoding="utf-8").split("## Study v4", 1)[1].split("\n## ", 1)[0]
+    flat = " ".join(text.split())
+    recs = load_records(STUDY_V4)
+    cost = study_cost(recs)[-1]
+    assert (f"{cost['runs']} run records, of which {cost['trained']} trained ({cost['steps']:,} steps) and {cost['reused']} "
+            f"reused an identical run of v4; {cost['train_hours']} process-hours of training and {cost['test_hours']} of testing") in flat, cost
+    (machine, n), = machine_counts(recs).items()  # one machine computed every trained run
+    assert n == cost["trained"] and f"all on one machine ({machine})" in flat, machine
+    commit = re.search(r"ran from commit ([0-9a-f]{7,40})", flat)[1]
+    assert {r["git_commit"][:len(commit)] for r in recs if not r.get("reused_from")} == {commit}
+    from tbps_experiments import same_runs_elsewhere
+    same = same_runs_elsewhere([r for r in recs if r["exp"] == "e06"], ROOT / "results" / "study" / "synthpedes-regime-map")
+    assert len(same) == 9 and all(s["equal"] and s["commit_there"] != s["commit_here"] for s in same), same
+    assert "all nine are bit-identical to them" in flat and f"another commit ({same[0]['commit_there'][:7]})" in flat
+    fits = {name: [(r["fit"]["R@1"], r["metrics"]["R@1"]) for r in recs if r["exp"] == "e06" and r["name"] == f"{name}@tbps-tiny-cs"]
+            for name in ("clip", "tbps")}
+    mean = lambda xs: sum(xs) / len(xs)
+    assert f"(fit {mean([f for f, _ in fits['clip']]):.1f}, test R@1 {mean([t for _, t in fits['clip']]):.2f})" in flat
+    assert f"(fit {mean([f for f, _ in fits['tbps']]):.1f}, test {mean([t for _, t in fits['tbps']]):.2f})" in flat
+    sd, dof = study_sd(STUDY_V4, recs=recs)
+    assert f"s = {sd:.2f} R@1, {dof} degrees of freedom" in flat, (sd, dof)
+    (_, a3), (tables4, a4) = reports(STUDY), reports(STUDY_V4)
+    counts = re.findall(r"^\| ([^|]+?) \| (\d+)(?: \(v4: (\d+)\))? \| ([^|]+?) \| ([^|]+?) \|$", text, re.M)
+    assert {c[0] for c in counts} == set(V4_COUNTS), counts
+    for label, n, n4, v3, v4 in counts:
+        key = V4_COUNTS[label]
+        assert (int(n), v3) == (a3[key]["rows"], agreement_cell(a3[key])), (label, a3[key])
+        assert v4 == ("not rerun" if key not in a4 else agreement_cell(a4[key])), (label, a4.get(key))
+        assert int(n4 or n) == a4.get(key, a3[key])["rows"], (label, n4, a4.get(key))
+    assert set(a3) - set(a4) == {"table12_batch", PROBES} | {k for k in a3 if k.startswith(("table10", "table11", "table12"))}
+    (tables3, _) = reports(STUDY)
+    effects = re.findall(r"^\| ([^|]+?) \| ([+-]?\d+\.\d\d) \((\d+\.\d\d)\) \| ([+-]?\d+\.\d\d) \((\d+\.\d\d)\) \| [^|]+ \| ([^|]+?) \|$", text, re.M)
+    assert {e[0] for e in effects} == set(README_ROWS), effects
+    for label, e3, se3, e4, se4, mark in effects:
+        table, name = README_ROWS[label]
+        r3, r4 = (next(r for r in t[table] if r["label"] == name) for t in (tables3, tables4))
+        assert (float(e3), float(se3)) == (round(r3["ours_effect"], 2), round(r3["resolvable"], 2)), (label, r3)
+        assert (float(e4), float(se4), mark) == (round(r4["ours_effect"], 2), round(r4["resolvable"], 2), r4["mark"]), (label, r4)
 
 
 def test_readme_is_short_and_its_commands_table_names_every_command():
