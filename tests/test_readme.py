@@ -206,9 +206,12 @@ def test_study_page_v4_section_is_the_records(reports):
     assert "all nine are bit-identical to them" in flat and f"another commit ({same[0]['commit_there'][:7]})" in flat
     fits = {name: [(r["fit"]["R@1"], r["metrics"]["R@1"]) for r in recs if r["exp"] == "e06" and r["name"] == f"{name}@tbps-tiny-cs"]
             for name in ("clip", "tbps")}
+    fits["clip_star"] = [(r["fit"]["R@1"], r["metrics"]["R@1"]) for r in recs if r["exp"] == "e01" and r["name"] == "clip_star"]
     mean = lambda xs: sum(xs) / len(xs)
     assert f"(fit {mean([f for f, _ in fits['clip']]):.1f}, test R@1 {mean([t for _, t in fits['clip']]):.2f})" in flat
     assert f"(fit {mean([f for f, _ in fits['tbps']]):.1f}, test {mean([t for _, t in fits['tbps']]):.2f})" in flat
+    assert f"fits them less ({mean([f for f, _ in fits['clip_star']]):.1f}) and retrieves new ones better ({mean([t for _, t in fits['clip_star']]):.2f})" in flat
+    assert len(fits["clip_star"]) == len(fits["clip"]) == len(fits["tbps"]) == 3
     sd, dof = study_sd(STUDY_V4, recs=recs)
     assert f"s = {sd:.2f} R@1, {dof} degrees of freedom" in flat, (sd, dof)
     (_, a3), (tables4, a4) = reports(STUDY), reports(STUDY_V4)
