@@ -169,6 +169,11 @@ def test_readme_v4_reading_is_the_records_and_the_report(reports):
     a3, a4 = (next(r for r in rs if r["table"] == MAIN_ABLATIONS) for rs in rows)
     assert "the intervals overlap ({:.0f}-{:.0f}% and {:.0f}-{:.0f}%)".format(*(100 * x for x in (a4["low"], a4["high"], a3["low"], a3["high"]))) in text
     assert a4["low"] < a3["high"]  # they do overlap
+    tables4 = reports(STUDY_V4)[0]
+    disagree = [t for t in tables4 if t in ("table1", "table2", "table3", "table4", "table5") or t.startswith("table6_8")
+                for r in tables4[t] if r["mark"] == "disagrees" and r.get("counted", True)]
+    assert len(disagree) == res4 - agree4 and "Three of the four that still disagree are image augmentations" in text
+    assert (len(disagree), disagree.count("table2")) == (4, 3), disagree  # Table 2: image augmentation
     report = json.loads((ROOT / "results" / "study" / "synthpedes-v3-v4" / "report" / "readings.json").read_text())
     assert [(r["rule"], r["group"], r["reading"], r["final"]) for r in report] == [("fit_explanation", MAIN_ABLATIONS, reading, "yes")]
 
@@ -189,7 +194,7 @@ def test_study_page_v4_section_is_the_records(reports):
     from tbps_clip.core import machine_counts
     from tbps_clip.study.report import study_cost
     from tbps_clip.study.runs import load_records
-    from tbps_experiments import study_sd
+    from tbps_experiments import same_runs_elsewhere, study_sd
     text = (ROOT / "docs" / "study.md").read_text(encoding="utf-8").split("## Study v4", 1)[1].split("\n## ", 1)[0]
     flat = " ".join(text.split())
     recs = load_records(STUDY_V4)
@@ -200,21 +205,22 @@ def test_study_page_v4_section_is_the_records(reports):
     assert n == cost["trained"] and f"all on one machine ({machine})" in flat, machine
     commit = re.search(r"ran from commit ([0-9a-f]{7,40})", flat)[1]
     assert {r["git_commit"][:len(commit)] for r in recs if not r.get("reused_from")} == {commit}
-    from tbps_experiments import same_runs_elsewhere
     same = same_runs_elsewhere([r for r in recs if r["exp"] == "e06"], ROOT / "results" / "study" / "synthpedes-regime-map")
     assert len(same) == 9 and all(s["equal"] and s["commit_there"] != s["commit_here"] for s in same), same
     assert "all nine are bit-identical to them" in flat and f"another commit ({same[0]['commit_there'][:7]})" in flat
-    fits = {name: [(r["fit"]["R@1"], r["metrics"]["R@1"]) for r in recs if r["exp"] == "e06" and r["name"] == f"{name}@tbps-tiny-cs"]
-            for name in ("clip", "tbps")}
-    fits["clip_star"] = [(r["fit"]["R@1"], r["metrics"]["R@1"]) for r in recs if r["exp"] == "e01" and r["name"] == "clip_star"]
-    mean = lambda xs: sum(xs) / len(xs)
-    assert f"(fit {mean([f for f, _ in fits['clip']]):.1f}, test R@1 {mean([t for _, t in fits['clip']]):.2f})" in flat
-    assert f"(fit {mean([f for f, _ in fits['tbps']]):.1f}, test {mean([t for _, t in fits['tbps']]):.2f})" in flat
-    assert f"fits them less ({mean([f for f, _ in fits['clip_star']]):.1f}) and retrieves new ones better ({mean([t for _, t in fits['clip_star']]):.2f})" in flat
-    assert len(fits["clip_star"]) == len(fits["clip"]) == len(fits["tbps"]) == 3
+
+    def fit_and_test(exp: str, name: str) -> tuple:
+        "A row's mean fit and mean test R@1 over its three seeds."
+        rs = [r for r in recs if r["exp"] == exp and r["name"] == name]
+        assert len(rs) == 3, (exp, name, len(rs))
+        return sum(r["fit"]["R@1"] for r in rs) / 3, sum(r["metrics"]["R@1"] for r in rs) / 3
+    (clip_fit, clip_test), (tbps_fit, tbps_test) = fit_and_test("e06", "clip@tbps-tiny-cs"), fit_and_test("e06", "tbps@tbps-tiny-cs")
+    star_fit, star_test = fit_and_test("e01", "clip_star")
+    assert f"(fit {clip_fit:.1f}, test R@1 {clip_test:.2f})" in flat and f"(fit {tbps_fit:.1f}, test {tbps_test:.2f})" in flat
+    assert f"fits them less ({star_fit:.1f}) and retrieves new ones better ({star_test:.2f})" in flat
     sd, dof = study_sd(STUDY_V4, recs=recs)
     assert f"s = {sd:.2f} R@1, {dof} degrees of freedom" in flat, (sd, dof)
-    (_, a3), (tables4, a4) = reports(STUDY), reports(STUDY_V4)
+    (tables3, a3), (tables4, a4) = reports(STUDY), reports(STUDY_V4)
     counts = re.findall(r"^\| ([^|]+?) \| (\d+)(?: \(v4: (\d+)\))? \| ([^|]+?) \| ([^|]+?) \|$", text, re.M)
     assert {c[0] for c in counts} == set(V4_COUNTS), counts
     for label, n, n4, v3, v4 in counts:
@@ -223,7 +229,6 @@ def test_study_page_v4_section_is_the_records(reports):
         assert v4 == ("not rerun" if key not in a4 else agreement_cell(a4[key])), (label, a4.get(key))
         assert int(n4 or n) == a4.get(key, a3[key])["rows"], (label, n4, a4.get(key))
     assert set(a3) - set(a4) == {"table12_batch", PROBES} | {k for k in a3 if k.startswith(("table10", "table11", "table12"))}
-    (tables3, _) = reports(STUDY)
     effects = re.findall(r"^\| ([^|]+?) \| ([+-]?\d+\.\d\d) \((\d+\.\d\d)\) \| ([+-]?\d+\.\d\d) \((\d+\.\d\d)\) \| [^|]+ \| ([^|]+?) \|$", text, re.M)
     assert {e[0] for e in effects} == set(README_ROWS), effects
     for label, e3, se3, e4, se4, mark in effects:
